@@ -1,0 +1,114 @@
+"""Checkpoints: `<name>.safetensors` (weights) + `<name>.json` (everything else), no pickle.
+
+The JSON holds the architecture and its options, the class names, the preprocessing, and whatever
+the caller adds (config, epoch, metrics). It is also embedded in the safetensors metadata, so the
+weights file alone is enough to rebuild the model; the .json beside it is for people and tools.
+Both are written atomically, the weights first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .download import atomic_write
+from .models import create_model, get_model_info
+from .preprocessing import Preprocessing
+from .weights import load_safetensors
+
+FORMAT = "headstart-checkpoint"
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"headstart": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """`runs/x/best`, `runs/x/best.json` or `runs/x/best.safetensors` -> (weights, json)."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, classes: list[str],
+                    preprocessing: Preprocessing, **extra: Any) -> Path:
+    """Write the model's weights and metadata; returns the .safetensors path."""
+    weights_path, json_path = checkpoint_paths(path)
+    arch = getattr(model, "arch", None)
+    if arch is None:
+        raise TypeError("the model has no `arch` attribute: build it with headstart.models.create_model")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "arch_kwargs": getattr(model, "arch_kwargs", {}),
+        "classes": list(classes),
+        "preprocessing": preprocessing.to_dict(),
+        **extra,
+        "versions": versions(),
+    }
+    text = json.dumps(meta, indent=2, default=str)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(weights_path) as f:
+        f.write(st_save(tensors, metadata={"headstart": text}))
+    with atomic_write(json_path, "w") as f:
+        f.write(text + "\n")
+    return weights_path
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module  # in eval mode, on the CPU
+    classes: list[str]
+    preprocessing: Preprocessing
+    meta: dict[str, Any]
+    path: Path
+
+
+def read_checkpoint_meta(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    weights_path, _ = checkpoint_paths(path)
+    if not weights_path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint not found: {weights_path}. Pass a run's best.safetensors or last.safetensors "
+            "(written by `headstart train`)"
+        )
+    tensors, raw = load_safetensors(weights_path)
+    try:
+        meta = json.loads(raw["headstart"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{weights_path} is not a headstart checkpoint (no valid 'headstart' metadata); to use plain "
+            "weights, pass them with --weights to `headstart train`"
+        ) from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{weights_path}: metadata format is not {FORMAT!r}")
+    return tensors, meta
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Rebuild the model of a checkpoint with its class names and preprocessing."""
+    tensors, meta = read_checkpoint_meta(path)
+    try:
+        classes = [str(c) for c in meta["classes"]]
+        arch, kwargs = meta["arch"], dict(meta.get("arch_kwargs") or {})
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: checkpoint metadata lacks or mangles {e}") from e
+    get_model_info(arch)  # a clear error for an unknown architecture
+    model = create_model(arch, num_classes=len(classes), **kwargs)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit {arch} with {len(classes)} classes: {e}") from e
+    return Checkpoint(model.eval(), classes, pre, meta, checkpoint_paths(path)[0])

@@ -1,0 +1,317 @@
+"""`headstart` command line: each command parses, calls one library function, and prints."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+
+log = logging.getLogger("headstart")
+
+
+# ---------------------------------------------------------------------------------------------
+# Console output: progress bars and log lines that do not break them.
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+class ConsoleProgress:
+    """A training callback: a bar per epoch phase, and the epoch line printed after each epoch."""
+
+    def __init__(self) -> None:
+        self.bar, self.key = None, None
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.key = None, None
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        counts = info["counts"]
+        print(f"classes: {', '.join(info['classes'])}")
+        for split, c in counts.items():
+            print(f"{split}: {sum(c.values())} images ({', '.join(f'{k} {v}' for k, v in c.items())})")
+        cfg = info["config"]
+        print(f"{cfg['arch']} weights={cfg['weights']} strategy={cfg['strategy']} epochs={cfg['epochs']} "
+              f"batch={cfg['batch_size']} lr={cfg['lr']} momentum={cfg['momentum']} on {info['runtime']}")
+
+    def on_step(self, phase: str, epoch: int, step: int, steps: int, loss: float | None) -> None:
+        from tqdm import tqdm
+
+        if self.key != (epoch, phase):
+            self._close()
+            self.key = (epoch, phase)
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch} {phase}", leave=False, file=sys.stderr,
+                            disable=None, dynamic_ncols=True)
+        self.bar.update(1)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def on_epoch_end(self, record: Any) -> None:
+        self._close()
+        print(record.line(), flush=True)
+
+    def on_skip(self, path: str, reason: str) -> None:
+        pass  # the library's warning names the file once
+
+
+def _download_bar():
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {}
+
+    def progress(done: int, total: int | None) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, unit="B", unit_scale=True, desc="download", file=sys.stderr,
+                                disable=None)
+        bar = state["bar"]
+        bar.update(done - bar.n)
+        if total is not None and done >= total:
+            bar.close()
+
+    return progress
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands.
+
+def _train_config(a: argparse.Namespace, **override: Any):
+    from .training import TrainConfig
+
+    kw = dict(arch=a.arch, weights=None if a.weights == "none" else a.weights, strategy=getattr(a, "strategy", "finetune"),
+              epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+              weight_decay=a.weight_decay, schedule=a.schedule, image_size=a.image_size, val_split=a.val_split,
+              seed=a.seed, workers=a.workers, precision=a.precision, device=a.device)
+    kw.update(override)
+    return TrainConfig(**kw)
+
+
+def _print_run(result: Any) -> None:
+    print(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); wall time {result.wall_time:.1f}s")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} undecodable file(s): {', '.join(result.skipped)}")
+    print(f"best checkpoint: {result.best_checkpoint}")
+    print(f"last checkpoint: {result.last_checkpoint}")
+    for name, path in result.files.items():
+        print(f"{name}: {path}")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .training import train
+
+    out = a.out or f"runs/{Path(a.data).resolve().name}-{a.arch}-{a.strategy}"
+    result = train(a.data, out=out, config=_train_config(a), callback=ConsoleProgress())
+    _print_run(result)
+    return 0
+
+
+def _format_metrics(m: Any) -> str:
+    lines = [f"images: {m.n}   accuracy: {m.accuracy:.4f}   balanced accuracy: {m.balanced_accuracy:.4f}   "
+             f"loss: {m.loss:.4f}", ""]
+    width = max(8, *(len(c.name) for c in m.per_class))
+    lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    for c in m.per_class:
+        lines.append(f"{c.name:<{width}}  {c.precision:9.4f}  {c.recall:6.4f}  {c.f1:5.4f}  {c.support:7d}")
+    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+    names = [c.name for c in m.per_class]
+    lines.append(" " * width + "  " + "  ".join(f"{n:>{max(5, len(n))}}" for n in names))
+    for name, row in zip(names, m.confusion):
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{v:>{max(5, len(n))}}" for v, n in zip(row, names)))
+    if m.skipped:
+        lines.append(f"\nskipped {len(m.skipped)} undecodable file(s): {', '.join(m.skipped)}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    m = evaluate(a.checkpoint, a.data, batch_size=a.batch_size, workers=a.workers, precision=a.precision,
+                 device=a.device)
+    print(_format_metrics(m))
+    if a.json:
+        Path(a.json).write_text(json.dumps(m.to_dict(), indent=2) + "\n")
+        print(f"\nmetrics written to {a.json}")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from .prediction import predict
+
+    preds = predict(a.checkpoint, a.paths, top_k=a.top_k, batch_size=a.batch_size, workers=a.workers,
+                    precision=a.precision, device=a.device)
+    if a.format == "json":
+        print(json.dumps([asdict(p) for p in preds], indent=2))
+    elif a.format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["path", "class", "probability", "top_k", "error"])
+        for p in preds:
+            w.writerow([p.path, p.label or "", f"{p.probability:.6f}",
+                        ";".join(f"{c}:{q:.6f}" for c, q in p.top_k), p.error or ""])
+        print(buf.getvalue(), end="")
+    else:
+        width = max([len(p.path) for p in preds] + [4])
+        for p in preds:
+            if p.error:
+                print(f"{p.path:<{width}}  ERROR {p.error}")
+            else:
+                top = ", ".join(f"{c} {q:.3f}" for c, q in p.top_k)
+                print(f"{p.path:<{width}}  {p.label:<12} {p.probability:.3f}   top-{len(p.top_k)}: {top}")
+    bad = sum(1 for p in preds if p.error)
+    if bad:
+        print(f"{bad} of {len(preds)} file(s) could not be read as images", file=sys.stderr)
+    return 0
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    from .plots import show_batch
+
+    path = show_batch(a.data, out=a.out, batch_size=a.batch_size, seed=a.seed, image_size=a.image_size,
+                      val_split=a.val_split)
+    print(f"batch picture: {path}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    res = run_demo(data=a.data, out=a.out, config=_train_config(a),
+                   callback=ConsoleProgress(), progress=_download_bar())
+    print(f"\ndataset: {res.data}")
+    print(f"training batch picture: {res.batch_picture}")
+    for strategy, run in res.runs.items():
+        print(f"\n[{strategy}] ", end="")
+        _print_run(run)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser.
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 where the CPU/GPU supports it, else fp32 (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
+
+
+def _add_training(p: argparse.ArgumentParser, *, strategy: bool = True) -> None:
+    p.add_argument("--arch", default="resnet50", help="backbone name; see `headstart models` (default: resnet50)")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (or another tag of the backbone), a weights file, or 'none' (default: imagenet)")
+    if strategy:
+        p.add_argument("--strategy", default="finetune", choices=["finetune", "frozen"],
+                       help="finetune: train all layers; frozen: train only the new head (default: finetune)")
+    p.add_argument("--epochs", type=int, default=10, help="default: 10")
+    p.add_argument("--batch-size", type=int, default=18, help="default: 18")
+    p.add_argument("--lr", type=float, default=0.001, help="learning rate (default: 0.001)")
+    p.add_argument("--momentum", type=float, default=None,
+                   help="SGD momentum (default: 0.9 for finetune, 0.5 for frozen)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="default: 0")
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                   help="learning-rate schedule (default: constant)")
+    p.add_argument("--image-size", type=int, default=None, help="crop size (default: the backbone's, 224)")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="for a folder of class folders without train/ and val/: fraction held out, e.g. 0.2")
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
+    _add_runtime(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headstart", description="Transfer learning on folders of labelled images.")
+    parser.add_argument("--version", action="version", version=f"headstart {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: info, -vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a classifier on DATA (train/ and val/ class folders)",
+                       description="Train a classifier from a pretrained backbone on a class-per-folder dataset.")
+    p.add_argument("data", help="dataset folder: train/ and val/ with one sub-folder per class")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<arch>-<strategy>)")
+    _add_training(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix of a checkpoint",
+                       description="Evaluate a checkpoint on DATA (its val/ folder if it has one).")
+    p.add_argument("checkpoint", help="a run's best.safetensors or last.safetensors")
+    p.add_argument("data", help="class-per-folder images (or a dataset root with val/)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--batch-size", type=int, default=32)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify image files or folders with a checkpoint",
+                       description="Predict the class of each image (folders are searched recursively).")
+    p.add_argument("checkpoint", help="a run's best.safetensors or last.safetensors")
+    p.add_argument("paths", nargs="+", help="image files and/or folders")
+    p.add_argument("--top-k", type=int, default=5, help="default: 5")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="default: table")
+    p.add_argument("--batch-size", type=int, default=32)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("show", help="draw a training batch with its labels",
+                       description="Draw one augmented training batch of DATA, titled with the labels.")
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--out", default="batch.png", help="picture to write (default: batch.png)")
+    p.add_argument("--batch-size", type=int, default=18)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--val-split", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("demo", help="the tutorial end to end: both strategies, pictures, checkpoints",
+                       description="Run the ResNet50 transfer-learning tutorial end to end: show a batch, "
+                                   "fine-tune all layers, then train only the head on a frozen backbone.")
+    p.add_argument("--data", default=None,
+                   help="dataset folder (default: the tutorial's Canidae_data.zip, downloaded once)")
+    p.add_argument("--out", default="runs/demo", help="default: runs/demo")
+    _add_training(p, strategy=False)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", help="list the registered backbones and their weight sources",
+                       description="List the registered backbones and their weight sources.")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from .models import get_model_info, list_models
+
+    for name in list_models():
+        info = get_model_info(name)
+        sources = ", ".join(f"{tag}={src.describe()}" for tag, src in info.weights.items()) or "none"
+        print(f"{name:<10} {info.description}\n{'':<10} weights: {sources}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    log.handlers[:] = [_TqdmHandler()]
+    log.setLevel(level)
+    log.propagate = False
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, TypeError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Class-per-folder image datasets: finding the classes and images, loading, batching.
+
+Layouts accepted for a dataset root:
+    root/train/<class>/*.jpg + root/val/<class>/*.jpg   (splits given)
+    root/<class>/*.jpg                                  (a seeded, stratified split: `val_split`)
+
+One class map per run: class names sorted, taken from `train/`. Names starting with "." are
+ignored, as are files that are not images by extension. This module knows no networks: it yields
+uint8 image batches (N, 3, S, S) with integer labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from .preprocessing import Transform, to_rgb
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif",
+})
+# What a broken image file raises somewhere inside Pillow, on open or on decode.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError, IndexError,
+                struct.error, ZeroDivisionError, Image.DecompressionBombWarning)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass
+class DatasetSplits:
+    """The scanned dataset: one class map and the samples of each split."""
+
+    root: Path
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{split: {class: number of images}}."""
+        out: dict[str, dict[str, int]] = {}
+        for split, samples in (("train", self.train), ("val", self.val)):
+            c = {name: 0 for name in self.classes}
+            for s in samples:
+                c[self.classes[s.label]] += 1
+            out[split] = c
+        return out
+
+
+def find_classes(folder: str | Path) -> list[str]:
+    """Sorted names of the visible sub-folders of `folder`; ValueError if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {folder}")
+    classes = [p.name for p in _visible_dirs(folder)]
+    if not classes:
+        raise ValueError(
+            f"no class folders in {folder}: expected one sub-folder per class, e.g. {folder}/cats/*.jpg"
+        )
+    return classes
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files below `folder` (recursive, hidden names skipped), sorted."""
+    folder = Path(folder)
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).parts
+        if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in rel):
+            out.append(p)
+    return out
+
+
+def make_samples(folder: str | Path, classes: Sequence[str]) -> list[Sample]:
+    """Samples of one split; every class folder must exist and hold at least one image."""
+    folder = Path(folder)
+    present = set(find_classes(folder))
+    extra = present - set(classes)
+    if extra:
+        raise ValueError(
+            f"class folder(s) {sorted(extra)} in {folder} are not in the training classes {list(classes)}: "
+            "each class must be present in both splits; add them to train/ or remove them"
+        )
+    samples = []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if name not in present:
+            raise ValueError(
+                f"class {name!r} has no folder {class_dir}: each class must be present in both splits"
+            )
+        images = list_images(class_dir)
+        if not images:
+            raise ValueError(
+                f"class folder {class_dir} holds no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "add images or remove the folder"
+            )
+        samples += [Sample(p, label) for p in images]
+    return samples
+
+
+def stratified_split(samples: Sequence[Sample], val_fraction: float, *, seed: int = 0
+                     ) -> tuple[list[Sample], list[Sample]]:
+    """Split per class, keeping at least one image of each class on each side when possible."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_split must be between 0 and 1 (e.g. 0.2), got {val_fraction}")
+    rng = random.Random(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    train, val = [], []
+    for label in sorted(by_class):
+        group = sorted(by_class[label], key=lambda s: str(s.path))
+        rng.shuffle(group)
+        n_val = min(max(1, round(len(group) * val_fraction)), len(group) - 1)
+        if n_val < 1:
+            raise ValueError(
+                f"class folder {group[0].path.parent} has {len(group)} image(s): at least 2 are needed to split"
+            )
+        val += group[:n_val]
+        train += group[n_val:]
+    return train, val
+
+
+def scan_dataset(root: str | Path, *, val_split: float | None = None, seed: int = 0) -> DatasetSplits:
+    """Find the classes and images of a dataset root (see the module docstring for layouts)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset folder not found: {root}. Pass a folder with train/ and val/ sub-folders, "
+            "or with one sub-folder per class"
+        )
+    train_dir, val_dir = root / "train", root / "val"
+    if train_dir.is_dir():
+        classes = find_classes(train_dir)
+        train = make_samples(train_dir, classes)
+        if val_dir.is_dir():
+            if val_split is not None:
+                log.warning("%s has a val/ folder: --val-split %s is ignored", root, val_split)
+            val = make_samples(val_dir, classes)
+        else:
+            if val_split is None:
+                raise ValueError(f"{root} has train/ but no val/ folder: add {val_dir}, or pass val_split (e.g. 0.2)")
+            train, val = stratified_split(train, val_split, seed=seed)
+    else:
+        classes = find_classes(root)
+        if val_split is None:
+            raise ValueError(
+                f"{root} has no train/ and val/ folders; to split its class folders, pass val_split (e.g. 0.2)"
+            )
+        train, val = stratified_split(make_samples(root, classes), val_split, seed=seed)
+    return DatasetSplits(root, classes, train, val)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and batching.
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image lazily (header only); raises one of IMAGE_ERRORS if it is not an image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse > 89M pixels
+        return Image.open(path)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode a whole image: EXIF orientation applied, any mode converted to 8-bit RGB."""
+    with open_image(path) as img:
+        return to_rgb(img)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-(seed, epoch, sample) seed, independent of worker processes and batch order."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest(), "little")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Samples -> (uint8 image (3, S, S) or None, label, index).
+
+    Indexed by (index, epoch) pairs (see `EpochSampler`) so that augmentation depends only on the
+    seed, the epoch and the sample. A file that cannot be decoded gives None, never an exception:
+    the batch drops it and reports it (`Batch.failed`).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Transform, *, seed: int = 0) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | None, int, int, str]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        sample = self.samples[index]
+        rng = random.Random(sample_seed(self.seed, epoch, index))
+        try:
+            with open_image(sample.path) as img:
+                return self.transform(img, rng), sample.label, index, ""
+        except IMAGE_ERRORS as e:
+            return None, sample.label, index, f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    labels: torch.Tensor  # int64 (N,)
+    indices: torch.Tensor  # int64 (N,): positions in the dataset's sample list
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (index, reason) of undecodable files
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def collate(items: list[tuple[torch.Tensor | None, int, int, str]]) -> Batch:
+    ok = [it for it in items if it[0] is not None]
+    failed = [(it[2], it[3]) for it in items if it[0] is None]
+    if not ok:
+        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long),
+                     torch.empty(0, dtype=torch.long), failed)
+    return Batch(torch.stack([it[0] for it in ok]), torch.tensor([it[1] for it in ok]),
+                 torch.tensor([it[2] for it in ok]), failed)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, epoch) pairs; shuffled with a generator seeded by (seed, epoch) if `shuffle`.
+    Call `set_epoch` before each epoch."""
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0) -> None:
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1) % 2**63)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = range(self.n)
+        return iter([(i, self.epoch) for i in order])
+
+
+def make_loader(dataset: ImageDataset, *, batch_size: int, shuffle: bool, workers: int = 0,
+                seed: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader of `Batch`es over an ImageDataset; `loader.sampler.set_epoch(e)` per epoch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 or more, got {workers}")
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
+        num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )

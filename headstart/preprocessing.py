@@ -1,0 +1,223 @@
+"""Image preprocessing: the train and eval transforms, and the config that carries them.
+
+A `Preprocessing` travels with the weights (in each model's pretrained config) and with every
+checkpoint, so prediction rebuilds exactly the transforms that training used.
+
+The transforms work on PIL images and return uint8 tensors of shape (3, H, W). Normalisation
+(float conversion, minus mean, over std) is applied to whole batches by `normalize`, on the device
+that runs the model: a uint8 image is a quarter of the bytes to move between worker processes.
+
+Defaults are the tutorial's: train = random resized crop 224, scale (0.08, 1), ratio (3/4, 4/3),
+horizontal flip p=0.5; eval = resize the shorter side to 256 (224 / 0.875), centre crop 224.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become model inputs. Serialised into every checkpoint as JSON."""
+
+    image_size: int = 224
+    crop_fraction: float = 0.875  # eval: resize the shorter side to image_size / crop_fraction
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    scale: tuple[float, float] = (0.08, 1.0)  # train: random resized crop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # train: aspect ratio range
+    hflip: float = 0.5  # train: horizontal flip probability
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ValueError(f"image_size={self.image_size} is too small; use 8 or more (224 is usual)")
+        if not 0 < self.crop_fraction <= 1:
+            raise ValueError(f"crop_fraction={self.crop_fraction} must be in (0, 1]; 0.875 is usual")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation={self.interpolation!r} is not one of {sorted(_INTERPOLATIONS)}"
+            )
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the eval centre crop (256 for 224)."""
+        return int(math.floor(self.image_size / self.crop_fraction))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; known: {sorted(known)}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+    def with_image_size(self, image_size: int) -> "Preprocessing":
+        return Preprocessing(**{**self.to_dict(), "image_size": image_size})
+
+    def train_transform(self) -> "TrainTransform":
+        return TrainTransform(self)
+
+    def eval_transform(self) -> "EvalTransform":
+        return EvalTransform(self)
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W)."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(batch: torch.Tensor, pre: Preprocessing, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float (N, 3, H, W): x / 255, minus mean, over std."""
+    if batch.dtype != torch.uint8:
+        raise TypeError(f"normalize expects a uint8 batch, got {batch.dtype}")
+    mean = torch.tensor(pre.mean, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    return ((batch.float() - mean) / std).to(dtype)
+
+
+def denormalize(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """float normalised (N, 3, H, W) -> float in [0, 1], for display."""
+    mean = torch.tensor(pre.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    return (batch * std + mean).clamp(0, 1)
+
+
+_SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 or 270 degrees
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image will be shown, after its EXIF orientation; decodes nothing."""
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block: treat as unrotated; decoding reports real damage
+        orientation = 1
+    return (h, w) if orientation in _SWAPS_AXES else (w, h)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation and convert any mode to 8-bit RGB.
+
+    16- and 32-bit greyscale (I;16, I) are scaled from 0-65535, float (F) from 0-1; images with
+    transparency (RGBA, LA, PA, P with a transparent colour) are composited onto white.
+    """
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+        else:
+            arr = arr / 257.0
+        return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _resize_box(img: Image.Image, box: tuple[float, float, float, float], s: int, interpolation: str) -> Image.Image:
+    """Decode `img` (a freshly opened, still lazy image), orient it, convert to RGB, and resize the
+    region `box` (in oriented full-resolution pixels) to s x s.
+
+    A JPEG is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that still leaves `box` at least
+    s pixels on each side: a 2592x1984 photo decodes 4-8x faster at 1/4 or 1/8.
+    """
+    w, h = oriented_size(img)
+    f = min((box[2] - box[0]) / s, (box[3] - box[1]) / s)
+    if img.format == "JPEG" and f >= 2 and not getattr(img, "decoderconfig", ()):
+        img.draft(None, (max(1, int(img.size[0] / f)), max(1, int(img.size[1] / f))))
+    img = to_rgb(img)
+    sx, sy = img.size[0] / w, img.size[1] / h
+    box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return img.resize((s, s), _INTERPOLATIONS[interpolation], box=box)
+
+
+@dataclass
+class TrainTransform:
+    """Random resized crop + horizontal flip, on a PIL image; returns uint8 (3, S, S).
+
+    Pass `rng` (a random.Random) to make the augmentation reproducible: the data loader seeds one per
+    (seed, epoch, sample), so the result does not depend on the number of worker processes.
+    """
+
+    pre: Preprocessing
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a random crop with area in `scale` and aspect in `ratio`."""
+        area = width * height
+        log_ratio = (math.log(self.pre.ratio[0]), math.log(self.pre.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.pre.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                left = rng.randint(0, width - w)
+                top = rng.randint(0, height - h)
+                return left, top, left + w, top + h
+        # Fallback: the largest centre crop whose aspect lies in `ratio`.
+        in_ratio = width / height
+        if in_ratio < self.pre.ratio[0]:
+            w, h = width, int(round(width / self.pre.ratio[0]))
+        elif in_ratio > self.pre.ratio[1]:
+            w, h = int(round(height * self.pre.ratio[1])), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        rng = rng if rng is not None else random.Random()
+        box = self.crop_box(*oriented_size(img), rng)
+        out = _resize_box(img, box, self.pre.image_size, self.pre.interpolation)
+        if rng.random() < self.pre.hflip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_uint8_tensor(out)
+
+
+@dataclass
+class EvalTransform:
+    """Resize the shorter side to `resize_size`, centre crop `image_size`; returns uint8 (3, S, S).
+
+    Done as one resize of the centre region straight to S x S (same scale factor, one pass).
+    """
+
+    pre: Preprocessing
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        s, r = self.pre.image_size, self.pre.resize_size
+        w, h = oriented_size(img)
+        scale = r / min(w, h)
+        rw, rh = max(s, round(w * scale)), max(s, round(h * scale))
+        left, top = round((rw - s) / 2), round((rh - s) / 2)
+        box = (left / rw * w, top / rh * h, (left + s) / rw * w, (top + s) / rh * h)
+        return to_uint8_tensor(_resize_box(img, box, s, self.pre.interpolation))
+
+
+Transform = Callable[..., torch.Tensor]  # (PIL image, rng=None) -> uint8 (3, S, S)

@@ -1,0 +1,87 @@
+"""Where and how the network runs: device, numeric precision, memory format, threads.
+
+`auto` picks the fast path a user would not know to ask for: on a CPU with AVX512_BF16 or AMX,
+bf16 autocast with channels_last (oneDNN's AMX kernels; about 3x fp32 for ResNet50 here); on a CUDA
+GPU, bf16 autocast where supported, else fp16 with a gradient scaler; otherwise fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from .preprocessing import Preprocessing, normalize
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512_BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+
+    def autocast(self) -> ContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move the model to the device (and memory format); parameters stay fp32."""
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def inputs(self, images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+        """uint8 (N, 3, S, S) -> normalised float on the device, in the model's memory format."""
+        x = normalize(images.to(self.device, non_blocking=True), pre)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    def describe(self) -> str:
+        return f"{self.device.type} {self.precision}{' channels_last' if self.channels_last else ''}"
+
+
+def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: int | None = None) -> Runtime:
+    """Choose device, precision and memory format ('auto' = the fastest that is numerically safe)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and dev.type == "cpu":
+        log.warning("fp16 on a CPU is slow and loses precision; bf16 or fp32 is the better choice")
+    # channels_last pays on GPUs and with oneDNN's bf16 kernels; plain fp32 on a CPU gains ~30% too.
+    return Runtime(dev, precision, channels_last=True)

