@@ -53,7 +53,7 @@ class ConsoleProgress:
         if self.key != (epoch, phase):
             self._close()
             self.key = (epoch, phase)
-            self.bar = tqdm(total=steps, desc=f"epoch {epoch} {phase}", leave=False, file=sys.stderr,
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch} {phase}" if epoch else phase, leave=False, file=sys.stderr,
                             disable=None, dynamic_ncols=True)
         self.bar.update(1)
         if loss is not None:
@@ -65,6 +65,10 @@ class ConsoleProgress:
 
     def on_skip(self, path: str, reason: str) -> None:
         pass  # the library's warning names the file once
+
+    def on_message(self, text: str) -> None:
+        self._close()
+        print(text, flush=True)
 
 
 def _download_bar():
@@ -93,7 +97,8 @@ def _train_config(a: argparse.Namespace, **override: Any):
     kw = dict(arch=a.arch, weights=None if a.weights == "none" else a.weights, strategy=getattr(a, "strategy", "finetune"),
               epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
               weight_decay=a.weight_decay, schedule=a.schedule, image_size=a.image_size, val_split=a.val_split,
-              seed=a.seed, workers=a.workers, precision=a.precision, device=a.device)
+              seed=a.seed, workers=a.workers, precision=a.precision, device=a.device, threads=a.threads,
+              compile=a.compile, feature_cache=a.feature_cache, views=a.views)
     kw.update(override)
     return TrainConfig(**kw)
 
@@ -138,7 +143,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     m = evaluate(a.checkpoint, a.data, batch_size=a.batch_size, workers=a.workers, precision=a.precision,
-                 device=a.device)
+                 device=a.device, threads=a.threads, compile=a.compile)
     print(_format_metrics(m))
     if a.json:
         Path(a.json).write_text(json.dumps(m.to_dict(), indent=2) + "\n")
@@ -150,7 +155,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from .prediction import predict
 
     preds = predict(a.checkpoint, a.paths, top_k=a.top_k, batch_size=a.batch_size, workers=a.workers,
-                    precision=a.precision, device=a.device)
+                    precision=a.precision, device=a.device, threads=a.threads, compile=a.compile)
     if a.format == "json":
         print(json.dumps([asdict(p) for p in preds], indent=2))
     elif a.format == "csv":
@@ -205,6 +210,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 where the CPU/GPU supports it, else fp32 (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: one per core)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (the first call costs 25-100 s on a CPU)")
 
 
 def _add_training(p: argparse.ArgumentParser, *, strategy: bool = True) -> None:
@@ -226,6 +234,11 @@ def _add_training(p: argparse.ArgumentParser, *, strategy: bool = True) -> None:
     p.add_argument("--val-split", type=float, default=None,
                    help="for a folder of class folders without train/ and val/: fraction held out, e.g. 0.2")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--feature-cache", default="disk", choices=["off", "memory", "disk"],
+                   help="frozen strategy: compute backbone features once and train the head on them, kept in "
+                        "memory or also on disk for later runs; off runs the backbone every step (default: disk)")
+    p.add_argument("--views", type=int, default=0,
+                   help="frozen with a feature cache: augmented views per image besides the plain one (default: 0)")
     _add_runtime(p)
 
 

@@ -103,7 +103,8 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[st
 
 
 def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *, batch_size: int = 32,
-             workers: int = 2, precision: str = "auto", device: str = "auto") -> Metrics:
+             workers: int = 2, precision: str = "auto", device: str = "auto",
+             threads: int | None = None, compile: bool = False) -> Metrics:
     """Metrics of a checkpoint on a class-per-folder dataset: `data` itself, or its `val/` folder.
 
     Class folders are matched to the checkpoint's classes by name; a class the checkpoint does not
@@ -120,8 +121,8 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
             f"class folder(s) {unknown} in {folder} are not classes of the checkpoint {ckpt.classes}"
         )
     samples = [Sample(s.path, ckpt.classes.index(present[s.label])) for s in make_samples(folder, present)]
-    runtime = resolve_runtime(device=device, precision=precision)
-    model = runtime.prepare(ckpt.model)
+    runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile)
+    model = runtime.inference_model(ckpt.model)
     loader = make_loader(ImageDataset(samples, ckpt.preprocessing.eval_transform()), batch_size=batch_size,
                          shuffle=False, workers=workers)
     inf = run_inference(model, loader, runtime, ckpt.preprocessing)

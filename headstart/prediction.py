@@ -38,13 +38,14 @@ def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], *, top_k: int = 5,
             batch_size: int = 32, workers: int = 2, precision: str = "auto", device: str = "auto",
+             threads: int | None = None, compile: bool = False,
             on_batch: Callable[[int, int], None] | None = None) -> list[Prediction]:
     """Class, probability and top-k for every image under `paths`; unreadable files get an `error`."""
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     ckpt = load_checkpoint(checkpoint)
-    runtime = resolve_runtime(device=device, precision=precision)
-    model = runtime.prepare(ckpt.model).eval()
+    runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile)
+    model = runtime.inference_model(ckpt.model)
     k = min(top_k, len(ckpt.classes))
     files = collect_files(paths)
     dataset = ImageDataset([Sample(p, -1) for p in files], ckpt.preprocessing.eval_transform())

@@ -12,7 +12,6 @@ Strategies (the tutorial's two):
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import logging
@@ -28,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import save_checkpoint
-from .data import DatasetSplits, ImageDataset, collate, make_loader, scan_dataset
+from .data import DatasetSplits, ImageDataset, collate, make_loader, sample_seed, scan_dataset
 from .download import atomic_write
 from .evaluation import Metrics, compute_metrics, run_inference
+from .features import Features, extract_features, weights_fingerprint
 from .models import create_model, freeze_backbone, get_model_info
 from .preprocessing import Preprocessing
 from .runtime import Runtime, resolve_runtime
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("finetune", "frozen")
 DEFAULT_MOMENTUM = {"finetune": 0.9, "frozen": 0.5}
 SCHEDULES = ("constant", "cosine")
+FEATURE_CACHES = ("off", "memory", "disk")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,12 +63,20 @@ class TrainConfig:
     val_split: float | None = None  # for a folder without train/ and val/
     seed: int = 0
     workers: int = 2
-    precision: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"
+    threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)
+    compile: bool = False  # torch.compile (finetune only; the first step costs 25-100 s on a CPU)
+    feature_cache: str = "disk"  # frozen: off (backbone every step) | memory | disk (reused across runs)
+    views: int = 0  # frozen with a feature cache: augmented views per image, besides the eval view
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.feature_cache not in FEATURE_CACHES:
+            raise ValueError(f"feature_cache {self.feature_cache!r} is not one of {FEATURE_CACHES}")
+        if self.views < 0:
+            raise ValueError(f"views must be 0 or more, got {self.views}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         for name in ("epochs", "batch_size"):
@@ -107,6 +116,7 @@ class Callback:
     def on_step(self, phase: str, epoch: int, step: int, steps: int, loss: float | None) -> None: ...
     def on_epoch_end(self, record: EpochRecord) -> None: ...
     def on_skip(self, path: str, reason: str) -> None: ...
+    def on_message(self, text: str) -> None: ...
 
 
 @dataclass
@@ -213,6 +223,59 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     return EpochStats(loss_sum / max(n, 1), correct / max(n, 1), n, steps, time.perf_counter() - start, wait)
 
 
+def train_head_one_epoch(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
+                         optimizer: torch.optim.Optimizer, scheduler: Any, *, batch_size: int, seed: int, epoch: int,
+                         callback: Callback | None = None) -> EpochStats:
+    """One pass of the head over cached features (N, F), shuffled by (seed, epoch), in fp32.
+
+    Cost: 2*F*C FLOP per row forward, e.g. 8 kFLOP for ResNet50 features and 2 classes.
+    """
+    head.train()
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch, -2) % 2**63)
+    order = torch.randperm(len(labels), generator=g).to(features.device)
+    loss_sum, correct, steps = 0.0, 0, 0
+    start = time.perf_counter()
+    batches = order.split(batch_size)
+    for rows in batches:
+        logits = head(features[rows])
+        loss = F.cross_entropy(logits, labels[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        steps += 1
+        loss_value = float(loss.detach())
+        loss_sum += loss_value * len(rows)
+        correct += int((logits.argmax(1) == labels[rows]).sum())
+        if callback:
+            callback.on_step("train", epoch, steps, len(batches), loss_value)
+    n = len(labels)
+    return EpochStats(loss_sum / max(n, 1), correct / max(n, 1), n, steps, time.perf_counter() - start, 0.0)
+
+
+def cached_features(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preprocessing: Preprocessing,
+                    runtime: Runtime, classifier: str, callback: Callback) -> tuple[Features, Features]:
+    """(train, val) features of the frozen backbone: train = eval view + `config.views` augmented views."""
+    key = weights_fingerprint(model, exclude=f"{classifier}.") if config.feature_cache == "disk" else None
+    start = time.perf_counter()
+
+    def extract(samples: list, view: int, phase: str) -> Features:
+        return extract_features(model, samples, runtime=runtime, pre=preprocessing, view=view, seed=config.seed,
+                                batch_size=max(config.batch_size, 32), workers=config.workers, cache_key=key,
+                                on_batch=lambda s, n: callback.on_step(phase, 0, s, n, None))
+
+    train = Features.cat([extract(splits.train, v, f"features train view {v}") for v in range(config.views + 1)])
+    val = extract(splits.val, 0, "features val")
+    seconds = time.perf_counter() - start
+    images = len(splits.train) * (config.views + 1) + len(splits.val)
+    cached = " (from the disk cache)" if train.from_cache and val.from_cache else ""
+    text = (f"backbone features of {images} images computed once in {seconds:.1f}s{cached} "
+            f"({images / max(seconds, 1e-9):.1f} img/s); the head trains on them")
+    log.info(text)
+    callback.on_message(text)
+    return train, val
+
+
 # ---------------------------------------------------------------------------------------------
 # The epoch loop.
 
@@ -224,16 +287,10 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     classifier = info.classifier
     callback = callback or Callback()
     out.mkdir(parents=True, exist_ok=True)
-    train_loader = make_loader(ImageDataset(splits.train, preprocessing.train_transform(), seed=config.seed),
-                               batch_size=config.batch_size, shuffle=True, workers=config.workers, seed=config.seed)
-    val_loader = make_loader(ImageDataset(splits.val, preprocessing.eval_transform(), seed=config.seed),
-                             batch_size=config.batch_size, shuffle=False, workers=config.workers)
+    use_features = config.strategy == "frozen" and config.feature_cache != "off"
     if config.strategy == "frozen":
         freeze_backbone(model, classifier=classifier)
     runtime.prepare(model)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, len(train_loader))
-    scaler = runtime.grad_scaler()
 
     skipped: dict[str, str] = {}
 
@@ -245,21 +302,50 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
                 log.warning("skipping %s: cannot decode it (%s)", path, reason)
                 callback.on_skip(path, reason)
 
-    ckpt_meta = {"config": asdict(config), "train_classes_count": splits.counts()}
+    if use_features:
+        train_feats, val_feats = cached_features(model, splits, config=config, preprocessing=preprocessing,
+                                                 runtime=runtime, classifier=classifier, callback=callback)
+        on_failed(train_feats.failed, splits.train)
+        on_failed(val_feats.failed, splits.val)
+        head = getattr(model, classifier)
+        train_x, train_y = train_feats.features.to(runtime.device), train_feats.labels.to(runtime.device)
+        val_x = val_feats.features.to(runtime.device)
+        steps_per_epoch = math.ceil(len(train_y) / config.batch_size)
+    else:
+        train_loader = make_loader(ImageDataset(splits.train, preprocessing.train_transform(), seed=config.seed),
+                                   batch_size=config.batch_size, shuffle=True, workers=config.workers,
+                                   seed=config.seed)
+        val_loader = make_loader(ImageDataset(splits.val, preprocessing.eval_transform(), seed=config.seed),
+                                 batch_size=max(config.batch_size, 32), shuffle=False, workers=config.workers)
+        steps_per_epoch = len(train_loader)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    scaler = runtime.grad_scaler()
+
+    ckpt_meta = {"config": asdict(config), "counts": splits.counts()}
     history: list[EpochRecord] = []
     best_acc, best_epoch, best_state, best_metrics = -1.0, 0, None, None
     metrics_csv = out / "metrics.csv"
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
-        train_loader.sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, runtime, preprocessing,
-                                strategy=config.strategy, epoch=epoch, classifier=classifier, scaler=scaler,
-                                callback=callback, on_failed=lambda f: on_failed(f, splits.train))
-        inf = run_inference(model, val_loader, runtime, preprocessing,
-                            on_batch=lambda s, n: callback.on_step("val", epoch, s, n, None))
-        on_failed(inf.failed, splits.val)
-        metrics = compute_metrics(inf.logits, inf.labels, splits.classes)
+        if use_features:
+            stats = train_head_one_epoch(head, train_x, train_y, optimizer, scheduler, batch_size=config.batch_size,
+                                         seed=config.seed, epoch=epoch, callback=callback)
+            head.eval()
+            with torch.no_grad():
+                logits = head(val_x).float().cpu()
+            metrics = compute_metrics(logits, val_feats.labels, splits.classes)
+        else:
+            train_loader.sampler.set_epoch(epoch)
+            stats = train_one_epoch(model, train_loader, optimizer, scheduler, runtime, preprocessing,
+                                    strategy=config.strategy, epoch=epoch, classifier=classifier, scaler=scaler,
+                                    callback=callback, on_failed=lambda f: on_failed(f, splits.train))
+            val_model = model if runtime.compile else runtime.inference_model(model)  # conv-bn folded copy
+            inf = run_inference(val_model, val_loader, runtime, preprocessing,
+                                on_batch=lambda s, n: callback.on_step("val", epoch, s, n, None))
+            on_failed(inf.failed, splits.val)
+            metrics = compute_metrics(inf.logits, inf.labels, splits.classes)
         record = EpochRecord(
             epoch=epoch, epochs=config.epochs, train_loss=stats.loss, train_acc=stats.accuracy,
             val_loss=metrics.loss, val_acc=metrics.accuracy, val_balanced_acc=metrics.balanced_accuracy,
@@ -273,7 +359,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
         save_checkpoint(out / "last", model, classes=splits.classes, preprocessing=preprocessing, **meta)
         if metrics.accuracy > best_acc:
             best_acc, best_epoch, best_metrics = metrics.accuracy, epoch, metrics
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
         _write_metrics_csv(metrics_csv, history)
         callback.on_epoch_end(record)
@@ -308,7 +394,8 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     splits = scan_dataset(data, val_split=config.val_split, seed=config.seed)
     info = get_model_info(config.arch)
     pre = info.preprocessing if config.image_size is None else info.preprocessing.with_image_size(config.image_size)
-    runtime = resolve_runtime(device=config.device, precision=config.precision)
+    runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
+                              compile=config.compile and config.strategy == "finetune")
     torch.manual_seed(config.seed)  # the new head's initialisation
     model = create_model(config.arch, num_classes=len(splits.classes), weights=config.weights)
     callback = callback or Callback()

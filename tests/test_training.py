@@ -14,7 +14,7 @@ from headstart.evaluation import compute_metrics, evaluate
 from headstart.models import create_model
 from headstart.prediction import predict
 from headstart.preprocessing import Preprocessing
-from headstart.training import TrainConfig, train
+from headstart.training import Callback, TrainConfig, train
 
 from .conftest import colour_image
 
@@ -38,10 +38,12 @@ def pretrained_tiny(tmp_path: Path) -> Path:
     return path
 
 
-def test_frozen_backbone_stays_bit_identical(dataset: Path, tmp_path: Path, pretrained_tiny: Path) -> None:
+@pytest.mark.parametrize("feature_cache", ["off", "disk"])
+def test_frozen_backbone_stays_bit_identical(dataset: Path, tmp_path: Path, pretrained_tiny: Path,
+                                            feature_cache: str) -> None:
     before = torch.load(pretrained_tiny, weights_only=True)
-    result = train(dataset, out=tmp_path / "run", config=tiny_config(strategy="frozen", weights=str(pretrained_tiny),
-                                                                     epochs=3))
+    result = train(dataset, out=tmp_path / "run", config=tiny_config(
+        strategy="frozen", weights=str(pretrained_tiny), epochs=3, feature_cache=feature_cache))
     after = load_checkpoint(result.last_checkpoint).model.state_dict()
     changed = [k for k in before if not k.startswith("fc.") and not torch.equal(before[k], after[k])]
     assert changed == []
@@ -147,3 +149,26 @@ def test_bad_config_values_name_the_choices() -> None:
         TrainConfig(epochs=0)
     assert TrainConfig(strategy="frozen").momentum == 0.5
     assert TrainConfig(strategy="finetune").momentum == 0.9
+
+
+class _Messages(Callback):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def on_message(self, text: str) -> None:
+        self.messages.append(text)
+
+
+def test_frozen_features_are_cached_on_disk_and_reused(dataset: Path, tmp_path: Path, pretrained_tiny: Path) -> None:
+    config = tiny_config(strategy="frozen", weights=str(pretrained_tiny), epochs=3, views=2)
+    first, second = _Messages(), _Messages()
+    a = train(dataset, out=tmp_path / "a", config=config, callback=first)
+    b = train(dataset, out=tmp_path / "b", config=config, callback=second)
+    assert "from the disk cache" not in first.messages[0] and "from the disk cache" in second.messages[0]
+    assert "84 images" in first.messages[0]  # 24 train x (1 + 2 views) + 12 val
+    assert [r.train_loss for r in a.history] == [r.train_loss for r in b.history]
+    # Another file content means other features: the cache is keyed by content.
+    colour_image((0, 255, 0), seed=7).save(dataset / "train" / "red" / "red_0.png")
+    third = _Messages()
+    train(dataset, out=tmp_path / "c", config=config, callback=third)
+    assert "from the disk cache" not in third.messages[0]

@@ -1,0 +1,107 @@
+"""Backbone features computed once, for the frozen strategy.
+
+A frozen backbone is a fixed function of the image, so it runs once per image (and view), and the
+head trains on the pooled features: ten epochs cost one backbone pass instead of ten. For ResNet50
+that pass is about 8.2 GFLOP per 224x224 image; the head's epochs cost next to nothing.
+
+Views: view 0 is the eval transform; views 1..K are augmented (train transform, seeded per sample
+and view). On disk, features are keyed by the backbone's weights, the preprocessing, the view and
+the content of every file, so a second run with another head or learning rate reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .data import ImageDataset, Sample, make_loader
+from .download import atomic_write, cache_dir
+from .evaluation import run_inference
+from .preprocessing import Preprocessing
+from .runtime import Runtime
+from .weights import load_safetensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Features:
+    features: torch.Tensor  # float32 (N, F), one row per decodable image
+    labels: torch.Tensor  # int64 (N,)
+    indices: torch.Tensor  # int64 (N,): positions in the sample list
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (index, reason) of undecodable files
+    from_cache: bool = False
+
+    @staticmethod
+    def cat(parts: Sequence["Features"]) -> "Features":
+        failed = sorted({f for p in parts for f in p.failed})
+        return Features(torch.cat([p.features for p in parts]), torch.cat([p.labels for p in parts]),
+                        torch.cat([p.indices for p in parts]), failed, all(p.from_cache for p in parts))
+
+
+def weights_fingerprint(model: nn.Module, *, exclude: str = "fc.") -> str:
+    """sha256 of every tensor of `model` whose name does not start with `exclude` (~0.2 s for ResNet50)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith(exclude):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def files_fingerprint(samples: Sequence[Sample]) -> str:
+    """sha256 over the content of every file, in order (47 MB of hymenoptera: about 0.1 s)."""
+    h = hashlib.sha256()
+    for s in samples:
+        try:
+            h.update(hashlib.sha256(Path(s.path).read_bytes()).digest())
+        except OSError as e:
+            h.update(f"unreadable:{s.path}:{e}".encode())
+    return h.hexdigest()
+
+
+def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Runtime, pre: Preprocessing,
+                     view: int = 0, seed: int = 0, batch_size: int = 32, workers: int = 0,
+                     cache_key: str | None = None, on_batch: Callable[[int, int], None] | None = None) -> Features:
+    """Pooled backbone features of `samples` for one view (0 = eval transform, v >= 1 = augmented).
+
+    `model` is the full network (its `forward_features` is used, conv-bn folded, in eval mode). With
+    `cache_key` (a fingerprint of the weights), results are kept under `<cache_dir()>/features/`.
+    """
+    path = None
+    if cache_key is not None:
+        key = hashlib.sha256(json.dumps({
+            "weights": cache_key, "preprocessing": pre.to_dict(), "view": view,
+            "seed": seed if view else None, "files": files_fingerprint(samples), "n": len(samples),
+        }, sort_keys=True).encode()).hexdigest()[:32]
+        path = cache_dir() / "features" / f"{key}.safetensors"
+        if path.exists():
+            try:
+                tensors, meta = load_safetensors(path)
+                failed = [tuple(f) for f in json.loads(meta.get("failed", "[]"))]
+                log.info("features of %d images (view %d) from %s", len(samples), view, path)
+                return Features(tensors["features"], tensors["labels"], tensors["indices"], failed, True)
+            except (ValueError, KeyError) as e:
+                log.warning("ignoring unreadable feature cache %s: %s", path, e)
+    transform = pre.eval_transform() if view == 0 else pre.train_transform()
+    loader = make_loader(ImageDataset(samples, transform, seed=seed), batch_size=batch_size, shuffle=False,
+                         workers=workers)
+    loader.sampler.set_epoch(view)
+    backbone = runtime.inference_model(model, features=True)
+    inf = run_inference(backbone, loader, runtime, pre, on_batch=on_batch)
+    out = Features(inf.logits.float(), inf.labels, inf.indices, inf.failed)
+    if path is not None:
+        with atomic_write(path) as f:
+            f.write(st_save({"features": out.features.contiguous(), "labels": out.labels, "indices": out.indices},
+                            metadata={"failed": json.dumps(out.failed)}))
+    return out
