@@ -172,3 +172,14 @@ def test_frozen_features_are_cached_on_disk_and_reused(dataset: Path, tmp_path: 
     third = _Messages()
     train(dataset, out=tmp_path / "c", config=config, callback=third)
     assert "from the disk cache" not in third.messages[0]
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "frozen"])
+def test_same_seed_same_weights_whatever_the_worker_count(dataset: Path, tmp_path: Path, strategy: str) -> None:
+    runs = []
+    for workers in (0, 2, 0):
+        res = train(dataset, out=tmp_path / f"w{workers}-{len(runs)}",
+                    config=tiny_config(strategy=strategy, workers=workers, epochs=2, feature_cache="memory"))
+        runs.append(load_checkpoint(res.last_checkpoint).model.state_dict())
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])

@@ -1,0 +1,108 @@
+"""Fine-tune step speed of ResNet50 at batch 18, 224x224: plain fp32 NCHW eager vs headstart's path.
+
+    python bench/train_step.py [--steps 5]
+
+Each configuration runs the same SGD step (forward, cross-entropy, backward, update) on the same
+random batch; images/s is the median over --steps steps after 2 warm-up steps. The bf16 matmul peak
+is measured in the same run. Peak RSS is that of a child process fine-tuning for real on
+hymenoptera (data loader included) at batch 18. Last line: finetune_speedup=<headstart / plain>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from _common import HYMENOPTERA, RESNET50_GFLOP_TRAIN, ROOT, machine, matmul_peak_gflops, median_time, table
+
+from headstart.data import Batch
+from headstart.models import create_model
+from headstart.preprocessing import Preprocessing
+from headstart.runtime import Runtime, resolve_runtime
+from headstart.training import TrainConfig, make_optimizer, make_scheduler, train_one_epoch
+
+BATCH = 18
+
+
+def plain_step(model, x, y, opt, *, channels_last=False, bf16=False):
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
+def headstart_step(model, images, labels, runtime: Runtime, pre: Preprocessing):
+    """One step through headstart's own training code (train_one_epoch over a one-batch 'loader')."""
+    config = TrainConfig(arch="resnet50", weights=None, strategy="finetune")
+    runtime.prepare(model)
+    opt = make_optimizer(model, config)
+    sched = make_scheduler(opt, config, 1)
+    batch = Batch(images, labels, torch.arange(len(labels)))
+    return lambda: train_one_epoch(model, [batch], opt, sched, runtime, pre, strategy="finetune", epoch=1)
+
+
+RSS_CHILD = """
+import sys, resource
+sys.path.insert(0, {root!r})
+from headstart.training import TrainConfig, train
+train({data!r}, out={out!r}, config=TrainConfig(strategy="finetune", epochs=1, batch_size=18))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child run")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    base = create_model("resnet50", num_classes=2)
+    pre = Preprocessing()
+    images = torch.randint(0, 256, (BATCH, 3, 224, 224), dtype=torch.uint8)
+    labels = torch.randint(0, 2, (BATCH,))
+    x = ((images.float() / 255) - 0.45) / 0.225
+
+    peak_bf16 = matmul_peak_gflops(torch.bfloat16)
+    peak_fp32 = matmul_peak_gflops(torch.float32)
+    rows, speeds = [], {}
+    configs = {
+        "plain fp32, NCHW, eager": lambda m: plain_step(m, x, labels, torch.optim.SGD(m.parameters(), 1e-3, 0.9)),
+        "fp32 + channels_last": lambda m: plain_step(
+            m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last), labels,
+            torch.optim.SGD(m.parameters(), 1e-3, 0.9)),
+        "headstart default (auto)": lambda m: headstart_step(m, images, labels, resolve_runtime(), pre),
+    }
+    for name, make in configs.items():
+        model = copy.deepcopy(base).train()
+        t = median_time(make(model), warmup=2, repeat=args.steps)
+        speeds[name] = BATCH / t
+    plain = speeds["plain fp32, NCHW, eager"]
+    for name, ips in speeds.items():
+        rows.append([name, f"{ips:.2f}", f"{BATCH / ips:.2f}", f"{ips / plain:.2f}x",
+                     f"{ips * RESNET50_GFLOP_TRAIN / peak_bf16:.1%}"])
+    print(f"machine: {machine()}")
+    print(f"matmul peak measured now: bf16 {peak_bf16:.0f} GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s")
+    print(f"headstart default runtime: {resolve_runtime().describe()}")
+    print(table(rows, ["configuration (ResNet50, batch 18, 224)", "img/s", "s/step", "vs plain fp32",
+                       "of bf16 peak"]))
+    if not args.no_rss:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            code = RSS_CHILD.format(root=str(ROOT), data=str(HYMENOPTERA), out=tmp + "/run")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        main_kb, worker_kb = map(int, out.stdout.strip().splitlines()[-1].split())
+        print(f"peak RSS of a 1-epoch fine-tune on hymenoptera at batch 18 (headstart train, 2 workers): "
+              f"main process {main_kb / 1024**2:.2f} GB, largest worker {worker_kb / 1024**2:.2f} GB")
+    print(f"finetune_speedup={speeds['headstart default (auto)'] / plain:.2f}")
+
+
+if __name__ == "__main__":
+    main()
