@@ -112,3 +112,66 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit {arch} with {len(classes)} classes: {e}") from e
     return Checkpoint(model.eval(), classes, pre, meta, checkpoint_paths(path)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Run state: everything needed to continue training, in one safetensors file (so it is consistent).
+
+STATE_FORMAT = "headstart-run-state"
+
+
+def save_run_state(path: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   meta: dict[str, Any]) -> Path:
+    """Model and optimizer tensors, the torch RNG, and `meta` (JSON: epoch, scheduler state, history...),
+    written atomically as one file."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{name}"] = v.detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    text = json.dumps({"format": STATE_FORMAT, "optimizer_param_groups": opt["param_groups"], **meta}, default=str)
+    path = Path(path)
+    with atomic_write(path) as f:
+        f.write(st_save(tensors, metadata={"headstart": text}))
+    return path
+
+
+def load_run_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a run state; FileNotFoundError / ValueError with the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no run state at {path}: pass the folder of a run started by `headstart train` (it writes "
+            "state.safetensors after every epoch)"
+        )
+    tensors, raw = load_safetensors(path)
+    try:
+        meta = json.loads(raw["headstart"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a headstart run state: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a headstart run state (format {meta.get('format')!r})")
+    return tensors, meta
+
+
+def restore_run_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, model: nn.Module | None = None,
+                      optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load what `save_run_state` saved: the model's weights (when `model` is given), and the
+    optimizer's state with the torch RNG (when `optimizer` is given)."""
+    if model is not None:
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(model_sd, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"run state does not fit the model: {e}") from e
+    if optimizer is not None:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])

@@ -114,10 +114,17 @@ def _print_run(result: Any) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .training import train
+    from .training import resume, train
 
-    out = a.out or f"runs/{Path(a.data).resolve().name}-{a.arch}-{a.strategy}"
-    result = train(a.data, out=out, config=_train_config(a), callback=ConsoleProgress())
+    if a.resume:
+        if a.data:
+            raise ValueError(f"--resume takes the data and options of the run {a.resume}; drop {a.data!r}")
+        result = resume(a.resume, callback=ConsoleProgress())
+    elif not a.data:
+        raise ValueError("DATA is missing: pass a dataset folder, or --resume RUN to continue a run")
+    else:
+        out = a.out or f"runs/{Path(a.data).resolve().name}-{a.arch}-{a.strategy}"
+        result = train(a.data, out=out, config=_train_config(a), callback=ConsoleProgress())
     _print_run(result)
     return 0
 
@@ -251,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier on DATA (train/ and val/ class folders)",
                        description="Train a classifier from a pretrained backbone on a class-per-folder dataset.")
-    p.add_argument("data", help="dataset folder: train/ and val/ with one sub-folder per class")
+    p.add_argument("data", nargs="?", help="dataset folder: train/ and val/ with one sub-folder per class")
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<arch>-<strategy>)")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue the run in folder RUN from its last saved state (its data and options)")
     _add_training(p)
     p.set_defaults(func=cmd_train)
 
@@ -316,9 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.handlers[:] = [_TqdmHandler()]
     log.setLevel(level)
     log.propagate = False
+    from .training import TrainingInterrupted
+
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, TypeError, ConnectionError) as e:
+    except TrainingInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, TypeError, ConnectionError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import signal
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -247,13 +248,14 @@ class EpochSampler(torch.utils.data.Sampler):
     Call `set_epoch` before each epoch."""
 
     def __init__(self, n: int, *, shuffle: bool, seed: int = 0) -> None:
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.n, self.shuffle, self.seed, self.epoch, self.start = n, shuffle, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, *, start: int = 0) -> None:
+        """Use epoch `epoch`'s order, from position `start` (to resume an interrupted epoch)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.n
+        return self.n - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
@@ -261,7 +263,7 @@ class EpochSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = range(self.n)
-        return iter([(i, self.epoch) for i in order])
+        return iter([(i, self.epoch) for i in list(order)[self.start:]])
 
 
 def make_loader(dataset: ImageDataset, *, batch_size: int, shuffle: bool, workers: int = 0,
@@ -274,5 +276,10 @@ def make_loader(dataset: ImageDataset, *, batch_size: int, shuffle: bool, worker
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
         num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None, worker_init_fn=_ignore_interrupts if workers > 0 else None,
     )
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Workers leave Ctrl-C to the main process, which finishes its step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -68,6 +68,10 @@ class Metrics:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Metrics":
+        return cls(**{**d, "per_class": [ClassMetrics(**c) for c in d["per_class"]]})
+
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     idx = labels.long() * num_classes + preds.long()

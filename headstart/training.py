@@ -17,16 +17,18 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_run_state, read_checkpoint_meta, restore_run_state, save_checkpoint, save_run_state
 from .data import DatasetSplits, ImageDataset, collate, make_loader, sample_seed, scan_dataset
 from .download import atomic_write
 from .evaluation import Metrics, compute_metrics, run_inference
@@ -161,33 +163,67 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
 
 
 @dataclass
-class EpochStats:
-    loss: float
-    accuracy: float
-    images: int
-    steps: int
-    seconds: float
-    wait_seconds: float
+class EpochProgress:
+    """Running totals of one training epoch. Saved with the run state, so that an epoch interrupted
+    by Ctrl-C resumes where it stopped (the sampler skips the `steps` batches already done)."""
+
+    steps: int = 0
+    images: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seconds: float = 0.0
+    wait_seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.images, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.images, 1)
+
+    def add(self, loss: float, correct: int, n: int) -> None:
+        self.steps += 1
+        self.images += n
+        self.loss_sum += loss * n
+        self.correct += correct
+
+
+def _sgd_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any,
+              scaler: torch.amp.GradScaler | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    scheduler.step()
 
 
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: Any, runtime: Runtime, pre: Preprocessing, *, strategy: str, epoch: int,
                     classifier: str = "fc", scaler: torch.amp.GradScaler | None = None,
-                    callback: Callback | None = None, on_failed=None) -> EpochStats:
-    """One pass over `loader`. Frozen: features under no_grad, gradient only through the head.
+                    callback: Callback | None = None, on_failed: Callable | None = None,
+                    progress: EpochProgress | None = None, stop: Callable[[], bool] | None = None) -> EpochProgress:
+    """One pass over `loader` (continuing `progress`). Frozen: features under no_grad, gradient only
+    through the head. Returns early, `interrupted`, when `stop()` turns true after a step.
 
     Cost per 224x224 image for ResNet50: finetune about 24 GFLOP (forward + backward), frozen about
     8.2 GFLOP (forward only).
     """
     set_train_mode(model, strategy, classifier=classifier)
     head = getattr(model, classifier)
-    loss_sum, correct, n, steps, wait = 0.0, 0, 0, 0, 0.0
-    start = time.perf_counter()
+    progress = progress or EpochProgress()
+    start = time.perf_counter() - progress.seconds
+    total = progress.steps + len(loader)
     it = iter(loader)
     while True:
         t = time.perf_counter()
         batch = next(it, None)
-        wait += time.perf_counter() - t
+        progress.wait_seconds += time.perf_counter() - t
         if batch is None:
             break
         if batch.failed and on_failed:
@@ -204,53 +240,42 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             else:
                 logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        steps += 1
-        loss_value = float(loss.detach())
-        loss_sum += loss_value * len(batch)
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(batch)
+        _sgd_step(loss, optimizer, scheduler, scaler)
+        progress.add(float(loss.detach()), int((logits.argmax(1) == y).sum()), len(batch))
         if callback:
-            callback.on_step("train", epoch, steps, len(loader), loss_value)
-    return EpochStats(loss_sum / max(n, 1), correct / max(n, 1), n, steps, time.perf_counter() - start, wait)
+            callback.on_step("train", epoch, progress.steps, total, progress.loss_sum / progress.images)
+        if stop and stop():
+            progress.interrupted = True
+            break
+    progress.seconds = time.perf_counter() - start
+    return progress
 
 
 def train_head_one_epoch(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
                          optimizer: torch.optim.Optimizer, scheduler: Any, *, batch_size: int, seed: int, epoch: int,
-                         callback: Callback | None = None) -> EpochStats:
+                         callback: Callback | None = None, progress: EpochProgress | None = None,
+                         stop: Callable[[], bool] | None = None) -> EpochProgress:
     """One pass of the head over cached features (N, F), shuffled by (seed, epoch), in fp32.
 
     Cost: 2*F*C FLOP per row forward, e.g. 8 kFLOP for ResNet50 features and 2 classes.
     """
     head.train()
+    progress = progress or EpochProgress()
+    start = time.perf_counter() - progress.seconds
     g = torch.Generator().manual_seed(sample_seed(seed, epoch, -2) % 2**63)
-    order = torch.randperm(len(labels), generator=g).to(features.device)
-    loss_sum, correct, steps = 0.0, 0, 0
-    start = time.perf_counter()
-    batches = order.split(batch_size)
-    for rows in batches:
+    batches = torch.randperm(len(labels), generator=g).to(features.device).split(batch_size)
+    for rows in batches[progress.steps:]:
         logits = head(features[rows])
         loss = F.cross_entropy(logits, labels[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        steps += 1
-        loss_value = float(loss.detach())
-        loss_sum += loss_value * len(rows)
-        correct += int((logits.argmax(1) == labels[rows]).sum())
+        _sgd_step(loss, optimizer, scheduler, None)
+        progress.add(float(loss.detach()), int((logits.argmax(1) == labels[rows]).sum()), len(rows))
         if callback:
-            callback.on_step("train", epoch, steps, len(batches), loss_value)
-    n = len(labels)
-    return EpochStats(loss_sum / max(n, 1), correct / max(n, 1), n, steps, time.perf_counter() - start, 0.0)
+            callback.on_step("train", epoch, progress.steps, len(batches), progress.loss_sum / progress.images)
+        if stop and stop():
+            progress.interrupted = True
+            break
+    progress.seconds = time.perf_counter() - start
+    return progress
 
 
 def cached_features(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preprocessing: Preprocessing,
@@ -277,36 +302,107 @@ def cached_features(model: nn.Module, splits: DatasetSplits, *, config: TrainCon
 
 
 # ---------------------------------------------------------------------------------------------
+# Interrupts and the run state.
+
+class TrainingInterrupted(Exception):
+    """Raised after a Ctrl-C (or SIGTERM) once the current step is done and the run state is saved."""
+
+    def __init__(self, out: Path, epoch: int, step: int) -> None:
+        super().__init__(f"interrupted in epoch {epoch} after step {step}; the run state is saved. "
+                         f"Resume with: headstart train --resume {out}")
+        self.out, self.epoch, self.step = out, epoch, step
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM set a flag instead of killing: the loop finishes its step,
+    saves and raises TrainingInterrupted. A second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s: finishing the current step, then saving (Ctrl-C again to abort at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved (with model and optimizer tensors) in `<out>/state.safetensors`."""
+
+    epoch: int = 0  # epochs completed
+    progress: EpochProgress = field(default_factory=EpochProgress)  # of epoch + 1, if interrupted in it
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    best_metrics: dict[str, Any] | None = None
+    history: list[EpochRecord] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunState":
+        return cls(epoch=d["epoch"], progress=EpochProgress(**d["progress"]), best_acc=d["best_acc"],
+                   best_epoch=d["best_epoch"], best_metrics=d["best_metrics"],
+                   history=[EpochRecord(**r) for r in d["history"]], skipped=dict(d["skipped"]))
+
+
+STATE_FILE = "state.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
 # The epoch loop.
 
 def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preprocessing: Preprocessing,
-        runtime: Runtime, out: Path, callback: Callback | None = None) -> RunResult:
-    """Train `model` on `splits` for config.epochs; after each epoch validate, write `last` and (when
-    val accuracy improves) `best` checkpoints and a row of metrics.csv."""
+        runtime: Runtime, out: Path, callback: Callback | None = None, resume: bool = False,
+        run_meta: dict[str, Any] | None = None) -> RunResult:
+    """Train `model` on `splits` for config.epochs. After each epoch: validate, write `last` and (when
+    val accuracy improves) `best` checkpoints, a row of metrics.csv, and the run state that
+    `resume=True` continues from (bit-identical to an uninterrupted run on the CPU)."""
     info = get_model_info(model.arch)
     classifier = info.classifier
     callback = callback or Callback()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a process killed in the middle of an atomic write
+        stale.unlink(missing_ok=True)
     use_features = config.strategy == "frozen" and config.feature_cache != "off"
     if config.strategy == "frozen":
         freeze_backbone(model, classifier=classifier)
     runtime.prepare(model)
-
-    skipped: dict[str, str] = {}
+    state = RunState()
+    if resume:  # weights first: the frozen strategy's features are computed from them
+        tensors, meta = load_run_state(out / STATE_FILE)
+        restore_run_state(tensors, meta, model=model)
 
     def on_failed(failed: list[tuple[int, str]], samples: list) -> None:
         for index, reason in failed:
             path = str(samples[index].path)
-            if path not in skipped:
-                skipped[path] = reason
+            if path not in state.skipped:
+                state.skipped[path] = reason
                 log.warning("skipping %s: cannot decode it (%s)", path, reason)
                 callback.on_skip(path, reason)
 
     if use_features:
         train_feats, val_feats = cached_features(model, splits, config=config, preprocessing=preprocessing,
                                                  runtime=runtime, classifier=classifier, callback=callback)
-        on_failed(train_feats.failed, splits.train)
-        on_failed(val_feats.failed, splits.val)
         head = getattr(model, classifier)
         train_x, train_y = train_feats.features.to(runtime.device), train_feats.labels.to(runtime.device)
         val_x = val_feats.features.to(runtime.device)
@@ -321,53 +417,81 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     scaler = runtime.grad_scaler()
+    if resume:
+        restore_run_state(tensors, meta, optimizer=optimizer)
+        scheduler.load_state_dict(meta["scheduler"])
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        state = RunState.from_dict(meta["state"])
+        callback.on_message(f"resuming {out} after epoch {state.epoch}"
+                            + (f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""))
+    if use_features:
+        on_failed(train_feats.failed, splits.train)
+        on_failed(val_feats.failed, splits.val)
+
+    def save_state() -> None:
+        save_run_state(out / STATE_FILE, model=model, optimizer=optimizer, meta={
+            **(run_meta or {}), "config": asdict(config), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "state": state.to_dict()})
 
     ckpt_meta = {"config": asdict(config), "counts": splits.counts()}
-    history: list[EpochRecord] = []
-    best_acc, best_epoch, best_state, best_metrics = -1.0, 0, None, None
     metrics_csv = out / "metrics.csv"
-    for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        if use_features:
-            stats = train_head_one_epoch(head, train_x, train_y, optimizer, scheduler, batch_size=config.batch_size,
-                                         seed=config.seed, epoch=epoch, callback=callback)
-            head.eval()
-            with torch.no_grad():
-                logits = head(val_x).float().cpu()
-            metrics = compute_metrics(logits, val_feats.labels, splits.classes)
-        else:
-            train_loader.sampler.set_epoch(epoch)
-            stats = train_one_epoch(model, train_loader, optimizer, scheduler, runtime, preprocessing,
-                                    strategy=config.strategy, epoch=epoch, classifier=classifier, scaler=scaler,
-                                    callback=callback, on_failed=lambda f: on_failed(f, splits.train))
-            val_model = model if runtime.compile else runtime.inference_model(model)  # conv-bn folded copy
-            inf = run_inference(val_model, val_loader, runtime, preprocessing,
-                                on_batch=lambda s, n: callback.on_step("val", epoch, s, n, None))
-            on_failed(inf.failed, splits.val)
-            metrics = compute_metrics(inf.logits, inf.labels, splits.classes)
-        record = EpochRecord(
-            epoch=epoch, epochs=config.epochs, train_loss=stats.loss, train_acc=stats.accuracy,
-            val_loss=metrics.loss, val_acc=metrics.accuracy, val_balanced_acc=metrics.balanced_accuracy,
-            epoch_time=time.perf_counter() - t0, step_time=stats.seconds / max(stats.steps, 1),
-            images_per_s=stats.images / max(stats.seconds, 1e-9), data_wait=stats.wait_seconds / max(stats.seconds, 1e-9),
-            lr=lr,
-        )
-        history.append(record)
-        log.info(record.line())
-        meta = {**ckpt_meta, "epoch": epoch, "metrics": asdict(record)}
-        save_checkpoint(out / "last", model, classes=splits.classes, preprocessing=preprocessing, **meta)
-        if metrics.accuracy > best_acc:
-            best_acc, best_epoch, best_metrics = metrics.accuracy, epoch, metrics
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
-        _write_metrics_csv(metrics_csv, history)
-        callback.on_epoch_end(record)
-    assert best_state is not None and best_metrics is not None
-    model.load_state_dict(best_state)
+    with StopOnSignal() as stop:
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            t0 = time.perf_counter() - state.progress.seconds
+            lr = optimizer.param_groups[0]["lr"]
+            if use_features:
+                progress = train_head_one_epoch(head, train_x, train_y, optimizer, scheduler,
+                                                batch_size=config.batch_size, seed=config.seed, epoch=epoch,
+                                                callback=callback, progress=state.progress, stop=stop)
+            else:
+                train_loader.sampler.set_epoch(epoch, start=state.progress.steps * config.batch_size)
+                progress = train_one_epoch(model, train_loader, optimizer, scheduler, runtime, preprocessing,
+                                           strategy=config.strategy, epoch=epoch, classifier=classifier,
+                                           scaler=scaler, callback=callback, progress=state.progress, stop=stop,
+                                           on_failed=lambda f: on_failed(f, splits.train))
+            if progress.interrupted:
+                progress.interrupted = False
+                state.progress = progress
+                save_state()
+                raise TrainingInterrupted(out, epoch, progress.steps)
+            if use_features:
+                head.eval()
+                with torch.no_grad():
+                    logits = head(val_x).float().cpu()
+                metrics = compute_metrics(logits, val_feats.labels, splits.classes)
+            else:
+                val_model = model if runtime.compile else runtime.inference_model(model)  # conv-bn folded copy
+                inf = run_inference(val_model, val_loader, runtime, preprocessing,
+                                    on_batch=lambda s, n: callback.on_step("val", epoch, s, n, None))
+                on_failed(inf.failed, splits.val)
+                metrics = compute_metrics(inf.logits, inf.labels, splits.classes)
+            record = EpochRecord(
+                epoch=epoch, epochs=config.epochs, train_loss=progress.loss, train_acc=progress.accuracy,
+                val_loss=metrics.loss, val_acc=metrics.accuracy, val_balanced_acc=metrics.balanced_accuracy,
+                epoch_time=time.perf_counter() - t0, step_time=progress.seconds / max(progress.steps, 1),
+                images_per_s=progress.images / max(progress.seconds, 1e-9),
+                data_wait=progress.wait_seconds / max(progress.seconds, 1e-9), lr=lr,
+            )
+            log.info(record.line())
+            meta = {**ckpt_meta, "epoch": epoch, "metrics": asdict(record)}
+            save_checkpoint(out / "last", model, classes=splits.classes, preprocessing=preprocessing, **meta)
+            if metrics.accuracy > state.best_acc:
+                state.best_acc, state.best_epoch, state.best_metrics = metrics.accuracy, epoch, metrics.to_dict()
+                save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
+            state.epoch, state.progress = epoch, EpochProgress()
+            state.history.append(record)
+            save_state()
+            _write_metrics_csv(metrics_csv, state.history)
+            callback.on_epoch_end(record)
+            if stop() and epoch < config.epochs:
+                raise TrainingInterrupted(out, epoch, steps_per_epoch)
+    best, _ = read_checkpoint_meta(out / "best.safetensors")
+    model.load_state_dict(best)  # the pictures and the caller get the best model
     return RunResult(out=out, best_checkpoint=out / "best.safetensors", last_checkpoint=out / "last.safetensors",
-                     best_epoch=best_epoch, best_val_acc=best_acc, history=history, best_metrics=best_metrics,
-                     skipped=skipped, files={"metrics": metrics_csv})
+                     best_epoch=state.best_epoch, best_val_acc=state.best_acc, history=state.history,
+                     best_metrics=Metrics.from_dict(state.best_metrics), skipped=state.skipped,
+                     files={"metrics": metrics_csv, "state": out / STATE_FILE})
 
 
 def _write_metrics_csv(path: Path, history: list[EpochRecord]) -> None:
@@ -382,9 +506,10 @@ def _write_metrics_csv(path: Path, history: list[EpochRecord]) -> None:
 # The whole run.
 
 def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: TrainConfig | None = None,
-          callback: Callback | None = None) -> RunResult:
+          callback: Callback | None = None, resume: bool = False) -> RunResult:
     """Train a classifier on a class-per-folder dataset; everything goes into `out`:
-    best/last checkpoints (.safetensors + .json), metrics.csv, summary.json, predictions.png, curves.png.
+    best/last checkpoints (.safetensors + .json), metrics.csv, summary.json, predictions.png,
+    curves.png, and state.safetensors (what `resume=True` continues from).
     """
     from . import plots  # matplotlib is imported only when pictures are drawn
 
@@ -396,15 +521,20 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     pre = info.preprocessing if config.image_size is None else info.preprocessing.with_image_size(config.image_size)
     runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
                               compile=config.compile and config.strategy == "finetune")
-    torch.manual_seed(config.seed)  # the new head's initialisation
-    model = create_model(config.arch, num_classes=len(splits.classes), weights=config.weights)
+    if resume:  # the weights come from the run state: build the bare architecture
+        _, meta = load_run_state(out / STATE_FILE)
+        model = create_model(config.arch, num_classes=len(splits.classes), **meta.get("arch_kwargs", {}))
+    else:
+        torch.manual_seed(config.seed)  # the new head's initialisation
+        model = create_model(config.arch, num_classes=len(splits.classes), weights=config.weights)
     callback = callback or Callback()
     counts = splits.counts()
     callback.on_start({"classes": splits.classes, "counts": counts, "runtime": runtime.describe(),
                        "config": asdict(config), "out": str(out)})
     log.info("training %s (%s) on %s: %d classes, %d train / %d val images, %s", config.arch, config.strategy,
              data, len(splits.classes), len(splits.train), len(splits.val), runtime.describe())
-    result = fit(model, splits, config=config, preprocessing=pre, runtime=runtime, out=out, callback=callback)
+    result = fit(model, splits, config=config, preprocessing=pre, runtime=runtime, out=out, callback=callback,
+                 resume=resume, run_meta={"data": str(Path(data).resolve()), "arch_kwargs": model.arch_kwargs})
 
     # Pictures of the best model: validation images titled with the predicted class.
     picks = plots.spread_indices(len(splits.val), 18)
@@ -429,3 +559,10 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     with atomic_write(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     return result
+
+
+def resume(run: str | os.PathLike[str], *, callback: Callback | None = None) -> RunResult:
+    """Continue the run in folder `run` from its last saved state, with its own data and config."""
+    _, meta = load_run_state(Path(run) / STATE_FILE)
+    config = TrainConfig(**meta["config"])
+    return train(meta["data"], out=run, config=config, callback=callback, resume=True)

@@ -1,0 +1,152 @@
+"""Resume after Ctrl-C and after SIGKILL: the final weights equal an uninterrupted run's, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from headstart.checkpoint import load_checkpoint, load_run_state
+from headstart.training import Callback, TrainConfig, TrainingInterrupted, resume, train
+
+from .conftest import make_dataset
+
+EPOCHS = 8
+
+
+def config(**kw) -> TrainConfig:
+    return TrainConfig(**{**dict(arch="tiny", weights=None, epochs=EPOCHS, batch_size=8, lr=0.05, workers=0), **kw})
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "last.safetensors").model.state_dict()
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _InterruptAt(Callback):
+    """Sends this process a SIGINT (as Ctrl-C would) at a given training step of a given epoch."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        self.epoch, self.step, self.sent = epoch, step, False
+
+    def on_step(self, phase, epoch, step, steps, loss) -> None:
+        if phase == "train" and (epoch, step) == (self.epoch, self.step) and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("strategy,feature_cache", [("finetune", "off"), ("frozen", "memory")])
+def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(dataset: Path, tmp_path: Path, strategy: str,
+                                                            feature_cache: str) -> None:
+    cfg = config(strategy=strategy, feature_cache=feature_cache)
+    reference = train(dataset, out=tmp_path / "ref", config=cfg)
+    with pytest.raises(TrainingInterrupted, match="--resume") as e:
+        train(dataset, out=tmp_path / "run", config=cfg, callback=_InterruptAt(epoch=3, step=2))
+    assert (e.value.epoch, e.value.step) == (3, 2)
+    _, meta = load_run_state(tmp_path / "run" / "state.safetensors")
+    assert meta["state"]["epoch"] == 2 and meta["state"]["progress"]["steps"] == 2
+    resumed = resume(tmp_path / "run")
+    assert same(weights(tmp_path / "ref"), weights(tmp_path / "run"))
+    assert [r.train_loss for r in resumed.history] == pytest.approx([r.train_loss for r in reference.history])
+    assert resumed.best_val_acc == reference.best_val_acc
+
+
+def test_resume_of_a_missing_run_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="state.safetensors"):
+        resume(tmp_path / "nothing")
+
+
+# --- SIGKILL at random points, in a real `headstart train` process -------------------------------
+
+RUNNER = """
+import os, sys, time
+delay = float(os.environ.get("SLOW_FSYNC", "0"))
+if delay:  # widen the window in which a checkpoint is being written, so a kill lands inside it
+    real = os.fsync
+    def slow(fd):
+        time.sleep(delay)
+        real(fd)
+    os.fsync = slow
+from headstart.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _readable(run: Path) -> None:
+    """Every checkpoint and state file in the run folder loads; no temporary file is mistaken for one."""
+    for name in ("best", "last"):
+        if (run / f"{name}.safetensors").exists():
+            load_checkpoint(run / f"{name}.safetensors")
+    if (run / "state.safetensors").exists():
+        load_run_state(run / "state.safetensors")
+
+
+def _wait_for(cond, timeout: float = 60.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", per_class={"train": 40, "val": 10})
+    cfg = config(epochs=EPOCHS)
+    train(data, out=tmp_path / "ref", config=cfg)
+    run = tmp_path / "run"
+    args = ["train", str(data), "--arch", "tiny", "--weights", "none", "--epochs", str(EPOCHS), "--batch-size", "8",
+            "--lr", "0.05", "--workers", "0", "--out", str(run)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rng = random.Random(1234)
+
+    def start(slow_fsync: float = 0.0) -> subprocess.Popen:
+        resuming = (run / "state.safetensors").exists()
+        cmd = ["train", "--resume", str(run)] if resuming else args
+        return subprocess.Popen([sys.executable, "-c", RUNNER, *cmd], env={**env, "SLOW_FSYNC": str(slow_fsync)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def epochs_done() -> int:
+        try:
+            return load_run_state(run / "state.safetensors")[1]["state"]["epoch"]
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    kills = []
+    # 1-2: during a checkpoint or state write (fsync slowed so the kill lands inside it).
+    for _ in range(2):
+        p = start(slow_fsync=0.5)
+        assert _wait_for(lambda: any(run.glob(".*.tmp")) or p.poll() is not None)
+        p.kill()
+        p.wait()
+        kills.append(("during a write", epochs_done()))
+        assert any(run.glob(".*.tmp")), "the kill should have landed inside an atomic write"
+        _readable(run)
+    # 3-6: at random moments of training, after a random number of completed epochs.
+    for _ in range(4):
+        before = epochs_done()
+        p = start(slow_fsync=0.02)
+        _wait_for(lambda: epochs_done() > before or p.poll() is not None)
+        time.sleep(rng.uniform(0.0, 0.3))
+        p.kill()
+        p.wait()
+        kills.append(("random", epochs_done()))
+        _readable(run)
+    assert len(kills) >= 5
+    p = start()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert epochs_done() == EPOCHS
+    assert same(weights(tmp_path / "ref"), weights(run)), kills
+    assert not any(run.glob(".*.tmp")), "a new start clears the temporaries that killed writes left"
