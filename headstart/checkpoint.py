@@ -100,13 +100,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Rebuild the model of a checkpoint with its class names and preprocessing."""
     tensors, meta = read_checkpoint_meta(path)
     try:
-        classes = [str(c) for c in meta["classes"]]
+        classes = meta["classes"]
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"'classes' must be a non-empty list of names, got {classes!r:.100}")
         arch, kwargs = meta["arch"], dict(meta.get("arch_kwargs") or {})
         pre = Preprocessing.from_dict(meta["preprocessing"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: checkpoint metadata lacks or mangles {e}") from e
-    get_model_info(arch)  # a clear error for an unknown architecture
-    model = create_model(arch, num_classes=len(classes), **kwargs)
+        get_model_info(arch)  # a clear error for an unknown architecture
+        model = create_model(arch, num_classes=len(classes), **kwargs)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: malformed checkpoint metadata ({type(e).__name__}: {e})") from e
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

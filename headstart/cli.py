@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, TypeError, ConnectionError, PermissionError) as e:
+    except (OSError, ValueError, TypeError) as e:  # FileNotFoundError, PermissionError, ConnectionError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

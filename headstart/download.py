@@ -34,18 +34,30 @@ def cache_dir() -> Path:
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
     """Open a temporary file beside `path`; on success fsync it and rename it onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, ConnectionError):
+            raise _write_error(path, e) from e
         raise
+
+
+def _write_error(path: Path, e: OSError) -> OSError:
+    """The same kind of OSError, with a message that names the file, what was kept, and the fix."""
+    reason = e.strerror or str(e)
+    return type(e)(e.errno, f"could not write {path}: {reason}. Any earlier version of it is intact; free "
+                            "some space, fix the folder's permissions, or write elsewhere (e.g. --out)")
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

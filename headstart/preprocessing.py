@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_IMAGE_SIZE = 2048  # larger crops are almost surely a mistake (or a hostile checkpoint)
 
 _INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -46,11 +47,26 @@ class Preprocessing:
     hflip: float = 0.5  # train: horizontal flip probability
 
     def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise ValueError(f"image_size={self.image_size} is too small; use 8 or more (224 is usual)")
-        if not 0 < self.crop_fraction <= 1:
+        def numbers(name: str, n: int) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, tuple) or len(v) != n or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+                raise ValueError(f"{name} must be {n} finite numbers, got {v!r:.100}")
+
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) \
+                or not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size={self.image_size!r:.50} must be an integer from 8 to {MAX_IMAGE_SIZE} "
+                             "(224 is usual)")
+        for name, n in (("mean", 3), ("std", 3), ("scale", 2), ("ratio", 2)):
+            numbers(name, n)
+        if min(self.std) <= 0 or not 0 < self.scale[0] <= self.scale[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"need std > 0, 0 < scale[0] <= scale[1] <= 1, 0 < ratio[0] <= ratio[1]; got "
+                             f"std={self.std}, scale={self.scale}, ratio={self.ratio}")
+        if not isinstance(self.hflip, (int, float)) or not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip={self.hflip!r:.50} must be a probability in [0, 1]")
+        if not isinstance(self.crop_fraction, (int, float)) or not 0 < self.crop_fraction <= 1:
             raise ValueError(f"crop_fraction={self.crop_fraction} must be in (0, 1]; 0.875 is usual")
-        if self.interpolation not in _INTERPOLATIONS:
+        if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATIONS:
             raise ValueError(
                 f"interpolation={self.interpolation!r} is not one of {sorted(_INTERPOLATIONS)}"
             )
@@ -66,9 +82,11 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
         known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
+        unknown = set(d) - known if isinstance(d, dict) else set()
         if unknown:
             raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; known: {sorted(known)}")
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing must be a JSON object, got {type(d).__name__}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kw)
 

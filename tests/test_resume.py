@@ -150,3 +150,38 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -
     assert epochs_done() == EPOCHS
     assert same(weights(tmp_path / "ref"), weights(run)), kills
     assert not any(run.glob(".*.tmp")), "a new start clears the temporaries that killed writes left"
+
+
+def test_full_disk_gives_a_clear_error_and_keeps_the_previous_best(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import headstart.download as download
+
+    real_fsync = os.fsync
+
+    class _FullDisk(Callback):
+        def on_epoch_end(self, record) -> None:
+            if record.epoch == 2:  # from epoch 3 on, the disk is full
+                def fsync(fd: int) -> None:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                monkeypatch.setattr(download.os, "fsync", fsync)
+
+    with pytest.raises(OSError, match="could not write .*No space left on device.*intact") as e:
+        train(dataset, out=tmp_path / "run", config=config(), callback=_FullDisk())
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(download.os, "fsync", real_fsync)
+    best = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert best.meta["epoch"] <= 2
+    assert load_run_state(tmp_path / "run" / "state.safetensors")[1]["state"]["epoch"] == 2
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_unwritable_run_folder_names_the_path(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    def mkstemp(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    with pytest.raises(PermissionError, match=f"could not write {tmp_path / 'run'}.*Permission denied"):
+        train(dataset, out=tmp_path / "run", config=config(epochs=1))
