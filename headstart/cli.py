@@ -98,7 +98,8 @@ def _train_config(a: argparse.Namespace, **override: Any):
               epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
               weight_decay=a.weight_decay, schedule=a.schedule, image_size=a.image_size, val_split=a.val_split,
               seed=a.seed, workers=a.workers, precision=a.precision, device=a.device, threads=a.threads,
-              compile=a.compile, feature_cache=a.feature_cache, views=a.views)
+              compile=a.compile, feature_cache=a.feature_cache, views=a.views, bad_files=a.bad_files,
+              balance=a.balance)
     kw.update(override)
     return TrainConfig(**kw)
 
@@ -187,6 +188,50 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _format_check(r: Any, *, shown: int = 5) -> str:
+    lines = [f"{r.root}: {r.files} image files, {len(r.classes)} classes", ""]
+    width = max([len(c) for c in r.classes] + [5])
+    lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in r.splits))
+    for c in r.classes:
+        lines.append(f"{c:<{width}}  " + "  ".join(f"{r.counts[s].get(c, 0):>6}" for s in r.splits))
+    for s in r.splits:
+        n = [v for v in r.counts[s].values() if v]
+        if len(n) > 1:
+            lines.append(f"{s}: largest class / smallest class = {max(n) / min(n):.2f}")
+    lines += ["", f"{len(r.findings)} finding(s), worst first:" if r.findings else "no findings"]
+    for f in r.findings:
+        lines.append(f"{f.severity.upper():7} [{f.kind}] {f.message}")
+        lines += [f"          {p}" for p in f.paths[:shown]]
+        if len(f.paths) > shown:
+            lines.append(f"          ... and {len(f.paths) - shown} more")
+    return "\n".join(lines)
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from .check import check_dataset
+
+    report = check_dataset(a.data, val_split=a.val_split, image_size=a.image_size)
+    print(_format_check(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"\nfindings written to {a.json}")
+    blocking = report.blocking(a.allow.split(",") if a.allow else ())
+    if blocking:
+        kinds = sorted({f.kind for f in blocking})
+        print(f"\ntraining on this data would be wrong ({', '.join(kinds)}); fix it, or pass "
+              f"--allow {','.join(kinds)} to accept it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(a.runs, out=a.out)
+    print(f"report: {path}")
+    return 0
+
+
 def cmd_show(a: argparse.Namespace) -> int:
     from .plots import show_batch
 
@@ -244,6 +289,11 @@ def _add_training(p: argparse.ArgumentParser, *, strategy: bool = True) -> None:
     p.add_argument("--feature-cache", default="disk", choices=["off", "memory", "disk"],
                    help="frozen strategy: compute backbone features once and train the head on them, kept in "
                         "memory or also on disk for later runs; off runs the backbone every step (default: disk)")
+    p.add_argument("--bad-files", default="skip", choices=["skip", "fail"],
+                   help="files that cannot be read as images: skip them (each named once) or stop before "
+                        "training (default: skip)")
+    p.add_argument("--balance", action="store_true",
+                   help="weight the loss by inverse class frequency (for imbalanced classes)")
     p.add_argument("--views", type=int, default=0,
                    help="frozen with a feature cache: augmented views per image besides the plain one (default: 0)")
     _add_runtime(p)
@@ -283,6 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     _add_runtime(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("check", help="check a dataset before training: broken files, duplicates, leakage...",
+                       description="Read every file once and report problems, worst first. Exits 1 when "
+                                   "training would be wrong (leakage, a class missing from a split, an empty "
+                                   "class folder) unless --allow names those kinds.")
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--allow", default="", metavar="KINDS",
+                   help="comma-separated kinds of error to accept, e.g. leakage,class-missing")
+    p.add_argument("--image-size", type=int, default=224, help="crop size, for the tiny-image check (default: 224)")
+    p.add_argument("--val-split", type=float, default=None)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("report", help="re-render a run's report.html, or compare several runs",
+                       description="Render RUN/report.html from a run folder's files; with two or more runs, "
+                                   "a side-by-side comparison (default: compare.html).")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `headstart train`")
+    p.add_argument("--out", default=None, help="HTML file to write")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("show", help="draw a training batch with its labels",
                        description="Draw one augmented training batch of DATA, titled with the labels.")

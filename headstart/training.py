@@ -28,13 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .check import unreadable_files
 from .checkpoint import load_run_state, read_checkpoint_meta, restore_run_state, save_checkpoint, save_run_state
 from .data import DatasetSplits, ImageDataset, collate, make_loader, sample_seed, scan_dataset
 from .download import atomic_write
-from .evaluation import Metrics, compute_metrics, run_inference
+from .evaluation import Inference, Metrics, compute_metrics, run_inference
 from .features import Features, extract_features, weights_fingerprint
 from .models import create_model, freeze_backbone, get_model_info
 from .preprocessing import Preprocessing
+from .report import write_report
 from .runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ STRATEGIES = ("finetune", "frozen")
 DEFAULT_MOMENTUM = {"finetune": 0.9, "frozen": 0.5}
 SCHEDULES = ("constant", "cosine")
 FEATURE_CACHES = ("off", "memory", "disk")
+BAD_FILES = ("skip", "fail")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,12 +74,16 @@ class TrainConfig:
     compile: bool = False  # torch.compile (finetune only; the first step costs 25-100 s on a CPU)
     feature_cache: str = "disk"  # frozen: off (backbone every step) | memory | disk (reused across runs)
     views: int = 0  # frozen with a feature cache: augmented views per image, besides the eval view
+    bad_files: str = "skip"  # files whose header cannot be read: skip (named once) | fail (before training)
+    balance: bool = False  # weight the loss by inverse class frequency (for imbalanced classes)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.feature_cache not in FEATURE_CACHES:
             raise ValueError(f"feature_cache {self.feature_cache!r} is not one of {FEATURE_CACHES}")
+        if self.bad_files not in BAD_FILES:
+            raise ValueError(f"bad_files {self.bad_files!r} is not one of {BAD_FILES}")
         if self.views < 0:
             raise ValueError(f"views must be 0 or more, got {self.views}")
         if self.schedule not in SCHEDULES:
@@ -107,7 +114,7 @@ class EpochRecord:
 
     def line(self) -> str:
         return (f"epoch {self.epoch}/{self.epochs}  train loss {self.train_loss:.4f}  val loss {self.val_loss:.4f}  "
-                f"val acc {self.val_acc:.4f}  time {self.epoch_time:.1f}s  {self.step_time:.3f}s/step  "
+                f"val acc {self.val_acc:.4f} (balanced {self.val_balanced_acc:.4f})  time {self.epoch_time:.1f}s  {self.step_time:.3f}s/step  "
                 f"{self.images_per_s:.1f} img/s  data wait {self.data_wait:.0%}")
 
 
@@ -133,6 +140,7 @@ class RunResult:
     skipped: dict[str, str]  # path -> reason, files that could not be decoded
     files: dict[str, Path] = field(default_factory=dict)
     wall_time: float = 0.0
+    val_inference: Inference | None = None  # the best epoch's validation logits (None after a resume)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +160,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     """SGD with momentum over the parameters that require grad (only the head's when frozen)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def class_weights(splits: DatasetSplits) -> torch.Tensor:
+    """Inverse class frequency of the training split, normalised to mean 1: weight_c = N / (K * n_c)."""
+    counts = torch.bincount(torch.tensor([s.label for s in splits.train]), minlength=len(splits.classes)).float()
+    return counts.sum() / (len(counts) * counts.clamp(min=1))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
@@ -207,8 +221,9 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
                     scheduler: Any, runtime: Runtime, pre: Preprocessing, *, strategy: str, epoch: int,
                     classifier: str = "fc", scaler: torch.amp.GradScaler | None = None,
                     callback: Callback | None = None, on_failed: Callable | None = None,
-                    progress: EpochProgress | None = None, stop: Callable[[], bool] | None = None) -> EpochProgress:
-    """One pass over `loader` (continuing `progress`). Frozen: features under no_grad, gradient only
+                    progress: EpochProgress | None = None, stop: Callable[[], bool] | None = None,
+                    weight: torch.Tensor | None = None) -> EpochProgress:
+    """One pass over `loader` (continuing `progress`); `weight`: per-class loss weights. Frozen: features under no_grad, gradient only
     through the head. Returns early, `interrupted`, when `stop()` turns true after a step.
 
     Cost per 224x224 image for ResNet50: finetune about 24 GFLOP (forward + backward), frozen about
@@ -239,7 +254,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
                 logits = head(features)
             else:
                 logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(logits.float(), y, weight=weight)
         _sgd_step(loss, optimizer, scheduler, scaler)
         progress.add(float(loss.detach()), int((logits.argmax(1) == y).sum()), len(batch))
         if callback:
@@ -254,7 +269,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
 def train_head_one_epoch(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
                          optimizer: torch.optim.Optimizer, scheduler: Any, *, batch_size: int, seed: int, epoch: int,
                          callback: Callback | None = None, progress: EpochProgress | None = None,
-                         stop: Callable[[], bool] | None = None) -> EpochProgress:
+                         stop: Callable[[], bool] | None = None, weight: torch.Tensor | None = None) -> EpochProgress:
     """One pass of the head over cached features (N, F), shuffled by (seed, epoch), in fp32.
 
     Cost: 2*F*C FLOP per row forward, e.g. 8 kFLOP for ResNet50 features and 2 classes.
@@ -266,7 +281,7 @@ def train_head_one_epoch(head: nn.Module, features: torch.Tensor, labels: torch.
     batches = torch.randperm(len(labels), generator=g).to(features.device).split(batch_size)
     for rows in batches[progress.steps:]:
         logits = head(features[rows])
-        loss = F.cross_entropy(logits, labels[rows])
+        loss = F.cross_entropy(logits, labels[rows], weight=weight)
         _sgd_step(loss, optimizer, scheduler, None)
         progress.add(float(loss.detach()), int((logits.argmax(1) == labels[rows]).sum()), len(rows))
         if callback:
@@ -373,7 +388,7 @@ STATE_FILE = "state.safetensors"
 
 def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preprocessing: Preprocessing,
         runtime: Runtime, out: Path, callback: Callback | None = None, resume: bool = False,
-        run_meta: dict[str, Any] | None = None) -> RunResult:
+        run_meta: dict[str, Any] | None = None, skipped: dict[str, str] | None = None) -> RunResult:
     """Train `model` on `splits` for config.epochs. After each epoch: validate, write `last` and (when
     val accuracy improves) `best` checkpoints, a row of metrics.csv, and the run state that
     `resume=True` continues from (bit-identical to an uninterrupted run on the CPU)."""
@@ -387,7 +402,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     if config.strategy == "frozen":
         freeze_backbone(model, classifier=classifier)
     runtime.prepare(model)
-    state = RunState()
+    state = RunState(skipped=dict(skipped or {}))
     if resume:  # weights first: the frozen strategy's features are computed from them
         tensors, meta = load_run_state(out / STATE_FILE)
         restore_run_state(tensors, meta, model=model)
@@ -417,12 +432,14 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     scaler = runtime.grad_scaler()
+    weight = class_weights(splits).to(runtime.device) if config.balance else None
     if resume:
         restore_run_state(tensors, meta, optimizer=optimizer)
         scheduler.load_state_dict(meta["scheduler"])
         if scaler is not None and meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         state = RunState.from_dict(meta["state"])
+        state.skipped = {**(skipped or {}), **state.skipped}
         callback.on_message(f"resuming {out} after epoch {state.epoch}"
                             + (f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""))
     if use_features:
@@ -436,6 +453,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
 
     ckpt_meta = {"config": asdict(config), "counts": splits.counts()}
     metrics_csv = out / "metrics.csv"
+    best_val: Inference | None = None
     with StopOnSignal() as stop:
         for epoch in range(state.epoch + 1, config.epochs + 1):
             t0 = time.perf_counter() - state.progress.seconds
@@ -443,13 +461,14 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
             if use_features:
                 progress = train_head_one_epoch(head, train_x, train_y, optimizer, scheduler,
                                                 batch_size=config.batch_size, seed=config.seed, epoch=epoch,
-                                                callback=callback, progress=state.progress, stop=stop)
+                                                callback=callback, progress=state.progress, stop=stop,
+                                                weight=weight)
             else:
                 train_loader.sampler.set_epoch(epoch, start=state.progress.steps * config.batch_size)
                 progress = train_one_epoch(model, train_loader, optimizer, scheduler, runtime, preprocessing,
                                            strategy=config.strategy, epoch=epoch, classifier=classifier,
                                            scaler=scaler, callback=callback, progress=state.progress, stop=stop,
-                                           on_failed=lambda f: on_failed(f, splits.train))
+                                           on_failed=lambda f: on_failed(f, splits.train), weight=weight)
             if progress.interrupted:
                 progress.interrupted = False
                 state.progress = progress
@@ -460,6 +479,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
                 with torch.no_grad():
                     logits = head(val_x).float().cpu()
                 metrics = compute_metrics(logits, val_feats.labels, splits.classes)
+                inf = Inference(logits, val_feats.labels, val_feats.indices, val_feats.failed)
             else:
                 val_model = model if runtime.compile else runtime.inference_model(model)  # conv-bn folded copy
                 inf = run_inference(val_model, val_loader, runtime, preprocessing,
@@ -478,6 +498,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
             save_checkpoint(out / "last", model, classes=splits.classes, preprocessing=preprocessing, **meta)
             if metrics.accuracy > state.best_acc:
                 state.best_acc, state.best_epoch, state.best_metrics = metrics.accuracy, epoch, metrics.to_dict()
+                best_val = inf
                 save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
             state.epoch, state.progress = epoch, EpochProgress()
             state.history.append(record)
@@ -491,7 +512,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     return RunResult(out=out, best_checkpoint=out / "best.safetensors", last_checkpoint=out / "last.safetensors",
                      best_epoch=state.best_epoch, best_val_acc=state.best_acc, history=state.history,
                      best_metrics=Metrics.from_dict(state.best_metrics), skipped=state.skipped,
-                     files={"metrics": metrics_csv, "state": out / STATE_FILE})
+                     files={"metrics": metrics_csv, "state": out / STATE_FILE}, val_inference=best_val)
 
 
 def _write_metrics_csv(path: Path, history: list[EpochRecord]) -> None:
@@ -517,6 +538,15 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     started = time.perf_counter()
     out = Path(out)
     splits = scan_dataset(data, val_split=config.val_split, seed=config.seed)
+    bad = unreadable_files(s.path for s in splits.train + splits.val)  # the check's fast part
+    if bad and config.bad_files == "fail":
+        listing = "\n  ".join(f"{p}: {r}" for p, r in bad.items())
+        raise ValueError(f"{len(bad)} file(s) cannot be read as images (bad_files='fail'):\n  {listing}\n"
+                         "remove them, or let training skip them (--bad-files skip)")
+    for path, reason in bad.items():
+        log.warning("skipping %s: %s", path, reason)
+    splits.train = [s for s in splits.train if str(s.path) not in bad]
+    splits.val = [s for s in splits.val if str(s.path) not in bad]
     info = get_model_info(config.arch)
     pre = info.preprocessing if config.image_size is None else info.preprocessing.with_image_size(config.image_size)
     runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
@@ -534,17 +564,16 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     log.info("training %s (%s) on %s: %d classes, %d train / %d val images, %s", config.arch, config.strategy,
              data, len(splits.classes), len(splits.train), len(splits.val), runtime.describe())
     result = fit(model, splits, config=config, preprocessing=pre, runtime=runtime, out=out, callback=callback,
-                 resume=resume, run_meta={"data": str(Path(data).resolve()), "arch_kwargs": model.arch_kwargs})
+                 resume=resume, run_meta={"data": str(Path(data).resolve()), "arch_kwargs": model.arch_kwargs},
+                 skipped=bad)
 
-    # Pictures of the best model: validation images titled with the predicted class.
-    picks = plots.spread_indices(len(splits.val), 18)
-    val_ds = ImageDataset([splits.val[i] for i in picks], pre.eval_transform())
-    batch = collate([val_ds[i] for i in range(len(val_ds))])
-    model.eval()
-    with torch.no_grad(), runtime.autocast():
-        pred = model(runtime.inputs(batch.images, pre)).argmax(1).tolist() if len(batch) else []
-    result.files["predictions"] = plots.save_prediction_grid(
-        out / "predictions.png", batch.images, batch.labels.tolist(), pred, splits.classes)
+    # The best model on the validation set: per-image predictions, the most confidently wrong, a grid.
+    inf = result.val_inference
+    if inf is None:  # resumed after the best epoch: compute them again
+        loader = make_loader(ImageDataset(splits.val, pre.eval_transform()), batch_size=32, shuffle=False,
+                             workers=config.workers)
+        inf = run_inference(runtime.inference_model(model), loader, runtime, pre)
+    result.files.update(write_val_pictures(out, inf, splits, pre))
     result.files["curves"] = plots.save_curves(out / "curves.png", [asdict(r) for r in result.history])
     result.wall_time = time.perf_counter() - started
     summary = {
@@ -558,7 +587,43 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     result.files["summary"] = out / "summary.json"
     with atomic_write(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
+    result.files["report"] = write_report([out])
     return result
+
+
+def write_val_pictures(out: Path, inf: Inference, splits: DatasetSplits, pre: Preprocessing) -> dict[str, Path]:
+    """predictions.csv (every validation image), top_losses.png (the most confidently wrong) and
+    predictions.png (a spread of validation images, titled with the predicted class)."""
+    from . import plots
+
+    probs = inf.logits.float().softmax(1)
+    pred = probs.argmax(1)
+    losses = F.cross_entropy(inf.logits.float(), inf.labels, reduction="none")
+    rows = []
+    for i, index in enumerate(inf.indices.tolist()):
+        rows.append({"path": str(splits.val[index].path), "true": splits.classes[int(inf.labels[i])],
+                     "predicted": splits.classes[int(pred[i])], "probability": f"{float(probs[i, pred[i]]):.6f}",
+                     "loss": f"{float(losses[i]):.6f}"})
+    with atomic_write(out / "predictions.csv", "w") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "true", "predicted", "probability", "loss"])
+        w.writeheader()
+        w.writerows(rows)
+
+    def images(rows_idx: list[int]) -> torch.Tensor:
+        ds = ImageDataset([splits.val[int(inf.indices[i])] for i in rows_idx], pre.eval_transform())
+        return collate([ds[k] for k in range(len(ds))]).images
+
+    wrong = [i for i in range(len(rows)) if int(pred[i]) != int(inf.labels[i])]
+    wrong = sorted(wrong, key=lambda i: -float(losses[i]))[:12]
+    titles = [f"{rows[i]['true']} -> {rows[i]['predicted']} {float(rows[i]['probability']):.2f}" for i in wrong]
+    files = {"predictions_csv": out / "predictions.csv"}
+    files["top_losses"] = plots.save_titled_grid(out / "top_losses.png", images(wrong), titles,
+                                                 ["red"] * len(wrong), empty="no validation image is misclassified")
+    picks = plots.spread_indices(len(rows), 18)
+    files["predictions"] = plots.save_prediction_grid(
+        out / "predictions.png", images(picks), [int(inf.labels[i]) for i in picks], [int(pred[i]) for i in picks],
+        splits.classes)
+    return files
 
 
 def resume(run: str | os.PathLike[str], *, callback: Callback | None = None) -> RunResult:

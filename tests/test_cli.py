@@ -11,7 +11,7 @@ import pytest
 from headstart.cli import build_parser, main
 from headstart.demo import run_demo
 
-COMMANDS = ["train", "evaluate", "predict", "show", "demo", "models"]
+COMMANDS = ["train", "evaluate", "predict", "check", "report", "show", "demo", "models"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

@@ -1,0 +1,206 @@
+"""The run report: one self-contained HTML file (pictures embedded) that opens with no server.
+
+Rendered from the files a run folder already holds (summary.json, metrics.csv, the PNGs,
+predictions.csv), so `headstart report RUN` can re-render it at any time; with several runs it
+compares them side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .download import atomic_write
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1d2330;padding:0 16px}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #dde;padding-bottom:4px}
+.sub{color:#667} table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #dde;padding:3px 9px;text-align:right}
+th{background:#f4f5f9} td.l,th.l{text-align:left} img{max-width:100%;border:1px solid #eee}
+.cards{display:flex;gap:12px;flex-wrap:wrap}.card{border:1px solid #dde;border-radius:6px;padding:8px 14px;min-width:120px}
+.card b{display:block;font-size:20px} .grid{display:grid;gap:16px} .warn{color:#a33}
+"""
+
+# Runs after load: marks the page so a headless browser can tell that every image decoded.
+_CHECK = """
+<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.every(function (i) { return i.complete && i.naturalWidth > 0; });
+  document.body.setAttribute('data-images', String(imgs.length));
+  document.body.setAttribute('data-images-ok', String(ok));
+});
+</script>
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return f'<p class="sub">({html.escape(path.name)} not found)</p>'
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
+    def cell(tag: str, i: int, v: Any) -> str:
+        cls = ' class="l"' if i < left else ""
+        return f"<{tag}{cls}>{html.escape(str(v))}</{tag}>"
+    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _confusion(classes: list[str], cm: list[list[int]]) -> str:
+    peak = max([max(r) for r in cm] + [1])
+    rows = []
+    for name, row in zip(classes, cm):
+        cells = []
+        for j, v in enumerate(row):
+            shade = int(235 - 150 * v / peak)
+            colour = f"rgb({shade},{shade + 10 if shade < 245 else 245},255)" if j == classes.index(name) \
+                else f"rgb(255,{shade},{shade})" if v else "#fff"
+            cells.append(f'<td style="background:{colour}">{v}</td>')
+        rows.append(f'<tr><th class="l">{html.escape(name)}</th>{"".join(cells)}</tr>')
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
+    return f'<table><tr><th class="l">true \\ predicted</th>{head}</tr>{"".join(rows)}</table>'
+
+
+def load_run(run: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run folder's summary.json, with its folder; FileNotFoundError naming the fix."""
+    run = Path(run)
+    path = run / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no summary.json in {run}: pass a run folder written by `headstart train`")
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    summary["_folder"] = run
+    return summary
+
+
+def _cards(s: dict[str, Any]) -> str:
+    m = s["best_metrics"]
+    items = [("best val accuracy", f"{m['accuracy']:.4f}"), ("balanced accuracy", f"{m['balanced_accuracy']:.4f}"),
+             ("val loss", f"{m['loss']:.4f}"), ("best epoch", f"{s['best_epoch']} / {s['config']['epochs']}"),
+             ("wall time", f"{s['wall_time_s']:.1f} s")]
+    return '<div class="cards">' + "".join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in items) + "</div>"
+
+
+def _dataset(s: dict[str, Any]) -> str:
+    counts, classes = s["counts"], s["classes"]
+    splits = list(counts)
+    rows = [[c, *[counts[sp].get(c, 0) for sp in splits]] for c in classes]
+    rows.append(["total", *[sum(counts[sp].values()) for sp in splits]])
+    out = _table(["class", *splits], rows)
+    for sp in splits:
+        n = [v for v in counts[sp].values() if v]
+        if len(n) > 1:
+            out += f'<p class="sub">{sp}: largest / smallest class = {max(n) / min(n):.2f}</p>'
+    skipped = s.get("skipped_files") or {}
+    if skipped:
+        out += f'<p class="warn">{len(skipped)} file(s) skipped (cannot be decoded):</p>'
+        out += _table(["file", "reason"], [[p, r] for p, r in skipped.items()], left=2)
+    else:
+        out += '<p class="sub">No file was skipped.</p>'
+    out += ('<p class="sub">Duplicates, leakage between splits, placeholders and odd modes: '
+            '<code>headstart check DATA</code>.</p>')
+    return out
+
+
+def _per_class(s: dict[str, Any]) -> str:
+    m = s["best_metrics"]
+    rows = [[c["name"], f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", c["support"]]
+            for c in m["per_class"]]
+    return _table(["class", "precision", "recall", "F1", "support"], rows) + _confusion(s["classes"], m["confusion"])
+
+
+def _timing(s: dict[str, Any]) -> str:
+    rows = [[h["epoch"], f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}", f"{h['val_acc']:.4f}",
+             f"{h['val_balanced_acc']:.4f}", f"{h['epoch_time']:.1f}", f"{h['step_time']:.3f}",
+             f"{h['images_per_s']:.1f}", f"{h['data_wait']:.0%}"] for h in s["history"]]
+    return _table(["epoch", "train loss", "val loss", "val acc", "balanced acc", "epoch s", "s/step", "img/s",
+                   "data wait"], rows)
+
+
+def _config(s: dict[str, Any]) -> str:
+    rows = [[k, v] for k, v in s["config"].items()] + [["runtime", s.get("runtime", "")], ["data", s["data"]]]
+    return _table(["option", "value"], rows, left=2)
+
+
+def _top_losses_note(run: Path) -> str:
+    path = run / "predictions.csv"
+    if not path.is_file():
+        return ""
+    with path.open() as f:
+        wrong = [r for r in csv.DictReader(f) if r["true"] != r["predicted"]]
+    wrong.sort(key=lambda r: -float(r["loss"]))
+    rows = [[r["path"], r["true"], r["predicted"], f"{float(r['probability']):.3f}", f"{float(r['loss']):.3f}"]
+            for r in wrong[:12]]
+    if not rows:
+        return '<p class="sub">Every validation image is classified correctly.</p>'
+    return _table(["file", "true", "predicted", "p(predicted)", "loss"], rows, left=3)
+
+
+def render_report(run: str | os.PathLike[str]) -> str:
+    """The HTML of one run's report."""
+    s = load_run(run)
+    folder = s["_folder"]
+    cfg = s["config"]
+    title = f"{folder.name}: {cfg['arch']} {cfg['strategy']} on {Path(s['data']).name}"
+    parts = [
+        f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(str(s['data']))} &middot; "
+        f"{html.escape(s.get('runtime', ''))}</p>", _cards(s),
+        "<h2>Dataset</h2>", _dataset(s),
+        "<h2>Curves</h2>", _img(folder / "curves.png", "loss and accuracy per epoch"),
+        "<h2>Per-class metrics and confusion matrix (best epoch)</h2>", _per_class(s),
+        "<h2>Most confidently wrong (top losses)</h2>", _img(folder / "top_losses.png", "top losses"),
+        _top_losses_note(folder),
+        "<h2>Predictions (blue right, red wrong)</h2>", _img(folder / "predictions.png", "prediction grid"),
+        "<h2>Timing</h2>", _timing(s),
+        "<h2>Configuration</h2>", _config(s),
+    ]
+    return _page(title, "".join(parts))
+
+
+def render_comparison(runs: Sequence[str | os.PathLike[str]]) -> str:
+    """The HTML comparing runs side by side: a table of headline figures, then curves and
+    confusion matrices in columns."""
+    summaries = [load_run(r) for r in runs]
+    rows = []
+    for s in summaries:
+        m, h = s["best_metrics"], s["history"]
+        rows.append([s["_folder"].name, s["config"]["arch"], s["config"]["strategy"], f"{m['accuracy']:.4f}",
+                     f"{m['balanced_accuracy']:.4f}", f"{m['loss']:.4f}", s["best_epoch"],
+                     f"{s['wall_time_s']:.1f}", f"{sum(x['images_per_s'] for x in h) / max(len(h), 1):.1f}"])
+    table = _table(["run", "arch", "strategy", "best val acc", "balanced acc", "val loss", "best epoch",
+                    "wall time s", "mean train img/s"], rows, left=3)
+    cols = f"grid-template-columns:repeat({len(summaries)},1fr)"
+    columns = "".join(
+        f"<div><h2>{html.escape(s['_folder'].name)}</h2>{_img(s['_folder'] / 'curves.png', 'curves')}"
+        f"{_per_class(s)}{_img(s['_folder'] / 'predictions.png', 'predictions')}</div>" for s in summaries)
+    return _page("run comparison", f"<h1>Run comparison</h1>{table}<div class='grid' style='{cols}'>{columns}</div>")
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{body}{_CHECK}</body></html>")
+
+
+def write_report(runs: Sequence[str | os.PathLike[str]], *, out: str | os.PathLike[str] | None = None) -> Path:
+    """Write one run's report (default: RUN/report.html) or a comparison of several (default:
+    compare.html in the current folder)."""
+    if not runs:
+        raise ValueError("pass at least one run folder")
+    if len(runs) == 1:
+        text, path = render_report(runs[0]), Path(out) if out else Path(runs[0]) / "report.html"
+    else:
+        text, path = render_comparison(runs), Path(out) if out else Path("compare.html")
+    with atomic_write(path, "w") as f:
+        f.write(text)
+    return path
