@@ -122,11 +122,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 STATE_FORMAT = "headstart-run-state"
 
 
-def save_run_state(path: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   meta: dict[str, Any]) -> Path:
-    """Model and optimizer tensors, the torch RNG, and `meta` (JSON: epoch, scheduler state, history...),
-    written atomically as one file."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def save_run_state(path: str | os.PathLike[str], *, model_tensors: dict[str, torch.Tensor],
+                   optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+                   extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Model tensors (all, or only those that train), optimizer state, the torch RNG, any `extra`
+    tensors, and `meta` (JSON: epoch, scheduler state, history...), written atomically as one file."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_tensors.items()}
+    tensors |= {f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()}
     opt = optimizer.state_dict()
     for idx, st in opt["state"].items():
         for name, v in st.items():
@@ -160,14 +162,17 @@ def load_run_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
 
 def restore_run_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, model: nn.Module | None = None,
                       optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Load what `save_run_state` saved: the model's weights (when `model` is given), and the
-    optimizer's state with the torch RNG (when `optimizer` is given)."""
+    """Load what `save_run_state` saved: the model's tensors (when `model` is given; a partial state,
+    `meta["partial_model"]`, holds only those that train), and the optimizer's state with the torch
+    RNG (when `optimizer` is given)."""
     if model is not None:
         model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
-            model.load_state_dict(model_sd, strict=True)
+            missing, unexpected = model.load_state_dict(model_sd, strict=False)
         except RuntimeError as e:
             raise ValueError(f"run state does not fit the model: {e}") from e
+        if unexpected or (missing and not meta.get("partial_model")):
+            raise ValueError(f"run state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:
         state: dict[int, dict[str, torch.Tensor]] = {}
         for k, v in tensors.items():

@@ -294,9 +294,10 @@ def train_head_one_epoch(head: nn.Module, features: torch.Tensor, labels: torch.
 
 
 def cached_features(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preprocessing: Preprocessing,
-                    runtime: Runtime, classifier: str, callback: Callback) -> tuple[Features, Features]:
-    """(train, val) features of the frozen backbone: train = eval view + `config.views` augmented views."""
-    key = weights_fingerprint(model, exclude=f"{classifier}.") if config.feature_cache == "disk" else None
+                    runtime: Runtime, fingerprint: str, callback: Callback) -> tuple[Features, Features]:
+    """(train, val) features of the frozen backbone: train = eval view + `config.views` augmented views.
+    `fingerprint` (of the backbone's weights) keys the disk cache."""
+    key = fingerprint if config.feature_cache == "disk" else None
     start = time.perf_counter()
 
     def extract(samples: list, view: int, phase: str) -> Features:
@@ -367,6 +368,7 @@ class RunState:
     best_acc: float = -1.0
     best_epoch: int = 0
     best_metrics: dict[str, Any] | None = None
+    best_meta: dict[str, Any] | None = None  # checkpoint metadata of the best epoch
     history: list[EpochRecord] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -376,7 +378,7 @@ class RunState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunState":
         return cls(epoch=d["epoch"], progress=EpochProgress(**d["progress"]), best_acc=d["best_acc"],
-                   best_epoch=d["best_epoch"], best_metrics=d["best_metrics"],
+                   best_epoch=d["best_epoch"], best_metrics=d["best_metrics"], best_meta=d.get("best_meta"),
                    history=[EpochRecord(**r) for r in d["history"]], skipped=dict(d["skipped"]))
 
 
@@ -403,9 +405,19 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
         freeze_backbone(model, classifier=classifier)
     runtime.prepare(model)
     state = RunState(skipped=dict(skipped or {}))
+    # Frozen: the backbone never changes, so the run state holds only the head (a few kB instead of
+    # 100 MB a epoch for ResNet50) plus the backbone's fingerprint, checked on resume.
+    frozen = config.strategy == "frozen"
+    head_prefix = f"{classifier}."
+    backbone_fp = weights_fingerprint(model, exclude=head_prefix) if frozen else None
+    best_head: dict[str, torch.Tensor] = {}
     if resume:  # weights first: the frozen strategy's features are computed from them
         tensors, meta = load_run_state(out / STATE_FILE)
+        if frozen and meta.get("backbone_fingerprint") != backbone_fp:
+            raise ValueError(f"the backbone weights ({config.weights}) are not those the run {out} started with; "
+                             "resume needs the same weights")
         restore_run_state(tensors, meta, model=model)
+        best_head = {k[len("extra.best."):]: v for k, v in tensors.items() if k.startswith("extra.best.")}
 
     def on_failed(failed: list[tuple[int, str]], samples: list) -> None:
         for index, reason in failed:
@@ -417,7 +429,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
 
     if use_features:
         train_feats, val_feats = cached_features(model, splits, config=config, preprocessing=preprocessing,
-                                                 runtime=runtime, classifier=classifier, callback=callback)
+                                                 runtime=runtime, fingerprint=backbone_fp, callback=callback)
         head = getattr(model, classifier)
         train_x, train_y = train_feats.features.to(runtime.device), train_feats.labels.to(runtime.device)
         val_x = val_feats.features.to(runtime.device)
@@ -447,11 +459,37 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
         on_failed(val_feats.failed, splits.val)
 
     def save_state() -> None:
-        save_run_state(out / STATE_FILE, model=model, optimizer=optimizer, meta={
-            **(run_meta or {}), "config": asdict(config), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "state": state.to_dict()})
+        sd = model.state_dict()
+        save_run_state(
+            out / STATE_FILE, optimizer=optimizer,
+            model_tensors={k: v for k, v in sd.items() if k.startswith(head_prefix)} if frozen else sd,
+            extra={f"best.{k}": v for k, v in best_head.items()},
+            meta={**(run_meta or {}), "config": asdict(config), "scheduler": scheduler.state_dict(),
+                  "scaler": scaler.state_dict() if scaler is not None else None, "state": state.to_dict(),
+                  "partial_model": frozen, "backbone_fingerprint": backbone_fp})
+
+    def save_best(meta: dict[str, Any]) -> None:
+        """Finetune: written at each improvement. Frozen: the best head is kept (and in the run
+        state) and the checkpoint written at the end or at an interrupt."""
+        if not frozen:
+            save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
+            return
+        head_now = {k: v.clone() for k, v in getattr(model, classifier).state_dict().items()}
+        getattr(model, classifier).load_state_dict({k[len(head_prefix):]: v for k, v in best_head.items()})
+        save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
+        getattr(model, classifier).load_state_dict(head_now)
 
     ckpt_meta = {"config": asdict(config), "counts": splits.counts()}
+
+    def save_last() -> None:
+        """The latest weights, at the end (or at an interrupt); every epoch's are in the run state.
+        Frozen: the best checkpoint too (see save_best)."""
+        last = asdict(state.history[-1]) if state.history else None
+        save_checkpoint(out / "last", model, classes=splits.classes, preprocessing=preprocessing, **ckpt_meta,
+                        epoch=state.epoch, metrics=last)
+        if frozen and best_head:
+            save_best(state.best_meta)
+
     metrics_csv = out / "metrics.csv"
     best_val: Inference | None = None
     with StopOnSignal() as stop:
@@ -473,6 +511,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
                 progress.interrupted = False
                 state.progress = progress
                 save_state()
+                save_last()
                 raise TrainingInterrupted(out, epoch, progress.steps)
             if use_features:
                 head.eval()
@@ -495,18 +534,22 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
             )
             log.info(record.line())
             meta = {**ckpt_meta, "epoch": epoch, "metrics": asdict(record)}
-            save_checkpoint(out / "last", model, classes=splits.classes, preprocessing=preprocessing, **meta)
             if metrics.accuracy > state.best_acc:
                 state.best_acc, state.best_epoch, state.best_metrics = metrics.accuracy, epoch, metrics.to_dict()
-                best_val = inf
-                save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
+                best_val, state.best_meta = inf, meta
+                if frozen:
+                    best_head = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(head_prefix)}
+                else:
+                    save_best(meta)
             state.epoch, state.progress = epoch, EpochProgress()
             state.history.append(record)
             save_state()
             _write_metrics_csv(metrics_csv, state.history)
             callback.on_epoch_end(record)
             if stop() and epoch < config.epochs:
+                save_last()
                 raise TrainingInterrupted(out, epoch, steps_per_epoch)
+    save_last()
     best, _ = read_checkpoint_meta(out / "best.safetensors")
     model.load_state_dict(best)  # the pictures and the caller get the best model
     return RunResult(out=out, best_checkpoint=out / "best.safetensors", last_checkpoint=out / "last.safetensors",
@@ -551,7 +594,7 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     pre = info.preprocessing if config.image_size is None else info.preprocessing.with_image_size(config.image_size)
     runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
                               compile=config.compile and config.strategy == "finetune")
-    if resume:  # the weights come from the run state: build the bare architecture
+    if resume and config.strategy == "finetune":  # every weight comes from the run state
         _, meta = load_run_state(out / STATE_FILE)
         model = create_model(config.arch, num_classes=len(splits.classes), **meta.get("arch_kwargs", {}))
     else:
