@@ -76,24 +76,26 @@ class Checkpoint:
     path: Path
 
 
-def read_checkpoint_meta(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    weights_path, _ = checkpoint_paths(path)
-    if not weights_path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint not found: {weights_path}. Pass a run's best.safetensors or last.safetensors "
-            "(written by `headstart train`)"
-        )
-    tensors, raw = load_safetensors(weights_path)
+def _read_headstart_file(path: Path, fmt: str, what: str, fix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and 'headstart' JSON metadata of a safetensors file whose metadata format is `fmt`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}. {fix}")
+    tensors, raw = load_safetensors(path)
     try:
         meta = json.loads(raw["headstart"])
     except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"{weights_path} is not a headstart checkpoint (no valid 'headstart' metadata); to use plain "
-            "weights, pass them with --weights to `headstart train`"
-        ) from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{weights_path}: metadata format is not {FORMAT!r}")
+        raise ValueError(f"{path} is not a headstart {what} (no valid 'headstart' metadata). {fix}") from e
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path} is not a headstart {what} (metadata format {found!r}, not {fmt!r}). {fix}")
     return tensors, meta
+
+
+def read_checkpoint_meta(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a checkpoint (`runs/x/best`, with or without extension)."""
+    return _read_headstart_file(checkpoint_paths(path)[0], FORMAT, "checkpoint",
+                                "Pass a run's best.safetensors or last.safetensors (written by `headstart "
+                                "train`); plain weights go to `headstart train --weights`")
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -144,20 +146,9 @@ def save_run_state(path: str | os.PathLike[str], *, model_tensors: dict[str, tor
 
 def load_run_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and metadata of a run state; FileNotFoundError / ValueError with the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no run state at {path}: pass the folder of a run started by `headstart train` (it writes "
-            "state.safetensors after every epoch)"
-        )
-    tensors, raw = load_safetensors(path)
-    try:
-        meta = json.loads(raw["headstart"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a headstart run state: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a headstart run state (format {meta.get('format')!r})")
-    return tensors, meta
+    return _read_headstart_file(Path(path), STATE_FORMAT, "run state",
+                                "Pass the folder of a run started by `headstart train` (it writes "
+                                "state.safetensors after every epoch)")
 
 
 def restore_run_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, model: nn.Module | None = None,

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +28,15 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
+def say(*args: Any, file: Any = None, **kw: Any) -> None:
+    """print() that survives a closed pipe (`headstart train ... | head`): output stops, work goes on."""
+    try:
+        print(*args, file=file, **kw)
+    except BrokenPipeError:
+        devnull = open(os.devnull, "w")
+        os.dup2(devnull.fileno(), (file or sys.stdout).fileno())
+
+
 class ConsoleProgress:
     """A training callback: a bar per epoch phase, and the epoch line printed after each epoch."""
 
@@ -40,11 +50,11 @@ class ConsoleProgress:
 
     def on_start(self, info: dict[str, Any]) -> None:
         counts = info["counts"]
-        print(f"classes: {', '.join(info['classes'])}")
+        say(f"classes: {', '.join(info['classes'])}")
         for split, c in counts.items():
-            print(f"{split}: {sum(c.values())} images ({', '.join(f'{k} {v}' for k, v in c.items())})")
+            say(f"{split}: {sum(c.values())} images ({', '.join(f'{k} {v}' for k, v in c.items())})")
         cfg = info["config"]
-        print(f"{cfg['arch']} weights={cfg['weights']} strategy={cfg['strategy']} epochs={cfg['epochs']} "
+        say(f"{cfg['arch']} weights={cfg['weights']} strategy={cfg['strategy']} epochs={cfg['epochs']} "
               f"batch={cfg['batch_size']} lr={cfg['lr']} momentum={cfg['momentum']} on {info['runtime']}")
 
     def on_step(self, phase: str, epoch: int, step: int, steps: int, loss: float | None) -> None:
@@ -61,14 +71,14 @@ class ConsoleProgress:
 
     def on_epoch_end(self, record: Any) -> None:
         self._close()
-        print(record.line(), flush=True)
+        say(record.line(), flush=True)
 
     def on_skip(self, path: str, reason: str) -> None:
         pass  # the library's warning names the file once
 
     def on_message(self, text: str) -> None:
         self._close()
-        print(text, flush=True)
+        say(text, flush=True)
 
 
 def _download_bar():
@@ -105,13 +115,13 @@ def _train_config(a: argparse.Namespace, **override: Any):
 
 
 def _print_run(result: Any) -> None:
-    print(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); wall time {result.wall_time:.1f}s")
+    say(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); wall time {result.wall_time:.1f}s")
     if result.skipped:
-        print(f"skipped {len(result.skipped)} undecodable file(s): {', '.join(result.skipped)}")
-    print(f"best checkpoint: {result.best_checkpoint}")
-    print(f"last checkpoint: {result.last_checkpoint}")
+        say(f"skipped {len(result.skipped)} undecodable file(s): {', '.join(result.skipped)}")
+    say(f"best checkpoint: {result.best_checkpoint}")
+    say(f"last checkpoint: {result.last_checkpoint}")
     for name, path in result.files.items():
-        print(f"{name}: {path}")
+        say(f"{name}: {path}")
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -152,10 +162,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     m = evaluate(a.checkpoint, a.data, batch_size=a.batch_size, workers=a.workers, precision=a.precision,
                  device=a.device, threads=a.threads, compile=a.compile)
-    print(_format_metrics(m))
+    say(_format_metrics(m))
     if a.json:
         Path(a.json).write_text(json.dumps(m.to_dict(), indent=2) + "\n")
-        print(f"\nmetrics written to {a.json}")
+        say(f"\nmetrics written to {a.json}")
     return 0
 
 
@@ -165,7 +175,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     preds = predict(a.checkpoint, a.paths, top_k=a.top_k, batch_size=a.batch_size, workers=a.workers,
                     precision=a.precision, device=a.device, threads=a.threads, compile=a.compile)
     if a.format == "json":
-        print(json.dumps([asdict(p) for p in preds], indent=2))
+        say(json.dumps([asdict(p) for p in preds], indent=2))
     elif a.format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -173,18 +183,18 @@ def cmd_predict(a: argparse.Namespace) -> int:
         for p in preds:
             w.writerow([p.path, p.label or "", f"{p.probability:.6f}",
                         ";".join(f"{c}:{q:.6f}" for c, q in p.top_k), p.error or ""])
-        print(buf.getvalue(), end="")
+        say(buf.getvalue(), end="")
     else:
         width = max([len(p.path) for p in preds] + [4])
         for p in preds:
             if p.error:
-                print(f"{p.path:<{width}}  ERROR {p.error}")
+                say(f"{p.path:<{width}}  ERROR {p.error}")
             else:
                 top = ", ".join(f"{c} {q:.3f}" for c, q in p.top_k)
-                print(f"{p.path:<{width}}  {p.label:<12} {p.probability:.3f}   top-{len(p.top_k)}: {top}")
+                say(f"{p.path:<{width}}  {p.label:<12} {p.probability:.3f}   top-{len(p.top_k)}: {top}")
     bad = sum(1 for p in preds if p.error)
     if bad:
-        print(f"{bad} of {len(preds)} file(s) could not be read as images", file=sys.stderr)
+        say(f"{bad} of {len(preds)} file(s) could not be read as images", file=sys.stderr)
     return 0
 
 
@@ -211,14 +221,14 @@ def cmd_check(a: argparse.Namespace) -> int:
     from .check import check_dataset
 
     report = check_dataset(a.data, val_split=a.val_split, image_size=a.image_size)
-    print(_format_check(report))
+    say(_format_check(report))
     if a.json:
         Path(a.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        print(f"\nfindings written to {a.json}")
+        say(f"\nfindings written to {a.json}")
     blocking = report.blocking(a.allow.split(",") if a.allow else ())
     if blocking:
         kinds = sorted({f.kind for f in blocking})
-        print(f"\ntraining on this data would be wrong ({', '.join(kinds)}); fix it, or pass "
+        say(f"\ntraining on this data would be wrong ({', '.join(kinds)}); fix it, or pass "
               f"--allow {','.join(kinds)} to accept it", file=sys.stderr)
         return 1
     return 0
@@ -228,7 +238,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     from .report import write_report
 
     path = write_report(a.runs, out=a.out)
-    print(f"report: {path}")
+    say(f"report: {path}")
     return 0
 
 
@@ -237,7 +247,7 @@ def cmd_show(a: argparse.Namespace) -> int:
 
     path = show_batch(a.data, out=a.out, batch_size=a.batch_size, seed=a.seed, image_size=a.image_size,
                       val_split=a.val_split)
-    print(f"batch picture: {path}")
+    say(f"batch picture: {path}")
     return 0
 
 
@@ -246,10 +256,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     res = run_demo(data=a.data, out=a.out, config=_train_config(a),
                    callback=ConsoleProgress(), progress=_download_bar())
-    print(f"\ndataset: {res.data}")
-    print(f"training batch picture: {res.batch_picture}")
+    say(f"\ndataset: {res.data}")
+    say(f"training batch picture: {res.batch_picture}")
     for strategy, run in res.runs.items():
-        print(f"\n[{strategy}] ", end="")
+        say(f"\n[{strategy}] ", end="")
         _print_run(run)
     return 0
 
@@ -384,7 +394,7 @@ def cmd_models(a: argparse.Namespace) -> int:
     for name in list_models():
         info = get_model_info(name)
         sources = ", ".join(f"{tag}={src.describe()}" for tag, src in info.weights.items()) or "none"
-        print(f"{name:<10} {info.description}\n{'':<10} weights: {sources}")
+        say(f"{name:<10} {info.description}\n{'':<10} weights: {sources}")
     return 0
 
 
@@ -399,13 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except TrainingInterrupted as e:
-        print(f"\n{e}", file=sys.stderr)
+        say(f"\n{e}", file=sys.stderr)
         return 130
     except (OSError, ValueError, TypeError) as e:  # FileNotFoundError, PermissionError, ConnectionError too
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted", file=sys.stderr)
         return 130
 
 

@@ -43,7 +43,7 @@ def _grid(images: torch.Tensor, titles: Sequence[str], colors: Sequence[str], co
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=80)
+        fig.savefig(f, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
 

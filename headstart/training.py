@@ -658,7 +658,8 @@ def write_val_pictures(out: Path, inf: Inference, splits: DatasetSplits, pre: Pr
 
     wrong = [i for i in range(len(rows)) if int(pred[i]) != int(inf.labels[i])]
     wrong = sorted(wrong, key=lambda i: -float(losses[i]))[:12]
-    titles = [f"{rows[i]['true']} -> {rows[i]['predicted']} {float(rows[i]['probability']):.2f}" for i in wrong]
+    titles = [f"true: {rows[i]['true']}\npredicted: {rows[i]['predicted']} {float(rows[i]['probability']):.2f}"
+              for i in wrong]
     files = {"predictions_csv": out / "predictions.csv"}
     files["top_losses"] = plots.save_titled_grid(out / "top_losses.png", images(wrong), titles,
                                                  ["red"] * len(wrong), empty="no validation image is misclassified")

@@ -61,3 +61,30 @@ def real_weights_home() -> Path:
     home = Path(os.environ.get("HEADSTART_TEST_HOME") or Path.home() / ".cache" / "headstart")
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage"]
+
+
+def chromium() -> str:
+    """The headless browser for page tests; fails where CI requires one, else skips."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        if os.environ.get("HEADSTART_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is required here (HEADSTART_REQUIRE_CHROMIUM) but not installed")
+        pytest.skip("chromium is not installed (CI installs it: apt-get install chromium)")
+    return browser
+
+
+def rendered_dom(page: Path, profile: Path) -> str:
+    """The DOM of a local page after its scripts ran, from headless Chromium."""
+    import subprocess
+
+    out = subprocess.run([chromium(), *CHROME_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout

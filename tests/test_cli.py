@@ -87,3 +87,15 @@ def test_demo_without_data_or_network_says_what_to_pass(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     with pytest.raises(FileNotFoundError, match="--data"):
         run_demo(out=tmp_path / "demo", url=f"http://127.0.0.1:{port}/Canidae_data.zip")
+
+
+def test_a_closed_output_pipe_does_not_stop_training(dataset: Path, tmp_path: Path) -> None:
+    """`headstart train ... | head -1`: the output stops, the run goes on to the end."""
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "headstart", "train", str(dataset), "--arch", "tiny", "--weights",
+                          "none", "--epochs", "3", "--workers", "0", "--out", str(run)],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert p.stdout.readline().startswith(b"classes:")
+    p.stdout.close()
+    assert p.wait(timeout=120) == 0
+    assert json.loads((run / "summary.json").read_text())["history"][-1]["epoch"] == 3

@@ -16,7 +16,8 @@ from headstart.models import create_model, get_model_info
 from headstart.preprocessing import normalize
 from headstart.training import TrainConfig, train
 
-from .conftest import HYMENOPTERA, PHOTOS
+from .conftest import HYMENOPTERA, PHOTOS, rendered_dom
+from .test_report import SECTIONS
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +66,8 @@ def test_one_frozen_epoch_on_hymenoptera(real_weights_home: Path, tmp_path: Path
     result = train(HYMENOPTERA, out=tmp_path / "run", config=TrainConfig(strategy="frozen", epochs=1))
     assert result.best_val_acc >= 0.85, result.best_val_acc
     assert result.best_metrics.n == 153
+    # Its report opens in a real browser with every section and every picture.
+    dom = rendered_dom(tmp_path / "run" / "report.html", tmp_path / "profile")
+    assert 'data-images-ok="true"' in dom and 'data-images="3"' in dom
+    for section in SECTIONS:
+        assert section in dom, section

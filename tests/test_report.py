@@ -3,9 +3,7 @@ checked in a real headless browser (Debian's chromium) when one is installed, as
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +11,8 @@ import pytest
 
 from headstart.cli import main
 from headstart.training import TrainConfig, train
+
+from .conftest import CHROME_FLAGS, chromium, rendered_dom
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 SECTIONS = ["Dataset", "Curves", "Per-class metrics and confusion matrix", "Most confidently wrong",
@@ -54,31 +54,14 @@ def test_report_command_rerenders_and_compares(runs, tmp_path: Path, capsys) -> 
     assert "no summary.json" in capsys.readouterr().err
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage"]
-
-
 def test_report_renders_in_headless_chromium(runs, tmp_path: Path) -> None:
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("HEADSTART_REQUIRE_CHROMIUM"):
-            pytest.fail("chromium is required here (HEADSTART_REQUIRE_CHROMIUM) but not installed")
-        pytest.skip("chromium is not installed (CI installs it: apt-get install chromium)")
     page = runs[0] / "report.html"
-    profile = tmp_path / "profile"
-    dom = subprocess.run([browser, *CHROME_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'data-images-ok="true"' in dom.stdout and 'data-images="3"' in dom.stdout, dom.stdout[:500]
+    dom = rendered_dom(page, tmp_path / "profile")
+    assert 'data-images-ok="true"' in dom and 'data-images="3"' in dom, dom[:500]
     for section in SECTIONS:
-        assert section in dom.stdout
+        assert section in dom
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report.png"
-    subprocess.run([browser, *CHROME_FLAGS, f"--user-data-dir={profile}", "--window-size=1200,2600",
+    subprocess.run([chromium(), *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2600",
                     f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one

@@ -183,3 +183,20 @@ def test_same_seed_same_weights_whatever_the_worker_count(dataset: Path, tmp_pat
         runs.append(load_checkpoint(res.last_checkpoint).model.state_dict())
     for other in runs[1:]:
         assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
+
+
+def test_balance_weights_the_loss_by_inverse_class_frequency(tmp_path: Path) -> None:
+    from headstart.data import scan_dataset
+    from headstart.training import class_weights
+
+    from .conftest import make_dataset
+
+    root = make_dataset(tmp_path / "d", per_class={"train": 3, "val": 2})
+    for i in range(9):  # red: 3 + 9 = 12 training images, blue: 3
+        colour_image((220, 40, 30), seed=100 + i).save(root / "train" / "red" / f"extra_{i}.png")
+    w = class_weights(scan_dataset(root))
+    assert w.tolist() == pytest.approx([15 / (2 * 3), 15 / (2 * 12)])  # blue is rarer, weighs 4x more
+    plain = train(root, out=tmp_path / "a", config=tiny_config(epochs=2))
+    balanced = train(root, out=tmp_path / "b", config=tiny_config(epochs=2, balance=True))
+    assert plain.history[0].train_loss != balanced.history[0].train_loss
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["config"]["balance"] is True

@@ -37,15 +37,20 @@ def _image_bytes(fmt: str) -> bytes:
 SEEDS = {fmt: _image_bytes(fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")}
 
 
+def flip_bytes(draw, data: bytes, most: int) -> bytearray:
+    """`data` with up to `most` bytes set to drawn values."""
+    out = bytearray(data)
+    for _ in range(draw(st.integers(0, most))):
+        out[draw(st.integers(0, len(out) - 1))] = draw(st.integers(0, 255))
+    return out
+
+
 @st.composite
 def mangled_images(draw) -> bytes:
     """A valid image of some format with bytes flipped, cut, or spliced; or plain noise."""
     if draw(st.booleans()):
         return draw(st.binary(max_size=400))
-    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
-    for _ in range(draw(st.integers(0, 8))):
-        i = draw(st.integers(0, len(data) - 1))
-        data[i] = draw(st.integers(0, 255))
+    data = flip_bytes(draw, SEEDS[draw(st.sampled_from(sorted(SEEDS)))], 8)
     if draw(st.booleans()):
         data = data[: draw(st.integers(0, len(data)))]
     return bytes(data)
@@ -97,10 +102,7 @@ def mangled_safetensors(draw) -> bytes:
                                    "data_offsets": st.lists(st.integers(-2, 2**40), max_size=3)})), max_size=3)))
         body = header.encode()
         return struct.pack("<Q", len(body)) + body + draw(st.binary(max_size=64))
-    data = bytearray(good)
-    for _ in range(draw(st.integers(1, 6))):
-        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
-    return bytes(data)
+    return bytes(flip_bytes(draw, good, 6))
 
 
 @FUZZ
