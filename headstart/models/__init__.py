@@ -28,7 +28,7 @@ from .tiny import TinyNet
 
 __all__ = [
     "ModelInfo", "register_model", "list_models", "get_model_info", "create_model", "resolve_weights",
-    "get_head", "replace_head", "freeze_backbone", "backbone_parameters",
+    "get_head", "replace_head", "freeze_backbone", "backbone_parameters", "weight_sources", "fetch_weights",
 ]
 
 
@@ -76,6 +76,20 @@ def resolve_weights(name: str, weights: str | os.PathLike[str], *, progress: Pro
         return load_weights_file(path)
     tags = ", ".join(info.weights) or "none"
     raise ValueError(f"unknown weights {weights!r} for {name}: its tags are {tags}; or pass a file path")
+
+
+def weight_sources() -> list[tuple[str, str, WeightSource, bool]]:
+    """(model, tag, source, cached) for every registered weight source."""
+    return [(name, tag, src, src.cached_path().exists())
+            for name in list_models() for tag, src in get_model_info(name).weights.items()]
+
+
+def fetch_weights(name: str, tag: str = "imagenet", *, progress: Progress | None = None) -> Path:
+    """Fetch, verify and convert one source into the cache now (e.g. before going offline)."""
+    info = get_model_info(name)
+    if tag not in info.weights:
+        raise ValueError(f"{name} has no weights {tag!r}; its tags are {', '.join(info.weights) or 'none'}")
+    return info.weights[tag].fetch(progress=progress)
 
 
 def create_model(name: str, *, num_classes: int | None = None, weights: str | os.PathLike[str] | None = None,
