@@ -115,13 +115,6 @@ def normalize(batch: torch.Tensor, pre: Preprocessing, *, dtype: torch.dtype = t
     return ((batch.float() - mean) / std).to(dtype)
 
 
-def denormalize(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    """float normalised (N, 3, H, W) -> float in [0, 1], for display."""
-    mean = torch.tensor(pre.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
-    return (batch * std + mean).clamp(0, 1)
-
-
 _SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 or 270 degrees
 
 
