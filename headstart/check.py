@@ -9,12 +9,13 @@ Findings, worst first:
 
 Near-identical images are found with a 64-bit difference hash (dHash: 9x8 greyscale, one bit per
 horizontal gradient); two images whose hashes differ in at most `near_bits` bits are near-identical.
-Cost: one decode per image, at a reduced JPEG scale (about 2-4 ms for a 500x375 photo).
+Cost: one decode per image, at a reduced JPEG scale (398 hymenoptera files: 1.6 s, about 4 ms a file, here).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import warnings
 from collections import defaultdict
@@ -129,7 +130,7 @@ def inspect_file(info: FileInfo, *, full: bool = True) -> FileInfo:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(info.path) as img:
+            with Image.open(io.BytesIO(data) if full else info.path) as img:  # the bytes already read
                 info.mode = img.mode
                 info.width, info.height = oriented_size(img)
                 try:

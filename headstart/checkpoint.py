@@ -76,11 +76,13 @@ class Checkpoint:
     path: Path
 
 
-def _read_headstart_file(path: Path, fmt: str, what: str, fix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and 'headstart' JSON metadata of a safetensors file whose metadata format is `fmt`."""
+def _read_headstart_file(path: Path, fmt: str, what: str, fix: str, *,
+                         tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors (unless `tensors=False`) and 'headstart' JSON metadata of a safetensors file whose
+    metadata format is `fmt`."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}. {fix}")
-    tensors, raw = load_safetensors(path)
+    tensors, raw = load_safetensors(path, tensors=tensors)
     try:
         meta = json.loads(raw["headstart"])
     except (KeyError, json.JSONDecodeError) as e:
@@ -144,11 +146,13 @@ def save_run_state(path: str | os.PathLike[str], *, model_tensors: dict[str, tor
     return path
 
 
-def load_run_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata of a run state; FileNotFoundError / ValueError with the fix."""
+def load_run_state(path: str | os.PathLike[str], *,
+                   tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors (none with `tensors=False`, for the metadata alone) and metadata of a run state;
+    FileNotFoundError / ValueError with the fix."""
     return _read_headstart_file(Path(path), STATE_FORMAT, "run state",
                                 "Pass the folder of a run started by `headstart train` (it writes "
-                                "state.safetensors after every epoch)")
+                                "state.safetensors after every epoch)", tensors=tensors)
 
 
 def restore_run_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, model: nn.Module | None = None,

@@ -48,7 +48,7 @@ class Features:
 
 
 def weights_fingerprint(model: nn.Module, *, exclude: str = "fc.") -> str:
-    """sha256 of every tensor of `model` whose name does not start with `exclude` (~0.2 s for ResNet50)."""
+    """sha256 of every tensor of `model` whose name does not start with `exclude` (about 0.12 s for ResNet50 here)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         if name.startswith(exclude):
@@ -60,7 +60,7 @@ def weights_fingerprint(model: nn.Module, *, exclude: str = "fc.") -> str:
 
 
 def files_fingerprint(samples: Sequence[Sample]) -> str:
-    """sha256 over the content of every file, in order (47 MB of hymenoptera: about 0.1 s)."""
+    """sha256 over the content of every file, in order (hymenoptera's 398 files, 47 MB, from the page cache: about 0.07 s here)."""
     h = hashlib.sha256()
     for s in samples:
         try:
@@ -72,7 +72,8 @@ def files_fingerprint(samples: Sequence[Sample]) -> str:
 
 def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Runtime, pre: Preprocessing,
                      view: int = 0, seed: int = 0, batch_size: int = 32, workers: int = 0,
-                     cache_key: str | None = None, on_batch: Callable[[int, int], None] | None = None) -> Features:
+                     cache_key: str | None = None, files_key: str | None = None,
+                     on_batch: Callable[[int, int], None] | None = None) -> Features:
     """Pooled backbone features of `samples` for one view (0 = eval transform, v >= 1 = augmented).
 
     `model` is the full network (its `forward_features` is used, conv-bn folded, in eval mode). With
@@ -82,7 +83,7 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
     if cache_key is not None:
         key = hashlib.sha256(json.dumps({
             "weights": cache_key, "preprocessing": pre.to_dict(), "view": view,
-            "seed": seed if view else None, "files": files_fingerprint(samples), "n": len(samples),
+            "seed": seed if view else None, "files": files_key or files_fingerprint(samples), "n": len(samples),
         }, sort_keys=True).encode()).hexdigest()[:32]
         path = cache_dir() / "features" / f"{key}.safetensors"
         if path.exists():

@@ -33,7 +33,7 @@ from .checkpoint import load_run_state, read_checkpoint_meta, restore_run_state,
 from .data import DatasetSplits, ImageDataset, collate, make_loader, sample_seed, scan_dataset
 from .download import atomic_write
 from .evaluation import Inference, Metrics, compute_metrics, run_inference
-from .features import Features, extract_features, weights_fingerprint
+from .features import Features, extract_features, files_fingerprint, weights_fingerprint
 from .models import create_model, freeze_backbone, get_head, get_model_info
 from .preprocessing import Preprocessing
 from .report import write_report
@@ -299,13 +299,15 @@ def cached_features(model: nn.Module, splits: DatasetSplits, *, config: TrainCon
     `fingerprint` (of the backbone's weights) keys the disk cache."""
     key = fingerprint if config.feature_cache == "disk" else None
     start = time.perf_counter()
+    train_files = files_fingerprint(splits.train) if key else None  # once, for every view
 
-    def extract(samples: list, view: int, phase: str) -> Features:
+    def extract(samples: list, view: int, phase: str, files_key: str | None = None) -> Features:
         return extract_features(model, samples, runtime=runtime, pre=preprocessing, view=view, seed=config.seed,
                                 batch_size=max(config.batch_size, 32), workers=config.workers, cache_key=key,
-                                on_batch=lambda s, n: callback.on_step(phase, 0, s, n, None))
+                                files_key=files_key, on_batch=lambda s, n: callback.on_step(phase, 0, s, n, None))
 
-    train = Features.cat([extract(splits.train, v, f"features train view {v}") for v in range(config.views + 1)])
+    train = Features.cat([extract(splits.train, v, f"features train view {v}", train_files)
+                          for v in range(config.views + 1)])
     val = extract(splits.val, 0, "features val")
     seconds = time.perf_counter() - start
     images = len(splits.train) * (config.views + 1) + len(splits.val)
@@ -391,24 +393,28 @@ STATE_FILE = "state.safetensors"
 def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preprocessing: Preprocessing,
         runtime: Runtime, out: Path, callback: Callback | None = None, resume: bool = False,
         run_meta: dict[str, Any] | None = None, skipped: dict[str, str] | None = None) -> RunResult:
-    """Train `model` on `splits` for config.epochs. After each epoch: validate, write `last` and (when
-    val accuracy improves) `best` checkpoints, a row of metrics.csv, and the run state that
-    `resume=True` continues from (bit-identical to an uninterrupted run on the CPU)."""
+    """Train `model` on `splits` for config.epochs. After each epoch: validate, write a row of
+    metrics.csv and the run state that `resume=True` continues from (bit-identical to an
+    uninterrupted run on the CPU); `best` and `last` checkpoints as save_best/save_last say."""
     info = get_model_info(model.arch)
     classifier = info.classifier
     callback = callback or Callback()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # left by a process killed in the middle of an atomic write
         stale.unlink(missing_ok=True)
-    use_features = config.strategy == "frozen" and config.feature_cache != "off"
-    if config.strategy == "frozen":
-        freeze_backbone(model, classifier=classifier)
-    runtime.prepare(model)
-    state = RunState(skipped=dict(skipped or {}))
     # Frozen: the backbone never changes, so the run state holds only the head (a few kB instead of
     # 100 MB a epoch for ResNet50) plus the backbone's fingerprint, checked on resume.
     frozen = config.strategy == "frozen"
+    use_features = frozen and config.feature_cache != "off"
+    if frozen:
+        freeze_backbone(model, classifier=classifier)
+    runtime.prepare(model)
+    state = RunState(skipped=dict(skipped or {}))
     head_prefix = f"{classifier}."
+
+    def unprefixed(head_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k[len(head_prefix):]: v for k, v in head_tensors.items()}
+
     backbone_fp = weights_fingerprint(model, exclude=head_prefix) if frozen else None
     best_head: dict[str, torch.Tensor] = {}
     if resume:  # weights first: the frozen strategy's features are computed from them
@@ -476,7 +482,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
             return
         head_module = get_head(model, classifier)
         head_now = {k: v.clone() for k, v in head_module.state_dict().items()}
-        head_module.load_state_dict({k[len(head_prefix):]: v for k, v in best_head.items()})
+        head_module.load_state_dict(unprefixed(best_head))
         save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
         head_module.load_state_dict(head_now)
 
@@ -551,8 +557,12 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
                 save_last()
                 raise TrainingInterrupted(out, epoch, steps_per_epoch)
     save_last()
-    best, _ = read_checkpoint_meta(out / "best.safetensors")
-    model.load_state_dict(best)  # the pictures and the caller get the best model
+    # The pictures and the caller get the best model: frozen keeps its best head in memory; a
+    # fine-tuned model's best weights are read back from the checkpoint.
+    if frozen:
+        get_head(model, classifier).load_state_dict(unprefixed(best_head))
+    else:
+        model.load_state_dict(read_checkpoint_meta(out / "best.safetensors")[0])
     return RunResult(out=out, best_checkpoint=out / "best.safetensors", last_checkpoint=out / "last.safetensors",
                      best_epoch=state.best_epoch, best_val_acc=state.best_acc, history=state.history,
                      best_metrics=Metrics.from_dict(state.best_metrics), skipped=state.skipped,
@@ -596,7 +606,7 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
                               compile=config.compile and config.strategy == "finetune")
     if resume and config.strategy == "finetune":  # every weight comes from the run state
-        _, meta = load_run_state(out / STATE_FILE)
+        _, meta = load_run_state(out / STATE_FILE, tensors=False)
         model = create_model(config.arch, num_classes=len(splits.classes), **meta.get("arch_kwargs", {}))
     else:
         torch.manual_seed(config.seed)  # the new head's initialisation
@@ -673,6 +683,6 @@ def write_val_pictures(out: Path, inf: Inference, splits: DatasetSplits, pre: Pr
 
 def resume(run: str | os.PathLike[str], *, callback: Callback | None = None) -> RunResult:
     """Continue the run in folder `run` from its last saved state, with its own data and config."""
-    _, meta = load_run_state(Path(run) / STATE_FILE)
+    _, meta = load_run_state(Path(run) / STATE_FILE, tensors=False)
     config = TrainConfig(**meta["config"])
     return train(meta["data"], out=run, config=config, callback=callback, resume=True)

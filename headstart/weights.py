@@ -70,15 +70,16 @@ def save_weights(path: str | os.PathLike[str], weights: LoadedWeights) -> Path:
     return Path(path)
 
 
-def load_safetensors(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, str]]:
-    """Tensors and string metadata of a safetensors file; ValueError if it is malformed."""
+def load_safetensors(path: str | os.PathLike[str], *, tensors: bool = True) -> tuple[StateDict, dict[str, str]]:
+    """Tensors (none with `tensors=False`: the header alone is read) and string metadata of a
+    safetensors file; ValueError if it is malformed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
 
