@@ -20,7 +20,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .download import atomic_write
-from .models import create_model, get_model_info
+from .models import create_model, get_head, get_model_info, resolve_weights
 from .preprocessing import Preprocessing
 from .weights import load_safetensors
 
@@ -118,6 +118,71 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit {arch} with {len(classes)} classes: {e}") from e
     return Checkpoint(model.eval(), classes, pre, meta, checkpoint_paths(path)[0])
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` names a headstart checkpoint (rather than a plain weights file)."""
+    weights_path = checkpoint_paths(path)[0]
+    if not weights_path.is_file():
+        return False
+    try:
+        _, raw = load_safetensors(weights_path, tensors=False)
+        return json.loads(raw.get("headstart", "{}")).get("format") == FORMAT
+    except (ValueError, AttributeError):
+        return False
+
+
+def parse_classes(classes: str | list[str] | None) -> list[str] | None:
+    """Class names from a list, a comma-separated string, or a text file with one name per line."""
+    if classes is None or isinstance(classes, list):
+        return classes
+    path = Path(classes)
+    if "," not in classes and path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [c.strip() for c in classes.split(",")]
+    if not names or not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"classes {classes!r:.200} must be distinct non-empty names, comma-separated "
+                         "(e.g. dogs,wolves) or one per line in a file")
+    return names
+
+
+def open_model(path: str | os.PathLike[str], *, arch: str | None = None,
+               classes: str | list[str] | None = None) -> Checkpoint:
+    """A model ready for inference from a headstart checkpoint, or from any weights that
+    `headstart train --weights` takes (a MindSpore .ckpt, a .pth, safetensors, a tag such as
+    'imagenet' of the backbone `arch`), with their head.
+
+    For a weights file, `arch` defaults to resnet50 and the preprocessing is the backbone's;
+    `classes` names the head's outputs (default: the file's own names, else class_0, class_1...).
+    For a checkpoint, `classes` may rename its classes (same count)."""
+    names = parse_classes(classes)
+    if is_checkpoint(path):
+        ckpt = load_checkpoint(path)
+        if arch is not None and arch != ckpt.meta.get("arch"):
+            raise ValueError(f"{path} is a {ckpt.meta.get('arch')} checkpoint, not {arch}; drop --arch")
+        if names is not None:
+            if len(names) != len(ckpt.classes):
+                raise ValueError(f"{len(names)} class names given for a checkpoint with {len(ckpt.classes)} "
+                                 f"classes {ckpt.classes}")
+            ckpt.classes = names
+        return ckpt
+    arch = arch or "resnet50"
+    info = get_model_info(arch)
+    if not Path(path).exists() and str(path) not in info.weights:
+        raise FileNotFoundError(f"checkpoint not found: {path}. Pass a run's best.safetensors (written by `headstart "
+                                f"train`), or with --weights a weights file or a tag of {arch} "
+                                f"({', '.join(info.weights) or 'none'})")
+    loaded = resolve_weights(arch, path)  # a file, or a tag such as 'imagenet'
+    model = create_model(arch, weights=loaded)
+    outputs = get_head(model, info.classifier).out_features
+    if names is not None and len(names) != outputs:
+        raise ValueError(f"{len(names)} class names ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) "
+                         f"do not fit the {outputs} outputs of the weights in {path}; pass --classes with "
+                         f"{outputs} names")
+    names = names or model.pretrained_classes or [f"class_{i}" for i in range(outputs)]
+    meta = {"arch": arch, "arch_kwargs": model.arch_kwargs, "source": str(path), "skipped_tensors": loaded.skipped}
+    return Checkpoint(model.eval(), list(names), info.preprocessing, meta, Path(path))
 
 
 # ---------------------------------------------------------------------------------------------

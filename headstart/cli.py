@@ -157,11 +157,23 @@ def _format_metrics(m: Any) -> str:
     return "\n".join(lines)
 
 
+def _model_file(a: argparse.Namespace, checkpoint: str | None) -> str:
+    """The checkpoint, or --weights; exactly one of them."""
+    if a.weights and checkpoint:
+        raise ValueError(f"give a checkpoint ({checkpoint}) or --weights ({a.weights}), not both")
+    if not (a.weights or checkpoint):
+        raise ValueError("which model? pass a checkpoint (a run's best.safetensors) or --weights FILE")
+    if checkpoint and a.arch:
+        raise ValueError("--arch goes with --weights; a checkpoint knows its architecture")
+    return a.weights or checkpoint
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
-    m = evaluate(a.checkpoint, a.data, batch_size=a.batch_size, workers=a.workers, precision=a.precision,
-                 device=a.device, threads=a.threads, compile=a.compile)
+    checkpoint = _model_file(a, a.checkpoint)
+    m = evaluate(checkpoint, a.data, batch_size=a.batch_size, workers=a.workers, precision=a.precision,
+                 device=a.device, threads=a.threads, compile=a.compile, arch=a.arch, classes=a.classes)
     say(_format_metrics(m))
     if a.json:
         Path(a.json).write_text(json.dumps(m.to_dict(), indent=2) + "\n")
@@ -172,8 +184,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from .prediction import predict
 
-    preds = predict(a.checkpoint, a.paths, top_k=a.top_k, batch_size=a.batch_size, workers=a.workers,
-                    precision=a.precision, device=a.device, threads=a.threads, compile=a.compile)
+    paths = ([a.checkpoint] if a.weights else []) + a.paths
+    if not paths:
+        raise ValueError("no images given: pass image files or folders after the checkpoint")
+    checkpoint = _model_file(a, None if a.weights else a.checkpoint)
+    preds = predict(checkpoint, paths, top_k=a.top_k, batch_size=a.batch_size, workers=a.workers,
+                    precision=a.precision, device=a.device, threads=a.threads, compile=a.compile,
+                    arch=a.arch, classes=a.classes)
     if a.format == "json":
         say(json.dumps([asdict(p) for p in preds], indent=2))
     elif a.format == "csv":
@@ -280,7 +297,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 def _add_training(p: argparse.ArgumentParser, *, strategy: bool = True) -> None:
     p.add_argument("--arch", default="resnet50", help="backbone name; see `headstart models` (default: resnet50)")
     p.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (or another tag of the backbone), a weights file, or 'none' (default: imagenet)")
+                   help="'imagenet' (or another tag of the backbone), a weights file (.safetensors, .pth, MindSpore "
+                        ".ckpt, TF.js model.json; a head with as many classes as DATA is kept), or 'none' "
+                        "(default: imagenet)")
     if strategy:
         p.add_argument("--strategy", default="finetune", choices=["finetune", "frozen"],
                        help="finetune: train all layers; frozen: train only the new head (default: finetune)")
@@ -327,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix of a checkpoint",
                        description="Evaluate a checkpoint on DATA (its val/ folder if it has one).")
-    p.add_argument("checkpoint", help="a run's best.safetensors or last.safetensors")
+    p.add_argument("checkpoint", nargs="?", help="a run's best.safetensors or last.safetensors")
     p.add_argument("data", help="class-per-folder images (or a dataset root with val/)")
+    _add_weights_file(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
     p.add_argument("--batch-size", type=int, default=32)
     _add_runtime(p)
@@ -336,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify image files or folders with a checkpoint",
                        description="Predict the class of each image (folders are searched recursively).")
-    p.add_argument("checkpoint", help="a run's best.safetensors or last.safetensors")
-    p.add_argument("paths", nargs="+", help="image files and/or folders")
+    p.add_argument("checkpoint", help="a run's best.safetensors or last.safetensors (omit it with --weights)")
+    p.add_argument("paths", nargs="*", help="image files and/or folders")
+    _add_weights_file(p)
     p.add_argument("--top-k", type=int, default=5, help="default: 5")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="default: table")
     p.add_argument("--batch-size", type=int, default=32)
@@ -393,7 +414,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered backbones and their weight sources",
                        description="List the registered backbones and their weight sources.")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert weights or a checkpoint: headstart, safetensors, .pth, MindSpore .ckpt",
+                       description="Convert IN to OUT. IN: a headstart checkpoint or a weights file (.ckpt, .pth, "
+                                   ".safetensors, model.json). OUT's format comes from its extension (.safetensors: "
+                                   "headstart checkpoint, .pth/.pt: torchvision state dict, .ckpt: MindSpore "
+                                   "tutorial ResNet) unless --to says otherwise.")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--to", default=None, choices=["headstart", "safetensors", "pth", "mindspore"],
+                   help="output format (default: from OUT's extension); safetensors = plain weights")
+    p.add_argument("--arch", default=None, help="backbone of a plain weights file IN (default: resnet50)")
+    p.add_argument("--classes", default=None, metavar="NAMES",
+                   help="names of the head's outputs, comma-separated or a file with one per line")
+    p.set_defaults(func=cmd_convert)
     return parser
+
+
+def _add_weights_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="instead of a checkpoint: weights with their head: a file (MindSpore .ckpt, .pth, "
+                        ".safetensors) or a tag of --arch such as imagenet")
+    p.add_argument("--arch", default=None, help="backbone of --weights (default: resnet50)")
+    p.add_argument("--classes", default=None, metavar="NAMES",
+                   help="names of the head's outputs, comma-separated or a file with one per line")
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .convert import convert
+
+    result = convert(a.input, a.output, to=a.to, arch=a.arch, classes=a.classes)
+    say(f"wrote {result.path} ({result.format}: {result.tensors} tensors, {result.arch}, "
+        f"{len(result.classes)} classes)")
+    if result.skipped:
+        say(f"skipped {len(result.skipped)} tensors that are not weights: {', '.join(result.skipped[:10])}"
+            f"{' ...' if len(result.skipped) > 10 else ''}")
+    for note in result.notes:
+        say(f"note: {note}")
+    return 0
 
 
 def cmd_weights(a: argparse.Namespace) -> int:
@@ -406,18 +464,21 @@ def cmd_weights(a: argparse.Namespace) -> int:
         say(f"{a.name} {a.tag}: {fetch_weights(a.name, a.tag, progress=_download_bar())}")
         return 0
     say(f"cache: {cache_dir()}")
-    for name, tag, src, cached in weight_sources():
-        say(f"{name:<13} {tag:<12} {'cached ' if cached else 'not yet'}  {src.describe()}")
+    sources = weight_sources()
+    width = max(len(name) for name, *_ in sources)
+    for name, tag, src, cached in sources:
+        say(f"{name:<{width}}  {tag:<12} {'cached ' if cached else 'not yet'}  {src.describe()}")
     return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:
     from .models import get_model_info, list_models
 
+    width = max(len(name) for name in list_models())
     for name in list_models():
         info = get_model_info(name)
         sources = ", ".join(f"{tag}={src.describe()}" for tag, src in info.weights.items()) or "none"
-        say(f"{name:<10} {info.description}\n{'':<10} weights: {sources}")
+        say(f"{name:<{width}}  {info.description}\n{'':<{width}}  weights: {sources}")
     return 0
 
 

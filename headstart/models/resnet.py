@@ -4,6 +4,10 @@ A torchvision weight file loads as is. Two layouts of the bottleneck:
 - torchvision's ("v1.5", default): the stride-2 of stages 2-4 sits in the 3x3 conv;
 - the original ("v1", `stride_in_1x1=True`): it sits in the first 1x1 conv, as in Keras and Caffe
   ResNet50 weights.
+Two paddings of the strided layers (conv1, the max pool, the stride-2 convs):
+- "torch" (default): symmetric, as torchvision, Keras (explicit ZeroPadding) and Caffe;
+- "same": TensorFlow/MindSpore's pad_mode='same' (see layers.py), which networks trained in
+  MindSpore, such as the MindSpore ResNet50 tutorial's, need to give the same logits here.
 
 Shapes for a 224x224 input: stem -> (64, 56, 56); layer1 -> (256, 56, 56); layer2 -> (512, 28, 28);
 layer3 -> (1024, 14, 14); layer4 -> (2048, 7, 7); pooled features (2048,) for ResNet50.
@@ -13,7 +17,13 @@ Cost: ResNet50 is about 4.1 GMACs (8.2 GFLOP) per 224x224 image forward.
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
+
+from .layers import pad_same
+
+torch.fx.wrap("pad_same")
+PADDINGS = ("torch", "same")
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -28,9 +38,12 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 stride_in_1x1: bool = False) -> None:
+                 stride_in_1x1: bool = False, same: bool = False) -> None:
         super().__init__()
+        self.pad_same = same and stride > 1  # the strided 3x3 pads TF-style, in forward
         self.conv1 = conv3x3(cin, planes, stride)
+        if self.pad_same:
+            self.conv1.padding = (0, 0)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
@@ -39,7 +52,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(pad_same(x, 3, 2) if self.pad_same else x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
@@ -48,12 +61,15 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 stride_in_1x1: bool = False) -> None:
+                 stride_in_1x1: bool = False, same: bool = False) -> None:
         super().__init__()
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.pad_same = same and s3 > 1  # the strided 3x3 pads TF-style, in forward
         self.conv1 = conv1x1(cin, planes, s1)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes, s3)
+        if self.pad_same:
+            self.conv2.padding = (0, 0)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -63,7 +79,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu(self.bn2(self.conv2(pad_same(out, 3, 2) if self.pad_same else out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
@@ -72,14 +88,18 @@ class ResNet(nn.Module):
     """A ResNet; `fc` is the classifier, `forward_features` gives the pooled features."""
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], *,
-                 num_classes: int = 1000, stride_in_1x1: bool = False) -> None:
+                 num_classes: int = 1000, stride_in_1x1: bool = False, padding: str = "torch") -> None:
         super().__init__()
+        if padding not in PADDINGS:
+            raise ValueError(f"padding={padding!r} is not one of {PADDINGS}; 'same' is for weights trained in "
+                             "TensorFlow or MindSpore")
         self.stride_in_1x1 = stride_in_1x1
+        self.same = padding == "same"
         self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=0 if self.same else 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=0 if self.same else 1)
         self.layer1 = self._make_layer(block, 64, layers[0], 1)
         self.layer2 = self._make_layer(block, 128, layers[1], 2)
         self.layer3 = self._make_layer(block, 256, layers[2], 2)
@@ -102,14 +122,18 @@ class ResNet(nn.Module):
                 conv1x1(self.inplanes, planes * block.expansion, stride),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample, self.stride_in_1x1)]
+        layers = [block(self.inplanes, planes, stride, downsample, self.stride_in_1x1, self.same)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, num_features) pooled features."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.same:  # (N, 3, 224, 224) pads 2 before, 3 after; the pool's input 0 before, 1 after
+            x = self.relu(self.bn1(self.conv1(pad_same(x, 7, 2))))
+            x = self.maxpool(pad_same(x, 3, 2, value=float("-inf")))
+        else:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
 
@@ -126,9 +150,9 @@ _DEPTHS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
 }
 
 
-def resnet(depth: int, *, num_classes: int = 1000, stride_in_1x1: bool = False) -> ResNet:
-    """Build a ResNet of depth 18, 34, 50, 101 or 152."""
+def resnet(depth: int, *, num_classes: int = 1000, stride_in_1x1: bool = False, padding: str = "torch") -> ResNet:
+    """Build a ResNet of depth 18, 34, 50, 101 or 152 (`padding`: "torch" or "same", see above)."""
     if depth not in _DEPTHS:
         raise ValueError(f"ResNet depth {depth} is not one of {sorted(_DEPTHS)}")
     block, layers = _DEPTHS[depth]
-    return ResNet(block, layers, num_classes=num_classes, stride_in_1x1=stride_in_1x1)
+    return ResNet(block, layers, num_classes=num_classes, stride_in_1x1=stride_in_1x1, padding=padding)

@@ -1,0 +1,117 @@
+"""EfficientNet-Lite0/1/2 with the key names of the lukemelas-style PyTorch port, so its weight files
+load as they are: `_conv_stem`, `_bn0`, `_blocks.N.{_expand_conv,_bn0,_depthwise_conv,_bn1,
+_project_conv,_bn2}`, `_conv_head`, `_bn1`, `_fc` (the classifier).
+
+Lite is EfficientNet made for mobile CPUs: no squeeze-excitation, ReLU6 instead of swish, and the
+stem (32 channels) and head (1280) kept fixed as the network scales. The weights come from
+TensorFlow, so every conv pads TF-style (models/layers.py) and BatchNorm epsilon is 1e-3; inputs
+are RGB scaled to [-1, 1] (mean = std = 0.5).
+
+Shapes (Lite0, 224x224 input): stem -> (32, 112, 112); the blocks end at (320, 7, 7); the head conv
+gives (1280, 7, 7); pooled features (1280,). Cost per image forward: about 0.4 GFLOP for Lite0,
+0.6 for Lite1 (240x240), 0.9 for Lite2 (260x260); ResNet50 is 8.2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import pad_same
+
+torch.fx.wrap("pad_same")
+
+# (kernel, first stride, expansion, output channels, repeats) per stage, before scaling
+STAGES = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3), (5, 1, 6, 112, 3),
+          (5, 2, 6, 192, 4), (3, 1, 6, 320, 1)]
+# variant -> (width multiplier, depth multiplier, input size)
+VARIANTS = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260)}
+BN_EPS = 1e-3  # TensorFlow's BatchNorm epsilon
+BN_MOMENTUM = 0.01  # TF's decay 0.99, in torch's convention
+
+
+def scale_width(channels: int, multiplier: float, divisor: int = 8) -> int:
+    """Channels times `multiplier`, rounded to a multiple of `divisor`, never down by over 10%."""
+    c = channels * multiplier
+    rounded = max(divisor, int(c + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * c else rounded
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConv(nn.Module):
+    """Inverted residual without squeeze-excitation: 1x1 expand (skipped at expansion 1) -> k x k
+    depthwise (stride s) -> 1x1 linear projection; a residual when the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.kernel, self.stride = kernel, stride
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = nn.Conv2d(cin, hidden, 1, bias=False)
+            self._bn0 = _bn(hidden)
+        self._depthwise_conv = nn.Conv2d(hidden, hidden, kernel, stride, groups=hidden, bias=False)
+        self._bn1 = _bn(hidden)
+        self._project_conv = nn.Conv2d(hidden, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(pad_same(y, self.kernel, self.stride))))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite(nn.Module):
+    def __init__(self, variant: str = "lite0", *, num_classes: int = 1000, dropout: float = 0.2) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"EfficientNet variant {variant!r} is not one of {sorted(VARIANTS)}")
+        width, depth, _ = VARIANTS[variant]
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = _bn(32)
+        blocks: list[nn.Module] = []
+        cin = 32
+        for i, (kernel, stride, expand, channels, repeats) in enumerate(STAGES):
+            cout = scale_width(channels, width)
+            if 0 < i < len(STAGES) - 1:  # Lite keeps the first and last stages one block deep
+                repeats = int(math.ceil(repeats * depth))
+            for j in range(repeats):
+                blocks.append(MBConv(cin, cout, kernel, stride if j == 0 else 1, expand))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self.num_features = 1280
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.uniform_(m.weight, -1 / math.sqrt(m.in_features), 1 / math.sqrt(m.in_features))
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images scaled to [-1, 1] -> (N, 1280) pooled features."""
+        x = F.relu6(self._bn0(self._conv_stem(pad_same(x, 3, 2))))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self._dropout(self.forward_features(x)))
+
+
+def efficientnet_lite(variant: str, *, num_classes: int = 1000) -> EfficientNetLite:
+    """Build EfficientNet-Lite0, 1 or 2 (`variant` "lite0", "lite1", "lite2")."""
+    return EfficientNetLite(variant, num_classes=num_classes)

@@ -1,0 +1,34 @@
+"""TensorFlow-style "same" padding, shared by the backbones whose weights were trained with it.
+
+TF (and MindSpore's pad_mode='same') pads a layer so that the output is ceil(n / stride) long:
+the total padding is max((ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0), split with the smaller
+half first (top/left). For stride 1 that is torch's symmetric padding; for stride 2 on an even size
+it is one pixel less, all of it after: a 3x3/2 conv on 56x56 pads 0 before and 1 after, where
+torch's padding=1 pads 1 and 1 and every output pixel sees a window shifted by one.
+
+A module that calls `pad_same` registers it with `torch.fx.wrap("pad_same")` at its top level (fx
+patches that module's globals), so the model still traces and its convs still fold with their
+BatchNorms (see Runtime.inference_model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def same_padding(n: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """(before, after) padding of one axis of length n, as TF's padding='SAME' computes it."""
+    total = max((-(-n // stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(x: torch.Tensor, kernel: int, stride: int, dilation: int = 1, value: float = 0.0) -> torch.Tensor:
+    """Pad (N, C, H, W) `x` for a kernel x kernel window with TF's 'SAME' rule (use `value=-inf`
+    before a max pool)."""
+    top, bottom = same_padding(x.shape[-2], kernel, stride, dilation)
+    left, right = same_padding(x.shape[-1], kernel, stride, dilation)
+    if top == bottom == left == right == 0:
+        return x
+    return F.pad(x, (left, right, top, bottom), value=value)
+
