@@ -169,7 +169,7 @@ def open_model(path: str | os.PathLike[str], *, arch: str | None = None,
         return ckpt
     arch = arch or "resnet50"
     info = get_model_info(arch)
-    if not Path(path).exists() and str(path) not in info.weights:
+    if not Path(path).exists() and str(path) not in info.weights and not str(path).startswith(("http://", "https://")):
         raise FileNotFoundError(f"checkpoint not found: {path}. Pass a run's best.safetensors (written by `headstart "
                                 f"train`), or with --weights a weights file or a tag of {arch} "
                                 f"({', '.join(info.weights) or 'none'})")

@@ -297,9 +297,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 def _add_training(p: argparse.ArgumentParser, *, strategy: bool = True) -> None:
     p.add_argument("--arch", default="resnet50", help="backbone name; see `headstart models` (default: resnet50)")
     p.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (or another tag of the backbone), a weights file (.safetensors, .pth, MindSpore "
-                        ".ckpt, TF.js model.json; a head with as many classes as DATA is kept), or 'none' "
-                        "(default: imagenet)")
+                   help="'imagenet' (or another tag of the backbone), a weights file or its http(s) URL "
+                        "(.safetensors, .pth, MindSpore .ckpt, TF.js model.json; a head with as many classes as DATA "
+                        "is kept), or 'none' (default: imagenet)")
     if strategy:
         p.add_argument("--strategy", default="finetune", choices=["finetune", "frozen"],
                        help="finetune: train all layers; frozen: train only the new head (default: finetune)")
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_weights_file(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, metavar="FILE",
-                   help="instead of a checkpoint: weights with their head: a file (MindSpore .ckpt, .pth, "
+                   help="instead of a checkpoint: weights with their head: a file or URL (MindSpore .ckpt, .pth, "
                         ".safetensors) or a tag of --arch such as imagenet")
     p.add_argument("--arch", default=None, help="backbone of --weights (default: resnet50)")
     p.add_argument("--classes", default=None, metavar="NAMES",

@@ -17,6 +17,7 @@ Sources:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -154,20 +155,28 @@ class UrlWeights:
     def describe(self) -> str:
         return self.url
 
+    @property
+    def local_name(self) -> str:
+        """The file name in the cache; a URL a user typed (no known sha256) gets a hash of the URL
+        in front, since its file name alone (best.ckpt...) may not be unique."""
+        if self.sha256 is None:
+            return hashlib.sha256(self.url.encode()).hexdigest()[:8] + "-" + self.filename
+        return self.filename
+
     def cached_path(self) -> Path:
-        return cache_dir() / "weights" / f"{Path(self.filename).stem}.safetensors"
+        return cache_dir() / "weights" / f"{Path(self.local_name).stem}.safetensors"
 
     def fetch(self, *, progress: Progress | None = None) -> Path:
         out = self.cached_path()
         if out.exists():
             return out
-        raw = cache_dir() / "downloads" / self.filename
+        raw = cache_dir() / "downloads" / self.local_name
         if not raw.exists():
             download(self.url, raw, sha256=self.sha256, progress=progress)
         else:
             check_sha256(sha256_file(raw), self.sha256, str(raw))
         loaded = load_weights_file(raw)
-        loaded.model_kwargs = dict(self.model_kwargs)
+        loaded.model_kwargs = {**loaded.model_kwargs, **self.model_kwargs}  # e.g. a .ckpt's padding
         loaded.source = self.url
         return save_weights(out, loaded)
 

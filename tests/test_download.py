@@ -119,3 +119,23 @@ def test_demo_dataset_download_and_extract(server, tmp_path: Path) -> None:
     assert sorted(p.name for p in (root / "train").iterdir()) == ["dogs", "wolves"]
     assert fetch_canidae(url=f"{url}/Canidae_data.zip") == root
     assert handler.hits == ["/Canidae_data.zip"]
+
+
+def test_a_ckpt_by_url_keeps_its_padding_and_two_urls_never_share_a_cache_entry(server, tmp_path: Path) -> None:
+    """`--weights https://.../resnet50_224_new.ckpt`, as the MindSpore tutorial downloads it."""
+    import numpy as np
+
+    from headstart.formats.mindspore import encode_ckpt, torch_resnet_to_mindspore
+
+    url, handler = server
+    torch.manual_seed(0)
+    nets = [create_model("resnet18", num_classes=2, padding="same") for _ in range(2)]
+    for i, net in enumerate(nets):  # the same file name under two folders, different weights
+        handler.files[f"/run{i}/best.ckpt"] = encode_ckpt({**torch_resnet_to_mindspore(net.state_dict()),
+                                                           "global_step": np.int32(1)})
+    for i, net in enumerate(nets):
+        model = create_model("resnet18", num_classes=2, weights=f"{url}/run{i}/best.ckpt")
+        assert model.arch_kwargs == {"padding": "same"}
+        assert torch.equal(model.conv1.weight, net.conv1.weight)
+    create_model("resnet18", weights=f"{url}/run0/best.ckpt")
+    assert handler.hits == ["/run0/best.ckpt", "/run1/best.ckpt"]  # fetched and converted once each

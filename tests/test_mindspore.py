@@ -321,3 +321,36 @@ def test_round_trip_with_real_mindspore(tmp_path: Path) -> None:
     theirs = torch.from_numpy(np.load(tmp_path / "out.npy"))
     assert (ours - theirs).abs().max() < 1e-3, (ours, theirs)
     assert (ours[0] - ours[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pad_same_equals_f_pad_keeps_the_memory_format_and_passes_gradients(channels_last: bool) -> None:
+    from headstart.models.layers import pad_same
+
+    for shape, kernel, stride in [((2, 3, 7, 9), 3, 2), ((1, 4, 224, 224), 7, 2), ((2, 5, 8, 8), 5, 2),
+                                  ((2, 5, 8, 8), 3, 1), ((2, 5, 8, 8), 1, 2)]:
+        x = torch.randn(shape, requires_grad=True)
+        xf = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        (top, bottom), (left, right) = same_padding(shape[2], kernel, stride), same_padding(shape[3], kernel, stride)
+        out = pad_same(xf, kernel, stride, value=-2.0)
+        assert torch.equal(out, torch.nn.functional.pad(x, (left, right, top, bottom), value=-2.0))
+        if channels_last and top + bottom + left + right:
+            assert out.is_contiguous(memory_format=torch.channels_last)
+        (out * 3).sum().backward()
+        assert torch.equal(x.grad, torch.full_like(x, 3.0))
+
+
+def test_feature_cache_key_tells_paddings_apart() -> None:
+    """The same tensors in a ResNet that pads the other way give other features: another cache key."""
+    from headstart.features import weights_fingerprint
+
+    torch.manual_seed(0)
+    a = create_model("resnet18", num_classes=2)
+    b = create_model("resnet18", num_classes=2, padding="same")
+    c = create_model("resnet18", num_classes=2, stride_in_1x1=True)
+    b.load_state_dict(a.state_dict())
+    c.load_state_dict(a.state_dict())
+    assert len({weights_fingerprint(m) for m in (a, b, c)}) == 3
+    d = create_model("resnet18", num_classes=5)
+    d.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith("fc.")}, strict=False)
+    assert weights_fingerprint(d) == weights_fingerprint(a)  # the head is not part of the key

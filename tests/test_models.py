@@ -133,3 +133,37 @@ def test_mobilenet_v2_has_torchvision_keys_and_a_dotted_head() -> None:
     assert m.classifier[1].out_features == 3
     freeze_backbone(m, classifier="classifier.1")
     assert [n for n, p in m.named_parameters() if p.requires_grad] == ["classifier.1.weight", "classifier.1.bias"]
+
+
+@pytest.mark.parametrize("variant,keys,blocks,size", [("lite0", 296, 16, 224), ("lite1", 386, 21, 240),
+                                                      ("lite2", 386, 21, 260)])
+def test_efficientnet_lite_has_the_lukemelas_keys(variant: str, keys: int, blocks: int, size: int) -> None:
+    from headstart.models import get_model_info
+
+    m = create_model(f"efficientnet_{variant}", num_classes=1000)
+    sd = m.state_dict()
+    assert len(sd) == keys and len(m._blocks) == blocks  # as in the .pth files of the PyPI wheels
+    for key in ("_conv_stem.weight", "_bn0.running_var", "_blocks.0._depthwise_conv.weight", "_blocks.0._bn2.bias",
+                "_blocks.1._expand_conv.weight", "_blocks.1._bn0.weight", "_conv_head.weight", "_bn1.weight",
+                "_fc.weight"):
+        assert key in sd, key
+    assert "_blocks.0._expand_conv.weight" not in sd  # the first block has no expansion
+    pre = get_model_info(f"efficientnet_{variant}").preprocessing
+    assert (pre.image_size, pre.resize_size, pre.mean, pre.interpolation) == (size, size + 32, (0.5,) * 3, "bicubic")
+    with torch.no_grad():
+        assert m.eval().forward_features(torch.randn(1, 3, 65, 67)).shape == (1, 1280)  # odd sizes pad TF-style
+
+
+@pytest.mark.parametrize("name", ["tiny", "resnet18", "mobilenet_v2", "efficientnet_lite0"])
+def test_every_family_trains_a_step_in_both_memory_formats(name: str) -> None:
+    """In-place activations and TF-style padding must not break autograd."""
+    torch.manual_seed(0)
+    for channels_last in (False, True):
+        m = create_model(name, num_classes=3).train()
+        x = torch.randn(4, 3, 64, 64)
+        if channels_last:
+            m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        loss = torch.nn.functional.cross_entropy(m(x), torch.tensor([0, 1, 2, 0]))
+        loss.backward()
+        grads = [p.grad for p in m.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), name

@@ -203,26 +203,22 @@ _OPTIMIZER = re.compile(r"^(moments|accum|momentum|learning_rate|global_step|bet
                         r"loss_scale|scale_sense)(\.|$)")
 
 
+_BN_FIELD = "(gamma|beta|moving_mean|moving_variance)"
+_RULES = [  # (tutorial name pattern, headstart name from the match)
+    (r"conv1\.weight|fc\.weight|fc\.bias|layer\d+\.\d+\.conv\d\.weight", lambda m: m[0]),
+    (rf"norm\.{_BN_FIELD}", lambda m: f"bn1.{_BN[m[1]]}"),
+    (rf"(layer\d+\.\d+)\.norm(\d)\.{_BN_FIELD}", lambda m: f"{m[1]}.bn{m[2]}.{_BN[m[3]]}"),
+    (r"(layer\d+\.\d+)\.down_sample\.0\.weight", lambda m: f"{m[1]}.downsample.0.weight"),
+    (rf"(layer\d+\.\d+)\.down_sample\.1\.{_BN_FIELD}", lambda m: f"{m[1]}.downsample.1.{_BN[m[2]]}"),
+]
+
+
 def _torch_name(name: str) -> str | None:
     """A tutorial-ResNet parameter name -> headstart's, or None if it is not one."""
-    m = re.fullmatch(r"(conv1\.weight|fc\.weight|fc\.bias)", name)
-    if m:
-        return name
-    m = re.fullmatch(r"norm\.(gamma|beta|moving_mean|moving_variance)", name)
-    if m:
-        return f"bn1.{_BN[m[1]]}"
-    m = re.fullmatch(r"(layer\d+\.\d+)\.conv(\d)\.weight", name)
-    if m:
-        return name
-    m = re.fullmatch(r"(layer\d+\.\d+)\.norm(\d)\.(gamma|beta|moving_mean|moving_variance)", name)
-    if m:
-        return f"{m[1]}.bn{m[2]}.{_BN[m[3]]}"
-    m = re.fullmatch(r"(layer\d+\.\d+)\.down_sample\.0\.weight", name)
-    if m:
-        return f"{m[1]}.downsample.0.weight"
-    m = re.fullmatch(r"(layer\d+\.\d+)\.down_sample\.1\.(gamma|beta|moving_mean|moving_variance)", name)
-    if m:
-        return f"{m[1]}.downsample.1.{_BN[m[2]]}"
+    for pattern, target in _RULES:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return target(m)
     return None
 
 

@@ -69,13 +69,15 @@ def get_model_info(name: str) -> ModelInfo:
 
 def resolve_weights(name: str, weights: str | os.PathLike[str] | LoadedWeights, *,
                     progress: Progress | None = None) -> LoadedWeights:
-    """`weights` is a tag of the model's sources (e.g. 'imagenet'), a path to a weights file, or
-    weights already loaded."""
+    """`weights` is a tag of the model's sources (e.g. 'imagenet'), a path or http(s) URL of a
+    weights file, or weights already loaded."""
     if isinstance(weights, LoadedWeights):
         return weights
     info = get_model_info(name)
     if isinstance(weights, str) and weights in info.weights:
         return load_source(info.weights[weights], progress=progress)
+    if isinstance(weights, str) and weights.startswith(("http://", "https://")):  # fetched once, then cached
+        return load_source(UrlWeights(weights, sha256=None), progress=progress)
     path = Path(weights)
     if path.suffix or path.exists() or os.sep in str(weights):
         return load_weights_file(path)

@@ -57,15 +57,19 @@ class MBConv(nn.Module):
         if self.expand:
             self._expand_conv = nn.Conv2d(cin, hidden, 1, bias=False)
             self._bn0 = _bn(hidden)
-        self._depthwise_conv = nn.Conv2d(hidden, hidden, kernel, stride, groups=hidden, bias=False)
+        # stride 1: TF's padding is symmetric, so the conv pads itself; stride 2: pad_same in forward
+        self.pad_same = stride > 1
+        self._depthwise_conv = nn.Conv2d(hidden, hidden, kernel, stride, 0 if self.pad_same else (kernel - 1) // 2,
+                                         groups=hidden, bias=False)
         self._bn1 = _bn(hidden)
         self._project_conv = nn.Conv2d(hidden, cout, 1, bias=False)
         self._bn2 = _bn(cout)
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-        y = F.relu6(self._bn1(self._depthwise_conv(pad_same(y, self.kernel, self.stride))))
+        y = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.expand else x
+        y = pad_same(y, self.kernel, self.stride) if self.pad_same else y
+        y = F.relu6(self._bn1(self._depthwise_conv(y)), inplace=True)
         y = self._bn2(self._project_conv(y))
         return x + y if self.residual else y
 
@@ -102,10 +106,10 @@ class EfficientNetLite(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images scaled to [-1, 1] -> (N, 1280) pooled features."""
-        x = F.relu6(self._bn0(self._conv_stem(pad_same(x, 3, 2))))
+        x = F.relu6(self._bn0(self._conv_stem(pad_same(x, 3, 2))), inplace=True)  # ReLU6 in place: no new tensor
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

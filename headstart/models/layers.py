@@ -14,7 +14,6 @@ BatchNorms (see Runtime.inference_model).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def same_padding(n: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -30,5 +29,16 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int, dilation: int = 1, value
     left, right = same_padding(x.shape[-1], kernel, stride, dilation)
     if top == bottom == left == right == 0:
         return x
-    return F.pad(x, (left, right, top, bottom), value=value)
+    # F.pad fills the whole output and then copies x in: one memory pass more than writing the
+    # border strips and x once. Keeps x's memory format (channels_last stays channels_last).
+    n, c, h, w = x.shape
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out[:, :, :top].fill_(value)
+    out[:, :, top + h:].fill_(value)
+    out[:, :, top:top + h, :left].fill_(value)
+    out[:, :, top:top + h, left + w:].fill_(value)
+    out[:, :, top:top + h, left:left + w] = x
+    return out
 
