@@ -63,9 +63,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str
     sd = ckpt.model.state_dict()
     notes: list[str] = []
     dst = Path(dst)
-    if fmt == "headstart":
-        save_checkpoint(dst, ckpt.model, classes=ckpt.classes, preprocessing=ckpt.preprocessing,
-                        converted_from=str(src))
+    if fmt == "headstart":  # OUT.safetensors + OUT.json
+        dst = save_checkpoint(dst, ckpt.model, classes=ckpt.classes, preprocessing=ckpt.preprocessing,
+                              converted_from=str(src))
     elif fmt == "safetensors":
         save_weights(dst, LoadedWeights(dict(sd), kwargs, ckpt.classes, source=str(src)))
     elif fmt == "pth":
