@@ -24,21 +24,40 @@ def same_padding(n: int, kernel: int, stride: int, dilation: int = 1) -> tuple[i
 
 def pad_same(x: torch.Tensor, kernel: int, stride: int, dilation: int = 1, value: float = 0.0) -> torch.Tensor:
     """Pad (N, C, H, W) `x` for a kernel x kernel window with TF's 'SAME' rule (use `value=-inf`
-    before a max pool)."""
+    before a max pool). The result, and its gradient, keep x's memory format."""
     top, bottom = same_padding(x.shape[-2], kernel, stride, dilation)
     left, right = same_padding(x.shape[-1], kernel, stride, dilation)
     if top == bottom == left == right == 0:
         return x
-    # F.pad fills the whole output and then copies x in: one memory pass more than writing the
-    # border strips and x once. Keeps x's memory format (channels_last stays channels_last).
-    n, c, h, w = x.shape
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    out[:, :, :top].fill_(value)
-    out[:, :, top + h:].fill_(value)
-    out[:, :, top:top + h, :left].fill_(value)
-    out[:, :, top:top + h, left + w:].fill_(value)
-    out[:, :, top:top + h, left:left + w] = x
-    return out
+    return _PadSame.apply(x, (top, bottom, left, right), value)
 
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class _PadSame(torch.autograd.Function):
+    """F.pad fills the whole output and then copies x in (one memory pass more than writing the
+    border strips and x once), and autograd's gradient of a slice assignment comes back in the
+    default memory format, which sends a channels_last BatchNorm backward down a path several
+    times slower (EfficientNet-Lite0 training: 7.7 -> 10+ img/s here)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pads: tuple[int, int, int, int], value: float) -> torch.Tensor:
+        top, bottom, left, right = pads
+        n, c, h, w = x.shape
+        ctx.box, ctx.fmt = (top, h, left, w), _memory_format(x)
+        out = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
+                          memory_format=ctx.fmt)
+        out[:, :, :top].fill_(value)
+        out[:, :, top + h:].fill_(value)
+        out[:, :, top:top + h, :left].fill_(value)
+        out[:, :, top:top + h, left + w:].fill_(value)
+        out[:, :, top:top + h, left:left + w] = x
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        top, h, left, w = ctx.box
+        return grad[:, :, top:top + h, left:left + w].contiguous(memory_format=ctx.fmt), None, None
