@@ -148,14 +148,14 @@ def parse_classes(classes: str | list[str] | None) -> list[str] | None:
 
 
 def open_model(path: str | os.PathLike[str], *, arch: str | None = None,
-               classes: str | list[str] | None = None) -> Checkpoint:
+               classes: str | list[str] | None = None, default_classes: list[str] | None = None) -> Checkpoint:
     """A model ready for inference from a headstart checkpoint, or from any weights that
     `headstart train --weights` takes (a MindSpore .ckpt, a .pth, safetensors, a tag such as
     'imagenet' of the backbone `arch`), with their head.
 
     For a weights file, `arch` defaults to resnet50 and the preprocessing is the backbone's;
-    `classes` names the head's outputs (default: the file's own names, else class_0, class_1...).
-    For a checkpoint, `classes` may rename its classes (same count)."""
+    `classes` names the head's outputs (default: `default_classes`, else the file's own names, else
+    class_0, class_1...). For a checkpoint, `classes` may rename its classes (same count)."""
     names = parse_classes(classes)
     if is_checkpoint(path):
         ckpt = load_checkpoint(path)
@@ -174,6 +174,7 @@ def open_model(path: str | os.PathLike[str], *, arch: str | None = None,
                                 f"train`), or with --weights a weights file or a tag of {arch} "
                                 f"({', '.join(info.weights) or 'none'})")
     loaded = resolve_weights(arch, path)  # a file, or a tag such as 'imagenet'
+    names = names or default_classes
     model = create_model(arch, weights=loaded)
     outputs = get_head(model, info.classifier).out_features
     if names is not None and len(names) != outputs:

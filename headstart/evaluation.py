@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import is_checkpoint, open_model
+from .checkpoint import open_model
 from .data import ImageDataset, Sample, find_classes, make_loader, make_samples
 from .preprocessing import Preprocessing
 from .runtime import Runtime, resolve_runtime
@@ -120,9 +120,7 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
     if (folder / "val").is_dir():
         folder = folder / "val"
     present = find_classes(folder)
-    if classes is None and not is_checkpoint(checkpoint):
-        classes = present
-    ckpt = open_model(checkpoint, arch=arch, classes=classes)
+    ckpt = open_model(checkpoint, arch=arch, classes=classes, default_classes=present)
     unknown = sorted(set(present) - set(ckpt.classes))
     if unknown:
         raise ValueError(
