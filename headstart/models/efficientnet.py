@@ -67,7 +67,7 @@ class MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def _depthwise(self, y: torch.Tensor) -> torch.Tensor:
-        # oneDNN's bf16 depthwise backward is slow on CPUs (a 5x5 or strided one takes 3-5x its fp32
+        # oneDNN's bf16 depthwise backward is slow on CPUs (a 5x5 or strided one takes 1.6-5x its fp32
         # time here), so a CPU training step under bf16 autocast runs this conv in fp32: EfficientNet-
         # Lite0 fine-tunes at about 20 img/s instead of 13. Inference keeps bf16, which is faster there.
         if self.training and y.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
