@@ -37,7 +37,7 @@ from safetensors.torch import save as st_save
 
 from .download import Progress, atomic_write, cache_dir, check_sha256, download, sha256_file
 from .formats.keras_resnet import keras_resnet50_to_torch
-from .formats.mindspore import CheckpointFormatError, mindspore_resnet_to_torch, read_ckpt
+from .formats.mindspore import mindspore_resnet_to_torch, read_ckpt
 from .formats.tfjs import read_tfjs_weights
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
@@ -121,10 +121,9 @@ def load_weights_file(path: str | os.PathLike[str]) -> LoadedWeights:
         sd = keras_resnet50_to_torch(read_tfjs_weights(path), mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return LoadedWeights(sd, {"stride_in_1x1": True}, None, source=str(path))
     if suffix == ".ckpt":
+        tensors = read_ckpt(path)  # its errors name the file
         try:
-            sd, skipped = mindspore_resnet_to_torch(read_ckpt(path))
-        except CheckpointFormatError:
-            raise
+            sd, skipped = mindspore_resnet_to_torch(tensors)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         if skipped:
