@@ -108,7 +108,7 @@ def _train_config(a: argparse.Namespace, **override: Any):
               epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
               weight_decay=a.weight_decay, schedule=a.schedule, image_size=a.image_size, val_split=a.val_split,
               seed=a.seed, workers=a.workers, precision=a.precision, device=a.device, threads=a.threads,
-              compile=a.compile, feature_cache=a.feature_cache, views=a.views, bad_files=a.bad_files,
+              compile=a.compile, engine=a.engine, feature_cache=a.feature_cache, views=a.views, bad_files=a.bad_files,
               balance=a.balance)
     kw.update(override)
     return TrainConfig(**kw)
@@ -173,7 +173,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     checkpoint = _model_file(a, a.checkpoint)
     m = evaluate(checkpoint, a.data, batch_size=a.batch_size, workers=a.workers, precision=a.precision,
-                 device=a.device, threads=a.threads, compile=a.compile, arch=a.arch, classes=a.classes)
+                 device=a.device, threads=a.threads, compile=a.compile, engine=a.engine, arch=a.arch,
+                 classes=a.classes)
     say(_format_metrics(m))
     if a.json:
         Path(a.json).write_text(json.dumps(m.to_dict(), indent=2) + "\n")
@@ -190,7 +191,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     checkpoint = _model_file(a, None if a.weights else a.checkpoint)
     preds = predict(checkpoint, paths, top_k=a.top_k, batch_size=a.batch_size, workers=a.workers,
                     precision=a.precision, device=a.device, threads=a.threads, compile=a.compile,
-                    arch=a.arch, classes=a.classes)
+                    engine=a.engine, arch=a.arch, classes=a.classes)
     if a.format == "json":
         say(json.dumps([asdict(p) for p in preds], indent=2))
     elif a.format == "csv":
@@ -292,6 +293,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: one per core)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (the first call costs 25-100 s on a CPU)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino"],
+                   help="what runs inference (prediction, evaluation, validation, frozen features); auto: "
+                        "OpenVINO on a CPU where installed, for 256 images or more (default: auto)")
 
 
 def _add_training(p: argparse.ArgumentParser, *, strategy: bool = True) -> None:

@@ -108,7 +108,7 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[st
 
 def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *, batch_size: int = 32,
              workers: int = 2, precision: str = "auto", device: str = "auto",
-             threads: int | None = None, compile: bool = False, arch: str | None = None,
+             threads: int | None = None, compile: bool = False, engine: str = "auto", arch: str | None = None,
              classes: str | list[str] | None = None) -> Metrics:
     """Metrics of a checkpoint on a class-per-folder dataset: `data` itself, or its `val/` folder.
 
@@ -127,8 +127,8 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
             f"class folder(s) {unknown} in {folder} are not classes of the checkpoint {ckpt.classes}"
         )
     samples = [Sample(s.path, ckpt.classes.index(present[s.label])) for s in make_samples(folder, present)]
-    runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile)
-    model = runtime.inference_model(ckpt.model)
+    runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile, engine=engine)
+    model = runtime.inference_model(ckpt.model, images=len(samples))
     loader = make_loader(ImageDataset(samples, ckpt.preprocessing.eval_transform()), batch_size=batch_size,
                          shuffle=False, workers=workers)
     inf = run_inference(model, loader, runtime, ckpt.preprocessing)

@@ -38,7 +38,7 @@ def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], *, top_k: int = 5,
             batch_size: int = 32, workers: int = 2, precision: str = "auto", device: str = "auto",
-            threads: int | None = None, compile: bool = False, arch: str | None = None,
+            threads: int | None = None, compile: bool = False, engine: str = "auto", arch: str | None = None,
             classes: str | list[str] | None = None,
             on_batch: Callable[[int, int], None] | None = None) -> list[Prediction]:
     """Class, probability and top-k for every image under `paths`; unreadable files get an `error`.
@@ -48,10 +48,10 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     ckpt = open_model(checkpoint, arch=arch, classes=classes)
-    runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile)
-    model = runtime.inference_model(ckpt.model)
+    runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile, engine=engine)
     k = min(top_k, len(ckpt.classes))
     files = collect_files(paths)
+    model = runtime.inference_model(ckpt.model, images=len(files))
     dataset = ImageDataset([Sample(p, -1) for p in files], ckpt.preprocessing.eval_transform())
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
     results: list[Prediction] = []

@@ -2,7 +2,9 @@
 
 `auto` picks the fast path a user would not know to ask for: on a CPU with AVX512_BF16 or AMX,
 bf16 autocast with channels_last (oneDNN's AMX kernels; about 3x fp32 for ResNet50 here); on a CUDA
-GPU, bf16 autocast where supported, else fp16 with a gradient scaler; otherwise fp32.
+GPU, bf16 autocast where supported, else fp16 with a gradient scaler; otherwise fp32. Inference on
+a CPU (prediction, evaluation, the frozen strategy's features) runs in OpenVINO where it is
+installed, for runs of at least `engine.MIN_IMAGES` images (see engine.py).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
+from .engine import MIN_IMAGES, OpenVINOModel, openvino_available
 from .preprocessing import Preprocessing, normalize
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENGINES = ("auto", "torch", "openvino")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -43,6 +47,8 @@ class Runtime:
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
     compile: bool = False  # torch.compile the model in place (the first call costs 25-100 s on a CPU)
+    engine: str = "torch"  # torch | openvino: what runs inference_model's copies (training is torch)
+    min_images: int = MIN_IMAGES  # the openvino engine's threshold (0 when asked for by name)
 
     def autocast(self) -> ContextManager:
         if self.precision == "fp32":
@@ -63,19 +69,29 @@ class Runtime:
         x = normalize(images.to(self.device, non_blocking=True), pre)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def inference_model(self, model: nn.Module, *, features: bool = False) -> nn.Module:
-        """A copy of `model` for inference, on the device: eval mode, each Conv2d -> BatchNorm2d pair
-        folded into one conv (one memory pass fewer per layer: ResNet50 bf16 eval goes from about 32
-        to 55 img/s here). `features=True` gives a module whose forward is `forward_features`."""
+    def inference_model(self, model: nn.Module, *, features: bool = False,
+                        images: int | None = None) -> nn.Module:
+        """A copy of `model` for inference, on the device, in eval mode. `features=True` gives a
+        module whose forward is `forward_features`. `images` (how many it will see; None: many)
+        decides whether OpenVINO's conversion pays: with the openvino engine and at least
+        `min_images` images the copy is an `OpenVINOModel`, else it runs in PyTorch with each
+        Conv2d -> BatchNorm2d pair folded into one conv (one memory pass fewer per layer: ResNet50
+        bf16 eval goes from about 32 to 55 img/s here)."""
         m = copy.deepcopy(model).eval()
         if features:
             m = _ForwardFeatures(m)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        if self.engine == "openvino" and (images is None or images >= self.min_images):
+            return OpenVINOModel(m, precision=self.precision, threads=torch.get_num_threads(),
+                                 fallback=lambda: self._torch_inference(m))
+        return self._torch_inference(m)
+
+    def _torch_inference(self, m: nn.Module) -> nn.Module:
         try:
             m = fx_fuse(m, inplace=True)
         except Exception as e:  # a model that torch.fx cannot trace still runs, unfused
-            log.debug("conv-bn folding skipped for %s: %s", type(model).__name__, e)
-        for p in m.parameters():
-            p.requires_grad_(False)
+            log.debug("conv-bn folding skipped for %s: %s", type(m).__name__, e)
         return self.prepare(m)
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
@@ -83,7 +99,8 @@ class Runtime:
 
     def describe(self) -> str:
         return (f"{self.device.type} {self.precision}{' channels_last' if self.channels_last else ''}"
-                f"{' compiled' if self.compile else ''}, {torch.get_num_threads()} threads")
+                f"{' compiled' if self.compile else ''}, {torch.get_num_threads()} threads"
+                f"{', inference in OpenVINO' if self.engine == 'openvino' else ''}")
 
 
 class _ForwardFeatures(nn.Module):
@@ -96,10 +113,13 @@ class _ForwardFeatures(nn.Module):
 
 
 def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: int | None = None,
-                    compile: bool = False) -> Runtime:
-    """Choose device, precision and memory format ('auto' = the fastest that is numerically safe)."""
+                    compile: bool = False, engine: str = "auto") -> Runtime:
+    """Choose device, precision, memory format and inference engine ('auto' = the fastest that is
+    numerically safe)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -114,5 +134,19 @@ def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: i
             precision = "bf16" if cpu_has_bf16() else "fp32"
     if precision == "fp16" and dev.type == "cpu":
         log.warning("fp16 on a CPU is slow and loses precision; bf16 or fp32 is the better choice")
+    if engine == "openvino":
+        fix = "or use --engine torch"
+        if dev.type != "cpu":
+            raise ValueError(f"the openvino engine runs on the CPU, not {device!r}; use --device cpu {fix}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"the openvino engine runs fp32 or bf16, not {precision!r}; {fix}")
+        if compile:
+            raise ValueError(f"--compile is for the torch engine; drop it {fix}")
+        if not openvino_available():
+            raise ValueError(f"the openvino engine needs the openvino package: pip install openvino, {fix}")
+    min_images = 0 if engine == "openvino" else MIN_IMAGES
+    if engine == "auto":
+        usable = dev.type == "cpu" and precision in ("fp32", "bf16") and not compile
+        engine = "openvino" if usable and openvino_available() else "torch"
     # channels_last pays on GPUs and with oneDNN's bf16 kernels; plain fp32 on a CPU gains ~30% too.
-    return Runtime(dev, precision, channels_last=True, compile=compile)
+    return Runtime(dev, precision, channels_last=True, compile=compile, engine=engine, min_images=min_images)

@@ -72,6 +72,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)
     compile: bool = False  # torch.compile (finetune only; the first step costs 25-100 s on a CPU)
+    engine: str = "auto"  # inference (validation, features): auto | torch | openvino (see engine.py)
     feature_cache: str = "disk"  # frozen: off (backbone every step) | memory | disk (reused across runs)
     views: int = 0  # frozen with a feature cache: augmented views per image, besides the eval view
     bad_files: str = "skip"  # files whose header cannot be read: skip (named once) | fail (before training)
@@ -300,9 +301,12 @@ def cached_features(model: nn.Module, splits: DatasetSplits, *, config: TrainCon
     key = fingerprint if config.feature_cache == "disk" else None
     start = time.perf_counter()
     train_files = files_fingerprint(splits.train) if key else None  # once, for every view
+    images = len(splits.train) * (config.views + 1) + len(splits.val)
+    backbone = runtime.inference_model(model, features=True, images=images)  # one copy (and conversion) for all
 
     def extract(samples: list, view: int, phase: str, files_key: str | None = None) -> Features:
         return extract_features(model, samples, runtime=runtime, pre=preprocessing, view=view, seed=config.seed,
+                                backbone=backbone,
                                 batch_size=max(config.batch_size, 32), workers=config.workers, cache_key=key,
                                 files_key=files_key, on_batch=lambda s, n: callback.on_step(phase, 0, s, n, None))
 
@@ -310,7 +314,6 @@ def cached_features(model: nn.Module, splits: DatasetSplits, *, config: TrainCon
                           for v in range(config.views + 1)])
     val = extract(splits.val, 0, "features val")
     seconds = time.perf_counter() - start
-    images = len(splits.train) * (config.views + 1) + len(splits.val)
     cached = " (from the disk cache)" if train.from_cache and val.from_cache else ""
     text = (f"backbone features of {images} images computed once in {seconds:.1f}s{cached} "
             f"({images / max(seconds, 1e-9):.1f} img/s); the head trains on them")
@@ -527,7 +530,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
                 metrics = compute_metrics(logits, val_feats.labels, splits.classes)
                 inf = Inference(logits, val_feats.labels, val_feats.indices, val_feats.failed)
             else:
-                val_model = model if runtime.compile else runtime.inference_model(model)  # conv-bn folded copy
+                val_model = model if runtime.compile else runtime.inference_model(model, images=len(splits.val))
                 inf = run_inference(val_model, val_loader, runtime, preprocessing,
                                     on_batch=lambda s, n: callback.on_step("val", epoch, s, n, None))
                 on_failed(inf.failed, splits.val)
@@ -604,7 +607,7 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     info = get_model_info(config.arch)
     pre = info.preprocessing if config.image_size is None else info.preprocessing.with_image_size(config.image_size)
     runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
-                              compile=config.compile and config.strategy == "finetune")
+                              compile=config.compile and config.strategy == "finetune", engine=config.engine)
     if resume and config.strategy == "finetune":  # every weight comes from the run state
         _, meta = load_run_state(out / STATE_FILE, tensors=False)
         model = create_model(config.arch, num_classes=len(splits.classes), **meta.get("arch_kwargs", {}))
@@ -626,7 +629,7 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     if inf is None:  # resumed after the best epoch: compute them again
         loader = make_loader(ImageDataset(splits.val, pre.eval_transform()), batch_size=32, shuffle=False,
                              workers=config.workers)
-        inf = run_inference(runtime.inference_model(model), loader, runtime, pre)
+        inf = run_inference(runtime.inference_model(model, images=len(splits.val)), loader, runtime, pre)
     result.files.update(write_val_pictures(out, inf, splits, pre))
     result.files["curves"] = plots.save_curves(out / "curves.png", [asdict(r) for r in result.history])
     result.wall_time = time.perf_counter() - started

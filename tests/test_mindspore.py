@@ -177,7 +177,7 @@ def test_same_padding_resnet_differs_only_where_it_should() -> None:
 def test_models_with_same_padding_still_fold_conv_and_batchnorm(arch: str, kwargs: dict) -> None:
     torch.manual_seed(0)
     model = randomize_bn(create_model(arch, num_classes=3, **kwargs))
-    fast = resolve_runtime(precision="fp32").inference_model(model)
+    fast = resolve_runtime(precision="fp32", engine="torch").inference_model(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())  # all folded
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from headstart.evaluation import compute_metrics, evaluate
 from headstart.models import create_model
 from headstart.prediction import predict
 from headstart.preprocessing import Preprocessing
+from headstart.runtime import resolve_runtime
 from headstart.training import Callback, TrainConfig, train
 
 from .conftest import colour_image
@@ -172,6 +174,12 @@ def test_frozen_features_are_cached_on_disk_and_reused(dataset: Path, tmp_path: 
     third = _Messages()
     train(dataset, out=tmp_path / "c", config=config, callback=third)
     assert "from the disk cache" not in third.messages[0]
+    # Other numerics mean other features: the cache is keyed by precision and engine too.
+    other_precision = "bf16" if resolve_runtime().precision == "fp32" else "fp32"
+    for n, other in enumerate([{"precision": other_precision}, {"engine": "openvino"}]):
+        messages = _Messages()
+        train(dataset, out=tmp_path / f"d{n}", config=tiny_config(**{**asdict(config), **other}), callback=messages)
+        assert "from the disk cache" not in messages.messages[0], other
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "frozen"])

@@ -1,0 +1,154 @@
+"""The OpenVINO inference engine: same outputs as PyTorch, the choice of engine, the fallback, no telemetry."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from headstart.engine import MIN_IMAGES, OpenVINOModel, openvino_available
+from headstart.models import create_model
+from headstart.prediction import predict
+from headstart.checkpoint import save_checkpoint
+from headstart.preprocessing import Preprocessing
+from headstart.runtime import resolve_runtime
+
+pytestmark = pytest.mark.skipif(not openvino_available() and not os.environ.get("HEADSTART_REQUIRE_OPENVINO"),
+                                reason="openvino is not installed (it is a dependency on x86-64)")
+
+
+def with_bn_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics and affine terms, so that a wrong fusion shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.4 + 0.8)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.4 + 0.8)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch,kwargs", [("tiny", {}), ("resnet18", {"padding": "same"}),
+                                         ("resnet18", {"stride_in_1x1": True}), ("mobilenet_v2", {}),
+                                         ("efficientnet_lite0", {})])
+def test_openvino_fp32_matches_pytorch_for_every_family(arch: str, kwargs: dict) -> None:
+    torch.manual_seed(0)
+    model = with_bn_statistics(create_model(arch, num_classes=3, **kwargs))
+    runtime = resolve_runtime(precision="fp32", engine="openvino")
+    fast = runtime.inference_model(model)
+    feats = runtime.inference_model(model, features=True)
+    assert isinstance(fast, OpenVINOModel) and isinstance(feats, OpenVINOModel)
+    for n, size in ((5, 64), (2, 64), (3, 65)):  # any batch size; a new image size compiles again
+        x = torch.randn(n, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(feats(x), model.forward_features(x), atol=1e-4, rtol=1e-4)
+    assert fast._torch is None and len(fast._compiled) == 2  # converted, no fallback
+
+
+def test_openvino_bf16_stays_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    model = with_bn_statistics(create_model("resnet18", num_classes=10))
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        out = resolve_runtime(precision="bf16", engine="openvino").inference_model(model)(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 keeps 8 bits of mantissa
+    assert (out.argmax(1) == ref.argmax(1)).all()
+
+
+@torch.library.custom_op("headstart_test::opaque", mutates_args=())
+def _opaque(x: torch.Tensor) -> torch.Tensor:  # an op OpenVINO has never heard of
+    return x * 2
+
+
+class _Unconvertible(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _opaque(self.conv(x)).mean((2, 3))
+
+
+def test_a_network_openvino_cannot_convert_runs_in_pytorch(caplog) -> None:
+    torch.manual_seed(0)
+    model = _Unconvertible().eval()
+    fast = resolve_runtime(precision="fp32", engine="openvino").inference_model(model)
+    x = torch.randn(2, 3, 16, 16)
+    with caplog.at_level(logging.WARNING, logger="headstart.engine"), torch.no_grad():
+        out = fast(x)
+        again = fast(x)
+    assert "OpenVINO could not convert _Unconvertible" in caplog.text and "running it in PyTorch" in caplog.text
+    assert caplog.text.count("could not convert") == 1  # said once
+    assert fast._torch is not None
+    torch.testing.assert_close(out, model(x))
+    torch.testing.assert_close(again, out)
+
+
+def test_engine_choice_and_its_errors() -> None:
+    auto = resolve_runtime(precision="fp32")
+    assert auto.engine == "openvino" and auto.min_images == MIN_IMAGES
+    model = create_model("tiny", num_classes=2)
+    assert not isinstance(auto.inference_model(model, images=MIN_IMAGES - 1), OpenVINOModel)  # would not pay
+    assert isinstance(auto.inference_model(model, images=MIN_IMAGES), OpenVINOModel)
+    named = resolve_runtime(precision="fp32", engine="openvino")
+    assert isinstance(named.inference_model(model, images=1), OpenVINOModel)  # asked for by name: always
+    assert resolve_runtime(precision="fp16").engine == "torch"  # auto: OpenVINO runs fp32 or bf16
+    assert resolve_runtime(compile=True).engine == "torch"
+    assert "inference in OpenVINO" in auto.describe()
+    with pytest.raises(ValueError, match=r"engine 'onnx' is not one of \('auto', 'torch', 'openvino'\)"):
+        resolve_runtime(engine="onnx")
+    with pytest.raises(ValueError, match="runs fp32 or bf16, not 'fp16'; or use --engine torch"):
+        resolve_runtime(precision="fp16", engine="openvino")
+    with pytest.raises(ValueError, match="--compile is for the torch engine"):
+        resolve_runtime(compile=True, engine="openvino")
+
+
+def test_predict_gives_the_same_answers_with_either_engine(dataset: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = with_bn_statistics(create_model("tiny", num_classes=2))
+    ckpt = save_checkpoint(tmp_path / "ck", model, classes=["blue", "red"], preprocessing=Preprocessing(image_size=32))
+    kw = dict(precision="fp32", workers=0, batch_size=7)
+    a = predict(ckpt, [dataset], engine="openvino", **kw)
+    b = predict(ckpt, [dataset], engine="torch", **kw)
+    assert len(a) == len(b) == 36
+    assert [p.path for p in a] == [p.path for p in b]
+    assert [p.label for p in a] == [p.label for p in b]
+    assert max(abs(p.probability - q.probability) for p, q in zip(a, b)) < 1e-4
+
+
+def test_openvino_sends_no_telemetry_and_leaves_the_signal_stack_alone(tmp_path: Path) -> None:
+    """Importing openvino's conversion tools sends a usage event unless the user opted out (a
+    consent file under ~/intel); headstart hides the telemetry module, so nothing is created or sent.
+    The CPU plugin's start sets a small signal stack on the calling thread, which Python's signal
+    handlers then used (the test suite died of a SIGSEGV in a SIGCHLD): it is put back."""
+    code = (
+        "import ctypes, faulthandler, sys, torch\n"
+        "from headstart.engine import _StackT\n"
+        "from headstart.models import create_model\n"
+        "from headstart.runtime import resolve_runtime\n"
+        "def altstack():\n"
+        "    s = _StackT()\n"
+        "    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(s)) == 0\n"
+        "    return s.ss_sp, s.ss_flags, s.ss_size\n"
+        "faulthandler.enable()  # sets a signal stack of its own\n"
+        "before = altstack()\n"
+        "m = resolve_runtime(precision='fp32', engine='openvino').inference_model(create_model('tiny', num_classes=2))\n"
+        "m(torch.randn(1, 3, 32, 32))\n"
+        "assert m._torch is None, 'not converted'\n"
+        "assert altstack() == before, (altstack(), before)\n"
+        "assert sys.modules.get('openvino_telemetry') is None, 'telemetry imported'\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path), "CI": ""}  # CI=true would switch it off by itself
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert not (tmp_path / "intel").exists()
