@@ -136,5 +136,6 @@ class OpenVINOModel(nn.Module):
                 self._torch = self._fallback()
                 return self._torch(x)
         request = self._compiled[shape]
-        out = request.infer({0: x.float().contiguous().numpy()}, share_inputs=False)[0]  # (N, ...) float32
+        batch = x.float().contiguous().numpy()  # NCHW; alive until infer returns, so it can be shared
+        out = request.infer({0: batch}, share_inputs=True)[0]  # (N, ...) float32
         return torch.from_numpy(out.copy())  # the request's buffer is reused by the next call
