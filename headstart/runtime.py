@@ -100,7 +100,14 @@ class Runtime:
     def describe(self) -> str:
         return (f"{self.device.type} {self.precision}{' channels_last' if self.channels_last else ''}"
                 f"{' compiled' if self.compile else ''}, {torch.get_num_threads()} threads"
-                f"{', inference in OpenVINO' if self.engine == 'openvino' else ''}")
+                f"{self._engine_note()}")
+
+    def _engine_note(self) -> str:
+        if self.engine != "openvino":
+            return ""
+        if self.min_images:
+            return f", OpenVINO for inference of {self.min_images}+ images"
+        return ", inference in OpenVINO"
 
 
 class _ForwardFeatures(nn.Module):
