@@ -17,18 +17,29 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import importlib.util
+import inspect
+import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from .download import cache_dir
+from .weights import weights_fingerprint
+
 log = logging.getLogger(__name__)
 
+CACHE_ENTRIES = 4  # converted graphs kept under <cache_dir()>/openvino/ (ResNet50: about 100 MB each)
 # ResNet50 saves about 12 ms per image, so its 1.1 s of conversion pays after about 100 images; the
 # lighter backbones save less per image (their eager pass is 2-3x cheaper) for a similar conversion.
 MIN_IMAGES = 256
@@ -85,12 +96,37 @@ def _import_openvino():
     return openvino, FrontEndManager, TorchScriptPythonDecoder
 
 
+def graph_key(model: nn.Module, shape: tuple[int, ...]) -> str:
+    """What a converted graph depends on: the input's (C, H, W), the module tree with every layer's
+    settings (its repr), options and mode, the source of every class in it, every tensor, and the
+    versions of openvino and torch (ResNet50: about 0.12 s, mostly hashing the weights)."""
+    h = hashlib.sha256()
+    ov = _import_openvino()[0]
+    h.update(json.dumps({"shape": shape, "openvino": ov.__version__, "torch": torch.__version__}).encode())
+    h.update(repr(model).encode())
+    h.update(bytes(m.training for m in model.modules()))  # eval vs train mode (BatchNorm, dropout)
+    for m in model.modules():
+        h.update(json.dumps(getattr(m, "arch_kwargs", None), sort_keys=True, default=str).encode())
+    for path in sorted({inspect.getsourcefile(type(m)) or "" for m in model.modules()} - {""}):
+        h.update(Path(path).read_bytes())
+    h.update(weights_fingerprint(model, exclude=None).encode())
+    return h.hexdigest()[:32]
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently used entries of the graph cache."""
+    entries = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class OpenVINOModel(nn.Module):
     """Callable like the eval-mode `model` it wraps: float (N, C, H, W) -> float32 outputs.
 
-    The graph is traced and compiled on the first call, for that call's (C, H, W) with any batch
-    size. If OpenVINO cannot convert the network, the torch module from `fallback()` runs instead
-    (logged once)."""
+    The graph is converted on the first call, for that call's (C, H, W) with any batch size, and
+    kept on disk (keyed by `graph_key`; the `CACHE_ENTRIES` most recently used are kept), so a
+    later run with the same network reads it instead of converting it again. If OpenVINO cannot
+    convert the network, the torch module from `fallback()` runs instead (logged once)."""
 
     def __init__(self, model: nn.Module, *, precision: str, threads: int,
                  fallback: Callable[[], nn.Module]) -> None:
@@ -102,9 +138,8 @@ class OpenVINOModel(nn.Module):
         self._compiled: dict[tuple[int, ...], object] = {}
         self._torch: nn.Module | None = None
 
-    def _compile(self, x: torch.Tensor) -> object:
+    def _convert(self, x: torch.Tensor) -> object:
         ov, FrontEndManager, TorchScriptPythonDecoder = _import_openvino()
-        start = time.perf_counter()
         model = self._model[0]
         # The trace bakes in shapes (TF-style padding amounts...): hence one compiled graph per (C, H, W).
         with torch.no_grad(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
@@ -115,14 +150,43 @@ class OpenVINOModel(nn.Module):
             frontend = FrontEndManager().load_by_framework("pytorch")
             graph = frontend.convert(frontend.load(decoder))
         graph.reshape({graph.inputs[0]: ov.PartialShape([-1, *x.shape[1:]])})  # any batch size
+        return graph
+
+    def _graph(self, x: torch.Tensor) -> tuple[object, str]:
+        """The converted graph for x's (C, H, W): from the disk cache, else converted and kept there."""
+        root = cache_dir() / "openvino"
+        folder = root / graph_key(self._model[0], tuple(x.shape[1:]))
+        xml = folder / "model.xml"
+        if xml.exists():
+            try:
+                graph = _core().read_model(str(xml))
+                os.utime(folder)  # recently used
+                return graph, f"read from {folder}"
+            except Exception as e:  # a damaged entry: convert again, replace it
+                log.warning("ignoring the unreadable converted graph %s: %s", folder, e)
+                shutil.rmtree(folder, ignore_errors=True)
+        graph = self._convert(x)
+        ov = _import_openvino()[0]
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.mkdir(exist_ok=True) or root))
+            ov.save_model(graph, str(tmp / "model.xml"), compress_to_fp16=False)  # fp32 weights, as given
+            tmp.rename(folder)
+            _prune(root, CACHE_ENTRIES)
+        except OSError as e:  # a full or read-only disk: the next run converts again
+            log.warning("could not keep the converted graph in %s: %s", root, e)
+        return graph, "converted"
+
+    def _compile(self, x: torch.Tensor) -> object:
+        start = time.perf_counter()
+        graph, how = self._graph(x)
         with _keep_sigaltstack():
             compiled = _core().compile_model(graph, "CPU", {
                 "PERFORMANCE_HINT": "LATENCY",  # one stream: each batch uses every thread
                 "INFERENCE_NUM_THREADS": self._threads,
                 "INFERENCE_PRECISION_HINT": _PRECISIONS[self._precision],
             })
-        log.info("OpenVINO: %s converted and compiled for %s inputs (%s) in %.1fs", type(model).__name__,
-                 tuple(x.shape[1:]), self._precision, time.perf_counter() - start)
+        log.info("OpenVINO: %s %s and compiled for %s inputs (%s) in %.1fs", type(self._model[0]).__name__,
+                 how, tuple(x.shape[1:]), self._precision, time.perf_counter() - start)
         return compiled.create_infer_request()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,12 @@ from .checkpoint import load_run_state, read_checkpoint_meta, restore_run_state,
 from .data import DatasetSplits, ImageDataset, collate, make_loader, sample_seed, scan_dataset
 from .download import atomic_write
 from .evaluation import Inference, Metrics, compute_metrics, run_inference
-from .features import Features, extract_features, files_fingerprint, weights_fingerprint
+from .features import Features, extract_features, files_fingerprint
 from .models import create_model, freeze_backbone, get_head, get_model_info
 from .preprocessing import Preprocessing
 from .report import write_report
 from .runtime import Runtime, resolve_runtime
+from .weights import weights_fingerprint
 
 log = logging.getLogger(__name__)
 

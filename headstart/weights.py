@@ -307,3 +307,19 @@ def load_source(source: WeightSource, *, progress: Progress | None = None) -> Lo
     loaded = load_weights_file(source.fetch(progress=progress))
     loaded.source = source.describe()
     return loaded
+
+
+def weights_fingerprint(model: torch.nn.Module, *, exclude: str | None = "fc.") -> str:
+    """sha256 of the architecture and its options (the same tensors give other features with another
+    stride placement or padding) and of every tensor of `model` whose name does not start with
+    `exclude` (None: every tensor); about 0.12 s for ResNet50 here."""
+    h = hashlib.sha256()
+    arch = {"arch": getattr(model, "arch", type(model).__name__), "kwargs": getattr(model, "arch_kwargs", {})}
+    h.update(json.dumps(arch, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if exclude is not None and name.startswith(exclude):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

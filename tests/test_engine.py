@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from headstart.engine import MIN_IMAGES, OpenVINOModel, openvino_available
+from headstart.engine import MIN_IMAGES, OpenVINOModel, graph_key, openvino_available
 from headstart.models import create_model
 from headstart.prediction import predict
 from headstart.checkpoint import save_checkpoint
@@ -153,3 +153,45 @@ def test_openvino_sends_no_telemetry_and_leaves_the_signal_stack_alone(tmp_path:
     env = {**os.environ, "HOME": str(tmp_path), "CI": ""}  # CI=true would switch it off by itself
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
     assert not (tmp_path / "intel").exists()
+
+
+def test_converted_graphs_are_kept_on_disk_and_reused(headstart_home: Path, monkeypatch, caplog) -> None:
+    torch.manual_seed(0)
+    model = with_bn_statistics(create_model("resnet18", num_classes=3))
+    runtime = resolve_runtime(precision="fp32", engine="openvino")
+    x = torch.randn(3, 3, 64, 64)
+    with caplog.at_level(logging.INFO, logger="headstart.engine"), torch.no_grad():
+        first = runtime.inference_model(model)(x)
+        again = runtime.inference_model(model)(x)  # a new copy, as a later run would make
+    assert "converted and compiled" in caplog.messages[0] and "read from" in caplog.messages[1]
+    assert torch.equal(first, again)  # the same graph, bit for bit
+    torch.testing.assert_close(again, model(x), atol=1e-4, rtol=1e-4)
+    entries = list((headstart_home / "openvino").iterdir())
+    assert len(entries) == 1 and (entries[0] / "model.bin").stat().st_size > 4 * 11_000_000  # fp32 weights
+
+    # Whatever changes the graph changes the key: a weight, a layer setting, the input size.
+    key = graph_key(model, (3, 64, 64))
+    other = create_model("resnet18", num_classes=3)
+    other.load_state_dict(model.state_dict())
+    assert graph_key(other, (3, 64, 64)) != key  # train mode
+    assert graph_key(other.eval(), (3, 64, 64)) == key
+    assert graph_key(other, (3, 65, 64)) != key
+    with torch.no_grad():
+        other.fc.bias[0] += 1
+    assert graph_key(other, (3, 64, 64)) != key
+    strided = create_model("resnet18", num_classes=3, stride_in_1x1=True).eval()
+    strided.load_state_dict(model.state_dict())
+    assert graph_key(strided, (3, 64, 64)) != key
+
+    # A damaged entry is converted again; only the CACHE_ENTRIES most recently used are kept.
+    (entries[0] / "model.bin").write_bytes(b"\0" * 100)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="headstart.engine"), torch.no_grad():
+        torch.testing.assert_close(runtime.inference_model(model)(x), first)
+    assert "ignoring the unreadable converted graph" in caplog.text and "converted and compiled" in caplog.text
+    monkeypatch.setattr("headstart.engine.CACHE_ENTRIES", 2)
+    for size in (33, 34, 35):
+        with torch.no_grad():
+            runtime.inference_model(model)(torch.randn(1, 3, size, size))
+    kept = sorted(p.name for p in (headstart_home / "openvino").iterdir())
+    assert len(kept) == 2 and kept == sorted(graph_key(model, (3, s, s)) for s in (34, 35))

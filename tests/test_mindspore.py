@@ -349,7 +349,7 @@ def test_pad_same_equals_f_pad_keeps_the_memory_format_and_passes_gradients(chan
 
 def test_feature_cache_key_tells_paddings_apart() -> None:
     """The same tensors in a ResNet that pads the other way give other features: another cache key."""
-    from headstart.features import weights_fingerprint
+    from headstart.weights import weights_fingerprint
 
     torch.manual_seed(0)
     a = create_model("resnet18", num_classes=2)
