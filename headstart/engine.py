@@ -125,16 +125,17 @@ class OpenVINOModel(nn.Module):
 
     The graph is converted on the first call, for that call's (C, H, W) with any batch size, and
     kept on disk (keyed by `graph_key`; the `CACHE_ENTRIES` most recently used are kept), so a
-    later run with the same network reads it instead of converting it again. If OpenVINO cannot
+    later run with the same network reads it instead of converting it again; `keep=False` (for
+    weights that are about to change) neither reads nor writes that cache. If OpenVINO cannot
     convert the network, the torch module from `fallback()` runs instead (logged once)."""
 
     def __init__(self, model: nn.Module, *, precision: str, threads: int,
-                 fallback: Callable[[], nn.Module]) -> None:
+                 fallback: Callable[[], nn.Module], keep: bool = True) -> None:
         super().__init__()
         if precision not in _PRECISIONS:
             raise ValueError(f"OpenVINO runs fp32 or bf16, not {precision!r}; use --engine torch")
         self._model = (model,)  # a tuple: not registered as a submodule, but kept alive (shared weights)
-        self._precision, self._threads, self._fallback = precision, threads, fallback
+        self._precision, self._threads, self._fallback, self._keep = precision, threads, fallback, keep
         self._compiled: dict[tuple[int, ...], object] = {}
         self._torch: nn.Module | None = None
 
@@ -154,6 +155,8 @@ class OpenVINOModel(nn.Module):
 
     def _graph(self, x: torch.Tensor) -> tuple[object, str]:
         """The converted graph for x's (C, H, W): from the disk cache, else converted and kept there."""
+        if not self._keep:
+            return self._convert(x), "converted"
         root = cache_dir() / "openvino"
         folder = root / graph_key(self._model[0], tuple(x.shape[1:]))
         xml = folder / "model.xml"

@@ -531,7 +531,8 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
                 metrics = compute_metrics(logits, val_feats.labels, splits.classes)
                 inf = Inference(logits, val_feats.labels, val_feats.indices, val_feats.failed)
             else:
-                val_model = model if runtime.compile else runtime.inference_model(model, images=len(splits.val))
+                val_model = model if runtime.compile else runtime.inference_model(
+                    model, images=len(splits.val), keep_graph=False)  # the weights change every epoch
                 inf = run_inference(val_model, val_loader, runtime, preprocessing,
                                     on_batch=lambda s, n: callback.on_step("val", epoch, s, n, None))
                 on_failed(inf.failed, splits.val)

@@ -195,3 +195,18 @@ def test_converted_graphs_are_kept_on_disk_and_reused(headstart_home: Path, monk
             runtime.inference_model(model)(torch.randn(1, 3, size, size))
     kept = sorted(p.name for p in (headstart_home / "openvino").iterdir())
     assert len(kept) == 2 and kept == sorted(graph_key(model, (3, s, s)) for s in (34, 35))
+
+
+def test_validation_in_training_keeps_no_graph(dataset: Path, tmp_path: Path, headstart_home: Path) -> None:
+    """The weights change every epoch: their graphs would only push useful ones out of the cache."""
+    from headstart.training import TrainConfig, train
+
+    config = TrainConfig(arch="tiny", weights=None, epochs=2, batch_size=8, workers=0, image_size=32,
+                         engine="openvino", precision="fp32")
+    result = train(dataset, out=tmp_path / "run", config=config)
+    assert len(result.history) == 2 and 0 <= result.history[-1].val_acc <= 1
+    assert not (headstart_home / "openvino").exists() or not any((headstart_home / "openvino").iterdir())
+    with torch.no_grad():  # while a model's own inference keeps its graph
+        resolve_runtime(precision="fp32", engine="openvino").inference_model(
+            create_model("tiny", num_classes=2))(torch.randn(1, 3, 32, 32))
+    assert len(list((headstart_home / "openvino").iterdir())) == 1
