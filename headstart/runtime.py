@@ -93,6 +93,8 @@ class Runtime:
             m = fx_fuse(m, inplace=True)
         except Exception as e:  # a model that torch.fx cannot trace still runs, unfused
             log.debug("conv-bn folding skipped for %s: %s", type(m).__name__, e)
+        for p in m.parameters():  # the folded convs' new parameters too
+            p.requires_grad_(False)
         return self.prepare(m)
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
