@@ -170,13 +170,17 @@ class OpenVINOModel(nn.Module):
                 shutil.rmtree(folder, ignore_errors=True)
         graph = self._convert(x)
         ov = _import_openvino()[0]
+        tmp = None
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.mkdir(exist_ok=True) or root))
+            root.mkdir(exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
             ov.save_model(graph, str(tmp / "model.xml"), compress_to_fp16=False)  # fp32 weights, as given
-            tmp.rename(folder)
+            tmp.rename(folder)  # whole entries only: a reader never sees a half-written one
             _prune(root, CACHE_ENTRIES)
-        except OSError as e:  # a full or read-only disk: the next run converts again
+        except OSError as e:  # a full or read-only disk, or another process kept it first
             log.warning("could not keep the converted graph in %s: %s", root, e)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         return graph, "converted"
 
     def _compile(self, x: torch.Tensor) -> object:

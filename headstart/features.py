@@ -24,7 +24,6 @@ from torch import nn
 
 from .data import ImageDataset, Sample, make_loader
 from .download import atomic_write, cache_dir
-from .engine import OpenVINOModel
 from .evaluation import run_inference
 from .preprocessing import Preprocessing
 from .runtime import Runtime
@@ -61,24 +60,23 @@ def files_fingerprint(samples: Sequence[Sample]) -> str:
 
 def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Runtime, pre: Preprocessing,
                      view: int = 0, seed: int = 0, batch_size: int = 32, workers: int = 0,
-                     cache_key: str | None = None, files_key: str | None = None, backbone: nn.Module | None = None,
-                     on_batch: Callable[[int, int], None] | None = None) -> Features:
+                     cache_key: str | None = None, files_key: str | None = None, images: int | None = None,
+                     backbone: Callable[[], nn.Module] | None = None, on_batch: Callable[[int, int], None] | None = None) -> Features:
     """Pooled backbone features of `samples` for one view (0 = eval transform, v >= 1 = augmented).
 
-    `model` is the full network (its `forward_features` is used, conv-bn folded, in eval mode);
-    `backbone`, if given, is `runtime.inference_model(model, features=True)` made once for several
-    calls. With `cache_key` (a fingerprint of the weights), results are kept under
+    `model` is the full network (its `forward_features` is used, in eval mode, through
+    `runtime.inference_model`). `images` (default: len(samples)) is the run's image count, which
+    picks the engine; `backbone`, if given, makes that inference copy once for several calls (it is
+    called only when features must be computed). With `cache_key` (a fingerprint of the weights), results are kept under
     `<cache_dir()>/features/`, keyed also by the numerics (engine and precision: bf16 features
     differ from fp32 ones in the third digit).
     """
-    if backbone is None:
-        backbone = runtime.inference_model(model, features=True, images=len(samples))
+    images = len(samples) if images is None else images
     path = None
     if cache_key is not None:
-        engine = "openvino" if isinstance(backbone, OpenVINOModel) else "torch"
         key = hashlib.sha256(json.dumps({
             "weights": cache_key, "preprocessing": pre.to_dict(), "view": view,
-            "numerics": [engine, runtime.precision, runtime.device.type],
+            "numerics": [runtime.engine_for(images), runtime.precision, runtime.device.type],
             "seed": seed if view else None, "files": files_key or files_fingerprint(samples), "n": len(samples),
         }, sort_keys=True).encode()).hexdigest()[:32]
         path = cache_dir() / "features" / f"{key}.safetensors"
@@ -94,7 +92,8 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
     loader = make_loader(ImageDataset(samples, transform, seed=seed), batch_size=batch_size, shuffle=False,
                          workers=workers)
     loader.sampler.set_epoch(view)
-    inf = run_inference(backbone, loader, runtime, pre, on_batch=on_batch)
+    net = backbone() if backbone else runtime.inference_model(model, features=True, images=images)
+    inf = run_inference(net, loader, runtime, pre, on_batch=on_batch)
     out = Features(inf.logits.float(), inf.labels, inf.indices, inf.failed)
     if path is not None:
         with atomic_write(path) as f:

@@ -83,10 +83,16 @@ class Runtime:
             m = _ForwardFeatures(m)
         for p in m.parameters():
             p.requires_grad_(False)
-        if self.engine == "openvino" and (images is None or images >= self.min_images):
+        if self.engine_for(images) == "openvino":
             return OpenVINOModel(m, precision=self.precision, threads=torch.get_num_threads(),
                                  fallback=lambda: self._torch_inference(m), keep=keep_graph)
         return self._torch_inference(m)
+
+    def engine_for(self, images: int | None) -> str:
+        """The engine `inference_model` picks for a run of `images` images (None: many)."""
+        if self.engine == "openvino" and (images is None or images >= self.min_images):
+            return "openvino"
+        return "torch"
 
     def _torch_inference(self, m: nn.Module) -> nn.Module:
         try:

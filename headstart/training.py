@@ -13,6 +13,7 @@ Strategies (the tutorial's two):
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -303,11 +304,12 @@ def cached_features(model: nn.Module, splits: DatasetSplits, *, config: TrainCon
     start = time.perf_counter()
     train_files = files_fingerprint(splits.train) if key else None  # once, for every view
     images = len(splits.train) * (config.views + 1) + len(splits.val)
-    backbone = runtime.inference_model(model, features=True, images=images)  # one copy (and conversion) for all
+    # One inference copy (and OpenVINO conversion) for every view, made only if a view is not on disk.
+    backbone = functools.cache(lambda: runtime.inference_model(model, features=True, images=images))
 
     def extract(samples: list, view: int, phase: str, files_key: str | None = None) -> Features:
         return extract_features(model, samples, runtime=runtime, pre=preprocessing, view=view, seed=config.seed,
-                                backbone=backbone,
+                                images=images, backbone=backbone,
                                 batch_size=max(config.batch_size, 32), workers=config.workers, cache_key=key,
                                 files_key=files_key, on_batch=lambda s, n: callback.on_step(phase, 0, s, n, None))
 
