@@ -295,7 +295,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (the first call costs 25-100 s on a CPU)")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino"],
                    help="what runs inference (prediction, evaluation, validation, frozen features); auto: "
-                        "OpenVINO on a CPU where installed, for 256 images or more (default: auto)")
+                        "OpenVINO on a CPU where installed, for runs with enough images to pay back its "
+                        "conversion (default: auto)")
 
 
 def _add_training(p: argparse.ArgumentParser, *, strategy: bool = True) -> None:

@@ -61,15 +61,16 @@ def files_fingerprint(samples: Sequence[Sample]) -> str:
 def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Runtime, pre: Preprocessing,
                      view: int = 0, seed: int = 0, batch_size: int = 32, workers: int = 0,
                      cache_key: str | None = None, files_key: str | None = None, images: int | None = None,
-                     backbone: Callable[[], nn.Module] | None = None, on_batch: Callable[[int, int], None] | None = None) -> Features:
+                     backbone: Callable[[], nn.Module] | None = None,
+                     on_batch: Callable[[int, int], None] | None = None) -> Features:
     """Pooled backbone features of `samples` for one view (0 = eval transform, v >= 1 = augmented).
 
     `model` is the full network (its `forward_features` is used, in eval mode, through
     `runtime.inference_model`). `images` (default: len(samples)) is the run's image count, which
     picks the engine; `backbone`, if given, makes that inference copy once for several calls (it is
-    called only when features must be computed). With `cache_key` (a fingerprint of the weights), results are kept under
-    `<cache_dir()>/features/`, keyed also by the numerics (engine and precision: bf16 features
-    differ from fp32 ones in the third digit).
+    called only when features must be computed). With `cache_key` (a fingerprint of the weights),
+    results are kept under `<cache_dir()>/features/`, keyed also by the numerics (engine and
+    precision: bf16 features differ from fp32 ones in the third digit).
     """
     images = len(samples) if images is None else images
     path = None

@@ -3,7 +3,7 @@
 `auto` picks the fast path a user would not know to ask for: on a CPU with AVX512_BF16 or AMX,
 bf16 autocast with channels_last (oneDNN's AMX kernels; about 3x fp32 for ResNet50 here); on a CUDA
 GPU, bf16 autocast where supported, else fp16 with a gradient scaler; otherwise fp32. Inference on
-a CPU (prediction, evaluation, the frozen strategy's features) runs in OpenVINO where it is
+a CPU (prediction, evaluation, validation, the frozen strategy's features) runs in OpenVINO where it is
 installed, for runs of at least `engine.MIN_IMAGES` images (see engine.py).
 """
 
