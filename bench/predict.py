@@ -6,7 +6,7 @@ Both start from the same checkpoint file and include loading it; both decode wit
 processes. plain: fp32, NCHW, eager, no_grad, batch 32. headstart: `predict()` with its defaults
 (on a CPU: OpenVINO, bf16 where the CPU has it). Each round times three calls: headstart's first
 run on this checkpoint (its converted graph removed from the disk cache first, so the conversion,
-about 1.1 s for ResNet50, is paid and counted), a second run (the graph read from the cache), and
+0.75-1.1 s for ResNet50, is paid and counted), a second run (the graph read from the cache), and
 the plain loop (this machine is shared: load comes in bursts, so they take turns). Medians over
 --rounds are compared. Last line: predict_speedup=<headstart first run / plain, img/s>.
 """

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import open_model
-from .data import ImageDataset, Sample, find_classes, make_loader, make_samples
+from .data import Batch, ImageDataset, Sample, find_classes, make_loader, make_samples
 from .preprocessing import Preprocessing
 from .runtime import Runtime, resolve_runtime
 
@@ -25,22 +25,25 @@ class Inference:
     failed: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
 
 
-@torch.no_grad()
 def run_inference(model: nn.Module, loader: torch.utils.data.DataLoader, runtime: Runtime,
                   pre: Preprocessing, *, on_batch: Callable[[int, int], None] | None = None) -> Inference:
-    """Logits for every decodable image of `loader` (model in eval mode)."""
+    """Logits for every decodable image of `loader` (model in eval mode); `on_batch(step, steps)`
+    after each batch is read (OpenVINO has a few more batches in flight than were answered)."""
     model.eval()
     logits, labels, indices, failed = [], [], [], []
-    for step, batch in enumerate(loader):
-        failed += batch.failed
-        if len(batch):
-            with runtime.autocast():
-                out = model(runtime.inputs(batch.images, pre))
-            logits.append(out.float().cpu())
-            labels.append(batch.labels)
-            indices.append(batch.indices)
-        if on_batch:
-            on_batch(step + 1, len(loader))
+
+    def inputs() -> Iterator[tuple[Batch, torch.Tensor]]:
+        for step, batch in enumerate(loader):
+            failed.extend(batch.failed)
+            if len(batch):
+                yield batch, runtime.inputs(batch.images, pre)
+            if on_batch:
+                on_batch(step + 1, len(loader))
+
+    for batch, out in runtime.outputs(model, inputs()):
+        logits.append(out)
+        labels.append(batch.labels)
+        indices.append(batch.indices)
     if not logits:
         return Inference(torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), failed)
     return Inference(torch.cat(logits), torch.cat(labels), torch.cat(indices), failed)

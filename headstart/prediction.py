@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
-
 from .checkpoint import open_model
 from .data import ImageDataset, Sample, list_images, make_loader
+from .evaluation import run_inference
 from .runtime import resolve_runtime
 
 
@@ -54,19 +53,14 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
     model = runtime.inference_model(ckpt.model, images=len(files))
     dataset = ImageDataset([Sample(p, -1) for p in files], ckpt.preprocessing.eval_transform())
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
-    results: list[Prediction] = []
-    for step, batch in enumerate(loader):
-        for index, reason in batch.failed:
-            results.append(Prediction(str(files[index]), None, 0.0, [], f"not a readable image ({reason})"))
-        if len(batch):
-            with torch.no_grad(), runtime.autocast():
-                logits = model(runtime.inputs(batch.images, ckpt.preprocessing))
-            values, indices = logits.float().softmax(1).cpu().topk(k, dim=1)
-            for index, v, i in zip(batch.indices.tolist(), values.tolist(), indices.tolist()):
-                top = [(ckpt.classes[j], p) for j, p in zip(i, v)]
-                results.append(Prediction(str(files[index]), top[0][0], top[0][1], top))
-        if on_batch:
-            on_batch(step + 1, len(loader))
+    inf = run_inference(model, loader, runtime, ckpt.preprocessing, on_batch=on_batch)
+    results = [Prediction(str(files[index]), None, 0.0, [], f"not a readable image ({reason})")
+               for index, reason in inf.failed]
+    if len(inf.indices):
+        values, indices = inf.logits.softmax(1).topk(k, dim=1)
+        for index, v, i in zip(inf.indices.tolist(), values.tolist(), indices.tolist()):
+            top = [(ckpt.classes[j], p) for j, p in zip(i, v)]
+            results.append(Prediction(str(files[index]), top[0][0], top[0][1], top))
     order = {str(p): n for n, p in enumerate(files)}
     results.sort(key=lambda r: order[r.path])
     return results

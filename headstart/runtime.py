@@ -15,7 +15,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
+from typing import ContextManager, Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENGINES = ("auto", "torch", "openvino")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+T = TypeVar("T")
 
 
 @functools.cache
@@ -87,6 +88,18 @@ class Runtime:
             return OpenVINOModel(m, precision=self.precision, threads=torch.get_num_threads(),
                                  fallback=lambda: self._torch_inference(m), keep=keep_graph)
         return self._torch_inference(m)
+
+    def outputs(self, model: nn.Module, batches: Iterable[tuple[T, torch.Tensor]]) -> Iterator[tuple[T, torch.Tensor]]:
+        """(tag, float32 outputs on the CPU) for each (tag, input batch) of an `inference_model`
+        copy, in order: OpenVINO keeps several batches in flight (`OpenVINOModel.pipeline`);
+        PyTorch runs them one at a time, under autocast."""
+        if isinstance(model, OpenVINOModel):  # (its parameters need no grad: no graph is recorded)
+            yield from model.pipeline(batches)
+            return
+        for tag, x in batches:
+            with torch.no_grad(), self.autocast():
+                out = model(x)
+            yield tag, out.float().cpu()
 
     def engine_for(self, images: int | None) -> str:
         """The engine `inference_model` picks for a run of `images` images (None: many)."""

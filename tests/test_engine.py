@@ -51,7 +51,26 @@ def test_openvino_fp32_matches_pytorch_for_every_family(arch: str, kwargs: dict)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(feats(x), model.forward_features(x), atol=1e-4, rtol=1e-4)
-    assert fast._torch is None and len(fast._compiled) == 2  # converted, no fallback
+    assert fast._torch is None and len(fast._requests) == 2  # converted, no fallback
+
+
+def test_pipeline_answers_every_batch_in_order() -> None:
+    """Batches split into one chunk per stream, several in flight: each answer must come back
+    whole, with its own tag, in the order given, whatever the batch sizes and image sizes."""
+    torch.manual_seed(0)
+    model = with_bn_statistics(create_model("resnet18", num_classes=3))
+    runtime = resolve_runtime(precision="fp32", engine="openvino")
+    fast = runtime.inference_model(model)
+    sizes = [(5, 64), (1, 64), (8, 64), (3, 48), (2, 64), (7, 64), (1, 48), (4, 64)]
+    batches = [(f"b{i}", torch.randn(n, 3, s, s)) for i, (n, s) in enumerate(sizes)]
+    out = list(runtime.outputs(fast, iter(batches)))
+    if torch.get_num_threads() >= 2:  # a stream per thread: batches were split and queued
+        assert fast._streams >= 2
+    assert [tag for tag, _ in out] == [tag for tag, _ in batches]
+    with torch.no_grad():
+        for (_, x), (_, y) in zip(batches, out):
+            torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-4)
+    assert all(len(idle) == 2 * fast._streams for idle in fast._requests.values())  # all returned
 
 
 def test_openvino_bf16_stays_close_to_fp32() -> None:
@@ -93,6 +112,11 @@ def test_a_network_openvino_cannot_convert_runs_in_pytorch(caplog) -> None:
     assert fast._torch is not None
     torch.testing.assert_close(out, model(x))
     torch.testing.assert_close(again, out)
+    runtime = resolve_runtime(precision="fp32", engine="openvino")
+    batches = [(n, torch.randn(n, 3, 16, 16)) for n in (3, 1, 2)]
+    for (n, x), (tag, y) in zip(batches, runtime.outputs(runtime.inference_model(model), iter(batches)), strict=True):
+        assert tag == n
+        torch.testing.assert_close(y, model(x))
 
 
 def test_engine_choice_and_its_errors() -> None:
