@@ -25,25 +25,42 @@ def spread_indices(n: int, k: int) -> list[int]:
     return sorted({int(i * n / k) for i in range(k)})
 
 
+_DPI = 80
+_GAP_PX, _TITLE_PX = 16, 36  # around each image; above it, room for two lines of title at 10 pt
+_MIN_CELL_PX = 160  # so that titles of small images do not run into each other
+
+
 def _grid(images: torch.Tensor, titles: Sequence[str], colors: Sequence[str], cols: int = 6):
-    """uint8 (N, 3, H, W) images in a grid, each titled."""
+    """uint8 (N, 3, H, W) images in a grid, each titled, drawn pixel for pixel (each pixel
+    repeated for images under `_MIN_CELL_PX` / 2).
+
+    The images go onto the figure itself (`figimage`, no axes, no resampling) and the titles are
+    figure texts: an 18-image grid of 224-pixel images took 0.2 s here, drawn and saved, against
+    0.9-1.1 s with a subplot per image, `tight_layout` and a tight bounding box (each of which
+    draws the figure once more)."""
     n = max(len(images), 1)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, title, color in zip(axes.flat, images, titles, colors):
-        ax.imshow(img.permute(1, 2, 0).numpy())
-        ax.set_title(title, color=color, fontsize=10)
-    fig.tight_layout()
+    zoom = max(1, _MIN_CELL_PX // max(images.shape[-2:])) if len(images) else 1  # small images: pixels repeated
+    h, w = (images.shape[-2] * zoom, images.shape[-1] * zoom) if len(images) else (0, 0)
+    cell_w, cell_h = max(w, _MIN_CELL_PX) + _GAP_PX, h + _TITLE_PX + _GAP_PX
+    width, height = cols * cell_w, rows * cell_h  # pixels
+    fig = plt.figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+    for k, (img, title, color) in enumerate(zip(images, titles, colors)):
+        r, c = divmod(k, cols)
+        left, bottom = c * cell_w + (cell_w - w) // 2, (rows - 1 - r) * cell_h + _GAP_PX // 2
+        pixels = img.permute(1, 2, 0).numpy().repeat(zoom, axis=0).repeat(zoom, axis=1)  # (H, W, 3)
+        fig.figimage(pixels, xo=left, yo=bottom, origin="upper")
+        fig.text((left + w / 2) / width, (bottom + h + 4) / height, title, color=color, fontsize=10,
+                 ha="center", va="bottom")
     return fig
 
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
+    # zlib level 1: that 18-image grid in 0.20 s and 2.06 MB; level 6 (the default): 0.45 s, 1.84 MB
     with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=80, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=_DPI, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return path
 
