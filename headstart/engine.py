@@ -259,31 +259,37 @@ class OpenVINOModel(nn.Module):
                 tag, _, outs = done.popleft()
                 yield tag, torch.cat(outs)
 
-        for tag, x in batches:
-            idle = self._idle(x)
-            if idle is None:  # PyTorch, after a failed conversion
-                while flight:
-                    finish_oldest()
+        try:
+            for tag, x in batches:
+                idle = self._idle(x)
+                if idle is None:  # PyTorch, after a failed conversion
+                    while flight:
+                        finish_oldest()
+                    yield from ready()
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._precision == "bf16"):
+                        out = self._torch(x).float()
+                    yield tag, out
+                    continue
+                # NHWC: no copy when x is channels_last (as Runtime.inputs gives it)
+                batch = x.float().permute(0, 2, 3, 1).contiguous().numpy()
+                size = -(-len(batch) // self._streams)  # one chunk per stream
+                record = [tag, -(-len(batch) // size), []]
+                done.append(record)
+                for start in range(0, len(batch), size):
+                    while not idle:
+                        finish_oldest()
+                    request, chunk = idle.pop(), batch[start:start + size]
+                    request.start_async({0: chunk}, share_inputs=True)  # reads `chunk` in place, kept in `flight`
+                    flight.append((request, idle, chunk, record))
                 yield from ready()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._precision == "bf16"):
-                    out = self._torch(x).float()
-                yield tag, out
-                continue
-            # NHWC: no copy when x is channels_last (as Runtime.inputs gives it)
-            batch = x.float().permute(0, 2, 3, 1).contiguous().numpy()
-            size = -(-len(batch) // self._streams)  # one chunk per stream
-            record = [tag, -(-len(batch) // size), []]
-            done.append(record)
-            for start in range(0, len(batch), size):
-                while not idle:
-                    finish_oldest()
-                request, chunk = idle.pop(), batch[start:start + size]
-                request.start_async({0: chunk}, share_inputs=True)  # reads `chunk` in place: kept alive below
-                flight.append((request, idle, chunk, record))
+            while flight:
+                finish_oldest()
             yield from ready()
-        while flight:
-            finish_oldest()
-        yield from ready()
+        finally:  # `batches` raised, or the caller stopped early: let OpenVINO finish reading the inputs
+            for request, idle, _, _ in flight:
+                request.wait()
+                idle.append(request)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return next(iter(self.pipeline([(None, x)])))[1]
+        [(_, out)] = self.pipeline([(None, x)])
+        return out

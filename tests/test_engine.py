@@ -72,6 +72,19 @@ def test_pipeline_answers_every_batch_in_order() -> None:
             torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-4)
     assert all(len(idle) == 2 * fast._streams for idle in fast._requests.values())  # all returned
 
+    def failing():  # a loader that breaks down with batches in flight
+        yield from batches[:3]
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(runtime.outputs(fast, failing()))
+    stopped = runtime.outputs(fast, iter(batches))
+    next(stopped)
+    stopped.close()  # a caller that stops early
+    assert all(len(idle) == 2 * fast._streams for idle in fast._requests.values())  # every request back
+    with torch.no_grad():
+        torch.testing.assert_close(fast(batches[0][1]), model(batches[0][1]), atol=1e-4, rtol=1e-4)
+
 
 def test_openvino_bf16_stays_close_to_fp32() -> None:
     torch.manual_seed(0)
