@@ -41,8 +41,9 @@ def _grid(images: torch.Tensor, titles: Sequence[str], colors: Sequence[str], co
     n = max(len(images), 1)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    zoom = max(1, _MIN_CELL_PX // max(images.shape[-2:])) if len(images) else 1  # small images: pixels repeated
-    h, w = (images.shape[-2] * zoom, images.shape[-1] * zoom) if len(images) else (0, 0)
+    h, w = images.shape[-2:]
+    zoom = max(1, _MIN_CELL_PX // max(h, w, 1))  # small images: each pixel repeated
+    h, w = h * zoom, w * zoom
     cell_w, cell_h = max(w, _MIN_CELL_PX) + _GAP_PX, h + _TITLE_PX + _GAP_PX
     width, height = cols * cell_w, rows * cell_h  # pixels
     fig = plt.figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)

@@ -54,13 +54,11 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
     dataset = ImageDataset([Sample(p, -1) for p in files], ckpt.preprocessing.eval_transform())
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
     inf = run_inference(model, loader, runtime, ckpt.preprocessing, on_batch=on_batch)
-    results = [Prediction(str(files[index]), None, 0.0, [], f"not a readable image ({reason})")
-               for index, reason in inf.failed]
+    results = {index: Prediction(str(files[index]), None, 0.0, [], f"not a readable image ({reason})")
+               for index, reason in inf.failed}
     if len(inf.indices):
         values, indices = inf.logits.softmax(1).topk(k, dim=1)
         for index, v, i in zip(inf.indices.tolist(), values.tolist(), indices.tolist()):
             top = [(ckpt.classes[j], p) for j, p in zip(i, v)]
-            results.append(Prediction(str(files[index]), top[0][0], top[0][1], top))
-    order = {str(p): n for n, p in enumerate(files)}
-    results.sort(key=lambda r: order[r.path])
-    return results
+            results[index] = Prediction(str(files[index]), top[0][0], top[0][1], top)
+    return [results[index] for index in sorted(results)]  # in the order of `files`
