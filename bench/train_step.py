@@ -2,7 +2,9 @@
 
     python bench/train_step.py [--steps 5]
 
-Each configuration runs the same SGD step (forward, cross-entropy, backward, update) on the same
+The network is the one `headstart train DATA` fine-tunes: ResNet50 in the layout of its default
+ImageNet weights (Keras's: the stride-2 in the first 1x1 conv of a stage), 2 classes. Each
+configuration runs the same SGD step (forward, cross-entropy, backward, update) on the same
 random batch; images/s is the median over --steps steps after 2 warm-up steps, the configurations
 taking turns step by step (this machine is shared: load comes in bursts). The bf16 matmul peak
 is measured in the same run. Peak RSS is that of a child process fine-tuning for real on
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +27,8 @@ import torch.nn.functional as F
 from _common import HYMENOPTERA, RESNET50_GFLOP_TRAIN, ROOT, machine, matmul_peak_gflops, table
 
 from headstart.data import Batch
-from headstart.models import create_model
+from headstart.kernels import kernels_available
+from headstart.models import create_model, get_model_info
 from headstart.preprocessing import Preprocessing
 from headstart.runtime import Runtime, resolve_runtime
 from headstart.training import TrainConfig, make_optimizer, make_scheduler, train_one_epoch
@@ -42,14 +46,22 @@ def plain_step(model, x, y, opt, *, channels_last=False, bf16=False):
     return step
 
 
-def headstart_step(model, images, labels, runtime: Runtime, pre: Preprocessing):
-    """One step through headstart's own training code (train_one_epoch over a one-batch 'loader')."""
+def headstart_step(model, images, labels, runtime: Runtime, pre: Preprocessing, *, kernels: bool = True):
+    """One step through headstart's own training code (train_one_epoch over a one-batch 'loader');
+    kernels=False: with HEADSTART_KERNELS=0, PyTorch's BatchNorm, ReLU and add instead of the fused kernel."""
     config = TrainConfig(arch="resnet50", weights=None, strategy="finetune")
     runtime.prepare(model)
     opt = make_optimizer(model, config)
     sched = make_scheduler(opt, config, 1)
     batch = Batch(images, labels, torch.arange(len(labels)))
-    return lambda: train_one_epoch(model, [batch], opt, sched, runtime, pre, strategy="finetune", epoch=1)
+
+    def step():
+        os.environ["HEADSTART_KERNELS"] = "1" if kernels else "0"
+        try:
+            return train_one_epoch(model, [batch], opt, sched, runtime, pre, strategy="finetune", epoch=1)
+        finally:
+            os.environ.pop("HEADSTART_KERNELS")
+    return step
 
 
 # The main process's peak is VmHWM (this process image's high-water mark). ru_maxrss is not: Linux
@@ -72,7 +84,8 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child run")
     args = ap.parse_args()
     torch.manual_seed(0)
-    base = create_model("resnet50", num_classes=2)
+    layout = getattr(get_model_info("resnet50").weights["imagenet"], "model_kwargs", {})  # {"stride_in_1x1": True}
+    base = create_model("resnet50", num_classes=2, **layout)
     pre = Preprocessing()
     images = torch.randint(0, 256, (BATCH, 3, 224, 224), dtype=torch.uint8)
     labels = torch.randint(0, 2, (BATCH,))
@@ -86,6 +99,8 @@ def main() -> None:
         "fp32 + channels_last": lambda m: plain_step(
             m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last), labels,
             torch.optim.SGD(m.parameters(), 1e-3, 0.9)),
+        "headstart, fused kernels off": lambda m: headstart_step(m, images, labels, resolve_runtime(), pre,
+                                                                 kernels=False),
         "headstart default (auto)": lambda m: headstart_step(m, images, labels, resolve_runtime(), pre),
     }
     # Interleaved: every round times one step of each configuration, so that a burst of load from
@@ -108,7 +123,8 @@ def main() -> None:
                      f"{ips * RESNET50_GFLOP_TRAIN / peak_bf16:.1%}"])
     print(f"machine: {machine()}")
     print(f"matmul peak measured now: bf16 {peak_bf16:.0f} GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s")
-    print(f"headstart default runtime: {resolve_runtime().describe()}")
+    print(f"network: resnet50 {layout}; headstart default runtime: {resolve_runtime().describe()}, fused "
+          f"BatchNorm kernels {'on' if kernels_available() else 'unavailable'}")
     print(table(rows, ["configuration (ResNet50, batch 18, 224)", "img/s", "s/step", "vs plain fp32",
                        "of bf16 peak"]))
     if not args.no_rss:

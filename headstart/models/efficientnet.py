@@ -21,6 +21,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import batch_norm_act
 from .layers import pad_same
 
 torch.fx.wrap("pad_same")
@@ -76,11 +77,11 @@ class MBConv(nn.Module):
         return self._depthwise_conv(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.expand else x
+        # batch_norm_act: BatchNorm with its ReLU6 or residual add, fused in bf16 training (headstart/kernels)
+        y = batch_norm_act(self._bn0, self._expand_conv(x), act="relu6") if self.expand else x
         y = pad_same(y, self.kernel, self.stride) if self.pad_same else y
-        y = F.relu6(self._bn1(self._depthwise(y)), inplace=True)
-        y = self._bn2(self._project_conv(y))
-        return x + y if self.residual else y
+        y = batch_norm_act(self._bn1, self._depthwise(y), act="relu6")  # fp32 here in CPU training: unfused
+        return batch_norm_act(self._bn2, self._project_conv(y), residual=x if self.residual else None)
 
 
 class EfficientNetLite(nn.Module):
@@ -115,10 +116,10 @@ class EfficientNetLite(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images scaled to [-1, 1] -> (N, 1280) pooled features."""
-        x = F.relu6(self._bn0(self._conv_stem(pad_same(x, 3, 2))), inplace=True)  # ReLU6 in place: no new tensor
+        x = batch_norm_act(self._bn0, self._conv_stem(pad_same(x, 3, 2)), act="relu6")
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+        x = batch_norm_act(self._bn1, self._conv_head(x), act="relu6")
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Shapes for a 224x224 input: stem -> (32, 112, 112); the inverted-residual stages end at
 (320, 7, 7); a 1x1 conv to (1280, 7, 7); pooled features (1280,); `classifier.1` is the head.
 Cost: about 0.3 GMACs (0.6 GFLOP) per 224x224 image forward, 1/14 of ResNet50.
+Each BatchNorm goes through `batch_norm_act` with its ReLU6 or residual add (fused when training in
+bf16, see headstart/kernels).
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import batch_norm_act
+
 # (expansion t, output channels c, repeats n, first stride s) per stage
 _STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
 
-def conv_bn_relu6(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU6(inplace=True),
-    )
+class ConvBNReLU6(nn.Sequential):
+    """Conv2d -> BatchNorm2d -> ReLU6, as torchvision's (same keys: .0 conv, .1 BatchNorm)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> None:
+        super().__init__(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return batch_norm_act(self[1], self[0](x), act="relu6")
 
 
 class InvertedResidual(nn.Module):
@@ -30,25 +37,29 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = cin * expand
         self.use_residual = stride == 1 and cin == cout
-        layers: list[nn.Module] = [conv_bn_relu6(cin, hidden, 1)] if expand != 1 else []
-        layers += [conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+        layers: list[nn.Module] = [ConvBNReLU6(cin, hidden, 1)] if expand != 1 else []
+        layers += [ConvBNReLU6(hidden, hidden, 3, stride, groups=hidden),
                    nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.use_residual else self.conv(x)
+        *body, project, bn = self.conv
+        y = x
+        for layer in body:
+            y = layer(y)
+        return batch_norm_act(bn, project(y), residual=x if self.use_residual else None)
 
 
 class MobileNetV2(nn.Module):
     def __init__(self, *, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
-        layers: list[nn.Module] = [conv_bn_relu6(3, 32, 3, 2)]
+        layers: list[nn.Module] = [ConvBNReLU6(3, 32, 3, 2)]
         cin = 32
         for t, c, n, s in _STAGES:
             for i in range(n):
                 layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
                 cin = c
-        layers.append(conv_bn_relu6(cin, 1280, 1))
+        layers.append(ConvBNReLU6(cin, 1280, 1))
         self.features = nn.Sequential(*layers)
         self.num_features = 1280
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))

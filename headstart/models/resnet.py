@@ -12,6 +12,10 @@ Two paddings of the strided layers (conv1, the max pool, the stride-2 convs):
 Shapes for a 224x224 input: stem -> (64, 56, 56); layer1 -> (256, 56, 56); layer2 -> (512, 28, 28);
 layer3 -> (1024, 14, 14); layer4 -> (2048, 7, 7); pooled features (2048,) for ResNet50.
 Cost: ResNet50 is about 4.1 GMACs (8.2 GFLOP) per 224x224 image forward.
+
+Every BatchNorm goes through `batch_norm_act` with the ReLU and the residual add that follow it: one
+fused kernel in bf16 training (headstart/kernels), the modules themselves otherwise, so traced
+graphs still fold each BatchNorm into its conv.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..kernels import batch_norm_act
 from .layers import pad_same
 
 torch.fx.wrap("pad_same")
@@ -34,6 +39,12 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
+def _shortcut(downsample: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The projection shortcut: downsample = Sequential(1x1 conv, BatchNorm)."""
+    conv, bn = downsample
+    return batch_norm_act(bn, conv(x))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -45,16 +56,14 @@ class BasicBlock(nn.Module):
         if self.pad_same:
             self.conv1.padding = (0, 0)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(pad_same(x, 3, 2) if self.pad_same else x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        identity = x if self.downsample is None else _shortcut(self.downsample, x)
+        out = batch_norm_act(self.bn1, self.conv1(pad_same(x, 3, 2) if self.pad_same else x), act="relu")
+        return batch_norm_act(self.bn2, self.conv2(out), act="relu", residual=identity)
 
 
 class Bottleneck(nn.Module):
@@ -73,15 +82,13 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(pad_same(out, 3, 2) if self.pad_same else out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        identity = x if self.downsample is None else _shortcut(self.downsample, x)
+        out = batch_norm_act(self.bn1, self.conv1(x), act="relu")
+        out = batch_norm_act(self.bn2, self.conv2(pad_same(out, 3, 2) if self.pad_same else out), act="relu")
+        return batch_norm_act(self.bn3, self.conv3(out), act="relu", residual=identity)
 
 
 class ResNet(nn.Module):
@@ -98,7 +105,6 @@ class ResNet(nn.Module):
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=0 if self.same else 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=0 if self.same else 1)
         self.layer1 = self._make_layer(block, 64, layers[0], 1)
         self.layer2 = self._make_layer(block, 128, layers[1], 2)
@@ -130,10 +136,10 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, num_features) pooled features."""
         if self.same:  # (N, 3, 224, 224) pads 2 before, 3 after; the pool's input 0 before, 1 after
-            x = self.relu(self.bn1(self.conv1(pad_same(x, 7, 2))))
+            x = batch_norm_act(self.bn1, self.conv1(pad_same(x, 7, 2)), act="relu")
             x = self.maxpool(pad_same(x, 3, 2, value=float("-inf")))
         else:
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.maxpool(batch_norm_act(self.bn1, self.conv1(x), act="relu"))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
 
