@@ -1,6 +1,6 @@
 """Fine-tune step speed of ResNet50 at batch 18, 224x224: plain fp32 NCHW eager vs headstart's path.
 
-    python bench/train_step.py [--steps 5]
+    python bench/train_step.py [--steps 11] [--no-rss]
 
 The network is the one `headstart train DATA` fine-tunes: ResNet50 in the layout of its default
 ImageNet weights (Keras's: the stride-2 in the first 1x1 conv of a stage), 2 classes. Each
@@ -80,7 +80,7 @@ print(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=11)
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child run")
     args = ap.parse_args()
     torch.manual_seed(0)

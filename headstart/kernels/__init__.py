@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -64,6 +65,7 @@ def _build(compiler: str) -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.", suffix=".tmp", dir=lib.parent)
     os.close(fd)
+    start = time.perf_counter()
     try:
         done = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                               timeout=120)
@@ -73,6 +75,7 @@ def _build(compiler: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    log.debug("built the fused BatchNorm kernels in %.2fs: %s", time.perf_counter() - start, lib)
     return lib
 
 

@@ -19,7 +19,8 @@ _STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3
 
 
 class ConvBNReLU6(nn.Sequential):
-    """Conv2d -> BatchNorm2d -> ReLU6, as torchvision's (same keys: .0 conv, .1 BatchNorm)."""
+    """Conv2d -> BatchNorm2d -> ReLU6, as torchvision's (same keys: .0 conv, .1 BatchNorm); forward applies
+    the ReLU6 (.2) through batch_norm_act."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> None:
         super().__init__(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
