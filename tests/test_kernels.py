@@ -117,7 +117,7 @@ def test_cumulative_average_and_frozen_input(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_other_inputs_run_pytorchs_modules(monkeypatch: pytest.MonkeyPatch) -> None:
-    """fp32, NCHW, eval mode and no-grad calls are not the kernel's: the module runs, unchanged."""
+    """fp32, NCHW and eval mode are not the kernel's: the module runs, unchanged."""
     bn = make_bn(8)
     x32 = torch.randn(2, 8, 4, 4)
     expected = F.relu(copy.deepcopy(bn)(x32))

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("bn_act.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+LIBS = ("-lm",)
 _CL = torch.channels_last
 ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}  # bn_act.c's codes
 
@@ -58,7 +59,7 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     """Compile bn_act.c unless a library for this source, these flags and this CPU is cached."""
-    key = hashlib.sha256(SOURCE.read_bytes() + repr(CFLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + repr(CFLAGS + LIBS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     lib = cache_dir() / "kernels" / f"bn_act-{key}.so"
     if lib.exists():
         return lib
@@ -67,8 +68,8 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     start = time.perf_counter()
     try:
-        done = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True,
+                              text=True, timeout=120)
         if done.returncode != 0:
             raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, lib)  # atomic: a concurrent build of the same key writes the same bytes
@@ -91,15 +92,11 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         log.info("fused BatchNorm kernels off (%s); PyTorch's ops run instead", e)
         return None
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.hs_bn_stats.argtypes = [p, i64, i64, p, p, p, i32]
-    lib.hs_bn_stats.restype = i32
-    lib.hs_bn_apply.argtypes = [p, p, p, i64, i64, p, p, i32, i32]
-    lib.hs_bn_apply.restype = None
-    lib.hs_bn_grad_stats.argtypes = [p, p, p, i64, i64, p, i32, p, p, i32]
-    lib.hs_bn_grad_stats.restype = i32
-    lib.hs_bn_grad_apply.argtypes = [p, p, p, p, p, i64, i64, p, p, p, i32, i32]
-    lib.hs_bn_grad_apply.restype = None
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    lib.hs_bn_act_forward.argtypes = [p, p, p, i64, i64, p, p, p, p, f64, f64, i32, p, p, i32]
+    lib.hs_bn_act_forward.restype = i32
+    lib.hs_bn_act_backward.argtypes = [p, p, p, p, p, i64, i64, p, p, p, i32, p, p, i32]
+    lib.hs_bn_act_backward.restype = i32
     return lib
 
 
@@ -119,57 +116,34 @@ class _BatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
-                running_mean: torch.Tensor, running_var: torch.Tensor, factor: float, eps: float,
+                running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float,
                 act: int) -> torch.Tensor:
-        lib, nt = _library(), torch.get_num_threads()
         n, c, h, w = x.shape
-        m = n * h * w
-        shift0 = x[0, :, 0, 0].float().contiguous()  # (C,): sums about it do not cancel (bn_act.c)
-        s, q = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-        if lib.hs_bn_stats(x.data_ptr(), m, c, shift0.data_ptr(), s.data_ptr(), q.data_ptr(), nt):
-            raise MemoryError("batch_norm_act: out of memory for per-thread sums")
-        d = s / m
-        var = (q / m - d * d).clamp_min_(0)  # biased, as BatchNorm normalises with
-        mean = shift0.double() + d
-        invstd = (var + eps).rsqrt()
-        with torch.no_grad():  # what nn.BatchNorm2d keeps: the unbiased variance
-            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-            running_var.mul_(1 - factor).add_((var * (m / (m - 1))).to(running_var.dtype), alpha=factor)
-        scale = (weight.double() * invstd).float()
-        shift = (bias.double() - mean * weight.double() * invstd).float()
         y = torch.empty_like(x, memory_format=_CL)
-        lib.hs_bn_apply(x.data_ptr(), _ptr(residual), y.data_ptr(), m, c, scale.data_ptr(), shift.data_ptr(),
-                        act, nt)
+        mean, invstd = torch.empty(c), torch.empty(c)
+        if _library().hs_bn_act_forward(
+                x.data_ptr(), _ptr(residual), y.data_ptr(), n * h * w, c, weight.data_ptr(), bias.data_ptr(),
+                running_mean.data_ptr(), running_var.data_ptr(), momentum, eps, act, mean.data_ptr(),
+                invstd.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("batch_norm_act: out of memory for its per-channel sums")
         ctx.act, ctx.has_residual = act, residual is not None
-        ctx.save_for_backward(x, y if act else None, weight, mean.float(), invstd.float())
+        ctx.save_for_backward(x, y if act else None, weight, mean, invstd)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, y, weight, mean, invstd = ctx.saved_tensors
-        lib, nt = _library(), torch.get_num_threads()
         n, c, h, w = x.shape
-        m = n * h * w
         dy = dy.to(x.dtype).contiguous(memory_format=_CL)  # e.g. the pool's backward hands over a broadcast
-        y_ptr = y.data_ptr() if y is not None else dy.data_ptr()  # (not read without an activation)
-        sg, sgx = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-        if lib.hs_bn_grad_stats(dy.data_ptr(), y_ptr, x.data_ptr(), m, c, mean.data_ptr(), ctx.act,
-                                sg.data_ptr(), sgx.data_ptr(), nt):
-            raise MemoryError("batch_norm_act: out of memory for per-thread sums")
-        # dx = w/std * (g - mean(g) - (x - mean) / std^2 * mean(g * (x - mean))) = a g + b x + k
-        inv, wt = invstd.double(), weight.double()
-        a = wt * inv
-        b = -a * inv * inv * sgx / m
-        k = -a * sg / m - b * mean.double()
         need_x, need_res = ctx.needs_input_grad[0], ctx.has_residual and ctx.needs_input_grad[3]
         dx = torch.empty_like(x, memory_format=_CL) if need_x else None
         dres = torch.empty_like(x, memory_format=_CL) if need_res else None
-        if need_x or need_res:
-            a, b, k = a.float(), b.float(), k.float()
-            lib.hs_bn_grad_apply(dy.data_ptr(), y_ptr, x.data_ptr(), _ptr(dx), _ptr(dres), m, c, a.data_ptr(),
-                                 b.data_ptr(), k.data_ptr(), ctx.act, nt)
-        dweight = (sgx * inv).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dbias = sg.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        dweight, dbias = torch.empty_like(weight), torch.empty_like(weight)
+        if _library().hs_bn_act_backward(
+                dy.data_ptr(), _ptr(y), x.data_ptr(), _ptr(dx), _ptr(dres), n * h * w, c, weight.data_ptr(),
+                mean.data_ptr(), invstd.data_ptr(), ctx.act, dweight.data_ptr(), dbias.data_ptr(),
+                torch.get_num_threads()):
+            raise MemoryError("batch_norm_act: out of memory for its per-channel sums")
         return dx, dweight, dbias, dres, None, None, None, None, None
 
 
@@ -180,8 +154,9 @@ def _fusable(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None)
         return False
     ok = (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and x.numel() > 0
           and x.shape[0] * x.shape[2] * x.shape[3] > 1  # PyTorch raises for a single value per channel
-          and x.is_contiguous(memory_format=_CL) and bn.weight.dtype == torch.float32
-          and bn.running_mean.dtype == torch.float32 and torch.is_grad_enabled())
+          and x.is_contiguous(memory_format=_CL)
+          and all(t.dtype == torch.float32 and t.is_contiguous()
+                  for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)))
     if ok and residual is not None:
         ok = residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device
     return ok and kernels_available()
@@ -208,8 +183,8 @@ def batch_norm_act(bn: nn.BatchNorm2d, x: torch.Tensor, *, act: str | None = Non
             return F.relu(y, inplace=True)
         return F.relu6(y, inplace=True) if act == "relu6" else y
     bn.num_batches_tracked.add_(1)
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)  # None: average
     if residual is not None:
         residual = residual.contiguous(memory_format=_CL)
-    return _BatchNormAct.apply(x, bn.weight, bn.bias, residual, bn.running_mean, bn.running_var, factor, bn.eps,
+    return _BatchNormAct.apply(x, bn.weight, bn.bias, residual, bn.running_mean, bn.running_var, momentum, bn.eps,
                                ACTIVATIONS[act])

@@ -1,27 +1,34 @@
-/* Training-mode BatchNorm, with the ReLU and the residual add that follow it, over bf16 activations
- * in channels_last memory: an (N, C, H, W) tensor is an (M, C) row-major array, M = N * H * W.
+/* Training-mode BatchNorm, with the activation and the residual add that follow it, over bf16
+ * activations in channels_last memory: an (N, C, H, W) tensor is an (M, C) row-major array,
+ * M = N * H * W. Called from headstart/kernels/__init__.py; two entry points, one per direction.
  *
  * act: 0 none, 1 ReLU, 2 ReLU6.
- * Forward:  y = act(x * scale[c] + shift[c] + residual), one rounding to bf16.
+ * Forward:  y = act(x * scale[c] + shift[c] + residual), one rounding to bf16, with
+ *           scale = weight / std, shift = bias - mean * scale (biased variance, as BatchNorm
+ *           normalises), and the running statistics updated as nn.BatchNorm2d does (unbiased).
  * Backward: g = dy where act passed its input through (ReLU: y > 0; ReLU6: 0 < y < 6; as PyTorch's
- *           in-place activations decide from their output), else 0; dx = a[c] * g + b[c] * x + k[c];
- *           dresidual = g.
- * The per-channel sums each direction needs (sum x, sum x^2; sum g, sum g * (x - mean)) take one
- * pass over the rows; the Python side (headstart/kernels/__init__.py) turns them into scale, shift,
- * a, b, k and the parameter gradients. All arithmetic is fp32; the sums go through fp32 blocks of
- * BLOCK rows into fp64 totals, and the forward sums are taken about shift0[c] (the channel's first
- * value) so that E[x^2] - E[x]^2 does not cancel when the mean is large against the spread.
+ *           in-place activations decide from their output), else 0;
+ *           dx = weight / std * (g - mean(g) - (x - mean) / std^2 * mean(g * (x - mean)))
+ *              = a[c] * g + b[c] * x + k[c];  dresidual = g;
+ *           dweight = sum(g * (x - mean)) / std;  dbias = sum(g).
  *
- * Cost per pass: two bytes per element read or written. ResNet50 at batch 18 moves about 190 M
- * elements through its BatchNorms per step; PyTorch's own bf16 channels_last kernels run these
- * passes at a third to a half of this machine's memory bandwidth.
+ * Each direction is two passes over the rows: one for per-channel sums, one elementwise. All
+ * arithmetic is fp32; the sums go through fp32 blocks of BLOCK rows into fp64 totals, and the
+ * forward sums are taken about each channel's first value so that E[x^2] - E[x]^2 does not cancel
+ * when the mean is large against the spread.
+ *
+ * Cost: two bytes per element read or written in each pass; ResNet50 at batch 18 moves about 190 M
+ * elements through its BatchNorms per step. PyTorch's bf16 channels_last BatchNorm kernels run at a
+ * third to a half of this machine's memory bandwidth; these passes at 20-37 GB/s (a copy: 40 GB/s).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
-#define BLOCK 256 /* rows summed in fp32 before they go into the fp64 totals */
+#define BLOCK 256         /* rows summed in fp32 before they go into the fp64 totals */
+#define GRAIN (1 << 15)   /* elements per thread below which a pass runs on fewer threads */
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -50,20 +57,17 @@ static inline float act_grad(float g, float y, int act) {
     return g;
 }
 
-/* Adds each thread's fp64 partial sums (2 * C per thread) into out0[C], out1[C]. */
-static void reduce_partials(const double *part, int nt, int64_t C, double *out0, double *out1) {
-    for (int64_t c = 0; c < C; c++) out0[c] = out1[c] = 0.0;
-    for (int t = 0; t < nt; t++)
-        for (int64_t c = 0; c < C; c++) {
-            out0[c] += part[2 * C * t + c];
-            out1[c] += part[2 * C * t + C + c];
-        }
+/* Threads for a pass over M x C elements: a parallel region costs more than small tensors save. */
+static int threads_for(int64_t M, int64_t C, int nt) {
+    int64_t t = M * C / GRAIN;
+    return t < 1 ? 1 : (t < nt ? (int)t : nt);
 }
 
-/* sum[c] = sum_r (x[r,c] - shift0[c]); sumsq[c] = sum_r (x[r,c] - shift0[c])^2. Returns 0, or -1
- * when out of memory. */
-int hs_bn_stats(const uint16_t *x, int64_t M, int64_t C, const float *shift0, double *sum, double *sumsq,
-                int nt) {
+/* Per-channel sums over the rows. Forward (dy == NULL): s0 = sum(x - ref), s1 = sum((x - ref)^2).
+ * Backward: with g from dy and y as above, s0 = sum(g), s1 = sum(g * (x - ref)). Returns -1 when
+ * out of memory. */
+static int channel_sums(const uint16_t *x, const uint16_t *dy, const uint16_t *y, int64_t M, int64_t C,
+                        const float *ref, int act, double *s0, double *s1, int nt) {
     double *part = calloc((size_t)(2 * C * nt), sizeof(double));
     float *scratch = calloc((size_t)(2 * C * nt), sizeof(float));
     if (!part || !scratch) { free(part); free(scratch); return -1; }
@@ -77,25 +81,58 @@ int hs_bn_stats(const uint16_t *x, int64_t M, int64_t C, const float *shift0, do
             int64_t e = b + BLOCK < r1 ? b + BLOCK : r1;
             for (int64_t r = b; r < e; r++) {
                 const uint16_t *xr = x + r * C;
-                #pragma omp simd
-                for (int64_t c = 0; c < C; c++) {
-                    float d = bf16_to_f32(xr[c]) - shift0[c];
-                    s[c] += d;
-                    q[c] += d * d;
+                if (!dy) {
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; c++) {
+                        float d = bf16_to_f32(xr[c]) - ref[c];
+                        s[c] += d;
+                        q[c] += d * d;
+                    }
+                } else {
+                    const uint16_t *dr = dy + r * C, *yr = act ? y + r * C : dr;
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; c++) {
+                        float g = act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act);
+                        s[c] += g;
+                        q[c] += g * (bf16_to_f32(xr[c]) - ref[c]);
+                    }
                 }
             }
             for (int64_t c = 0; c < C; c++) { S[c] += s[c]; Q[c] += q[c]; s[c] = q[c] = 0.f; }
         }
     }
-    reduce_partials(part, nt, C, sum, sumsq);
+    for (int64_t c = 0; c < C; c++) s0[c] = s1[c] = 0.0;
+    for (int t = 0; t < nt; t++)
+        for (int64_t c = 0; c < C; c++) { s0[c] += part[2 * C * t + c]; s1[c] += part[2 * C * t + C + c]; }
     free(part);
     free(scratch);
     return 0;
 }
 
-/* y = act(x * scale + shift (+ res)). res may be NULL. */
-void hs_bn_apply(const uint16_t *x, const uint16_t *res, uint16_t *y, int64_t M, int64_t C,
-                 const float *scale, const float *shift, int act, int nt) {
+/* Forward. mean, invstd: (C,) outputs kept for the backward. res may be NULL. Returns -1 when out
+ * of memory (nothing written). */
+int hs_bn_act_forward(const uint16_t *x, const uint16_t *res, uint16_t *y, int64_t M, int64_t C,
+                      const float *weight, const float *bias, float *running_mean, float *running_var,
+                      double momentum, double eps, int act, float *mean, float *invstd, int nt) {
+    nt = threads_for(M, C, nt);
+    double *s = malloc(sizeof(double) * 2 * C);
+    float *ref = malloc(sizeof(float) * 3 * C);
+    if (!s || !ref) { free(s); free(ref); return -1; }
+    double *q = s + C;
+    float *scale = ref + C, *shift = ref + 2 * C;
+    for (int64_t c = 0; c < C; c++) ref[c] = bf16_to_f32(x[c]); /* the first row */
+    if (channel_sums(x, NULL, NULL, M, C, ref, act, s, q, nt)) { free(s); free(ref); return -1; }
+    for (int64_t c = 0; c < C; c++) {
+        double d = s[c] / M, var = q[c] / M - d * d, mu = ref[c] + d;
+        if (var < 0) var = 0;
+        double inv = 1.0 / sqrt(var + eps);
+        running_mean[c] = (float)((1 - momentum) * running_mean[c] + momentum * mu);
+        running_var[c] = (float)((1 - momentum) * running_var[c] + momentum * var * M / (M - 1));
+        mean[c] = (float)mu;
+        invstd[c] = (float)inv;
+        scale[c] = (float)(weight[c] * inv);
+        shift[c] = (float)(bias[c] - mu * weight[c] * inv);
+    }
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < M; r++) {
         const uint16_t *xr = x + r * C;
@@ -103,79 +140,66 @@ void hs_bn_apply(const uint16_t *x, const uint16_t *res, uint16_t *y, int64_t M,
         if (res) {
             const uint16_t *rr = res + r * C;
             #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
+            for (int64_t c = 0; c < C; c++)
                 yr[c] = f32_to_bf16(activate(bf16_to_f32(xr[c]) * scale[c] + shift[c] + bf16_to_f32(rr[c]), act));
-            }
         } else {
             #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
+            for (int64_t c = 0; c < C; c++)
                 yr[c] = f32_to_bf16(activate(bf16_to_f32(xr[c]) * scale[c] + shift[c], act));
-            }
         }
     }
-}
-
-/* With g as above: sum_g[c] = sum_r g; sum_gx[c] = sum_r g * (x - mean[c]). y is only read when act
- * is not 0. Returns 0, or -1 when out of memory. */
-int hs_bn_grad_stats(const uint16_t *dy, const uint16_t *y, const uint16_t *x, int64_t M, int64_t C,
-                     const float *mean, int act, double *sum_g, double *sum_gx, int nt) {
-    double *part = calloc((size_t)(2 * C * nt), sizeof(double));
-    float *scratch = calloc((size_t)(2 * C * nt), sizeof(float));
-    if (!part || !scratch) { free(part); free(scratch); return -1; }
-    #pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-        int64_t r0 = M * t / T, r1 = M * (t + 1) / T;
-        double *S = part + 2 * C * t, *Q = S + C;
-        float *s = scratch + 2 * C * t, *q = s + C;
-        for (int64_t b = r0; b < r1; b += BLOCK) {
-            int64_t e = b + BLOCK < r1 ? b + BLOCK : r1;
-            for (int64_t r = b; r < e; r++) {
-                const uint16_t *dr = dy + r * C, *xr = x + r * C, *yr = act ? y + r * C : dr;
-                #pragma omp simd
-                for (int64_t c = 0; c < C; c++) {
-                    float g = act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act);
-                    s[c] += g;
-                    q[c] += g * (bf16_to_f32(xr[c]) - mean[c]);
-                }
-            }
-            for (int64_t c = 0; c < C; c++) { S[c] += s[c]; Q[c] += q[c]; s[c] = q[c] = 0.f; }
-        }
-    }
-    reduce_partials(part, nt, C, sum_g, sum_gx);
-    free(part);
-    free(scratch);
+    free(s);
+    free(ref);
     return 0;
 }
 
-/* dx = a * g + b * x + k (when dx is not NULL); dres = g (when dres is not NULL). */
-void hs_bn_grad_apply(const uint16_t *dy, const uint16_t *y, const uint16_t *x, uint16_t *dx, uint16_t *dres,
-                      int64_t M, int64_t C, const float *a, const float *b, const float *k, int act, int nt) {
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < M; r++) {
-        const uint16_t *dr = dy + r * C, *xr = x + r * C, *yr = act ? y + r * C : dr;
-        if (dx && dres) {
-            uint16_t *o = dx + r * C, *o2 = dres + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                float g = act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act);
-                o[c] = f32_to_bf16(a[c] * g + b[c] * bf16_to_f32(xr[c]) + k[c]);
-                o2[c] = f32_to_bf16(g);
-            }
-        } else if (dx) {
-            uint16_t *o = dx + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                float g = act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act);
-                o[c] = f32_to_bf16(a[c] * g + b[c] * bf16_to_f32(xr[c]) + k[c]);
-            }
-        } else if (dres) {
-            uint16_t *o = dres + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                float g = act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act);
-                o[c] = f32_to_bf16(g);
+/* Backward. y is only read when act is not 0; dx and dres may be NULL (not wanted). dweight, dbias:
+ * (C,) outputs. Returns -1 when out of memory. */
+int hs_bn_act_backward(const uint16_t *dy, const uint16_t *y, const uint16_t *x, uint16_t *dx, uint16_t *dres,
+                       int64_t M, int64_t C, const float *weight, const float *mean, const float *invstd, int act,
+                       float *dweight, float *dbias, int nt) {
+    nt = threads_for(M, C, nt);
+    double *s = malloc(sizeof(double) * 2 * C);
+    float *coef = malloc(sizeof(float) * 3 * C);
+    if (!s || !coef) { free(s); free(coef); return -1; }
+    double *q = s + C;
+    float *a = coef, *b = coef + C, *k = coef + 2 * C;
+    if (channel_sums(x, dy, y, M, C, mean, act, s, q, nt)) { free(s); free(coef); return -1; }
+    for (int64_t c = 0; c < C; c++) {
+        double inv = invstd[c], ac = weight[c] * inv, bc = -ac * inv * inv * q[c] / M;
+        a[c] = (float)ac;
+        b[c] = (float)bc;
+        k[c] = (float)(-ac * s[c] / M - bc * mean[c]);
+        dweight[c] = (float)(q[c] * inv);
+        dbias[c] = (float)s[c];
+    }
+    if (dx || dres) {
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t r = 0; r < M; r++) {
+            const uint16_t *dr = dy + r * C, *xr = x + r * C, *yr = act ? y + r * C : dr;
+            if (dx && dres) {
+                uint16_t *o = dx + r * C, *o2 = dres + r * C;
+                #pragma omp simd
+                for (int64_t c = 0; c < C; c++) {
+                    float g = act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act);
+                    o[c] = f32_to_bf16(a[c] * g + b[c] * bf16_to_f32(xr[c]) + k[c]);
+                    o2[c] = f32_to_bf16(g);
+                }
+            } else if (dx) {
+                uint16_t *o = dx + r * C;
+                #pragma omp simd
+                for (int64_t c = 0; c < C; c++) {
+                    float g = act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act);
+                    o[c] = f32_to_bf16(a[c] * g + b[c] * bf16_to_f32(xr[c]) + k[c]);
+                }
+            } else {
+                uint16_t *o = dres + r * C;
+                #pragma omp simd
+                for (int64_t c = 0; c < C; c++) o[c] = f32_to_bf16(act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act));
             }
         }
     }
+    free(s);
+    free(coef);
+    return 0;
 }
