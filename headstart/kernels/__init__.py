@@ -1,11 +1,11 @@
 """Fused CPU kernels for training, built on first use with the machine's C compiler.
 
 One so far, `batch_norm_act`: a BatchNorm in training mode together with the activation (ReLU or
-ReLU6) and the residual add that follow it, for bf16 channels_last activations (bn_act.c). PyTorch runs these as three or
-four separate ops, each a pass over memory, and its bf16 channels_last BatchNorm kernels run well
-below this machine's memory bandwidth. Fused, ResNet50's largest BatchNorm + ReLU, (18, 256, 56, 56),
-takes about 15 ms forward and backward instead of about 34, and a ResNet50 fine-tune step at batch
-18 about 0.83 s instead of 0.93 (bench/RESULTS.md).
+ReLU6) and the residual add that follow it, for bf16 channels_last activations (bn_act.c). PyTorch
+runs these as three or four separate ops, each a pass over memory, and its bf16 channels_last
+BatchNorm kernels run well below this machine's memory bandwidth. Fused, ResNet50's largest
+BatchNorm + ReLU, (18, 256, 56, 56), takes about 15 ms forward and backward instead of about 34,
+and a ResNet50 fine-tune step at batch 18 about 0.83 s instead of 0.93 (bench/RESULTS.md).
 
 The library is compiled with `$CC` (default `cc`) and `-O3 -march=native -fopenmp` into
 `cache_dir()/kernels/`, named by a hash of the source, the flags and the CPU's feature flags (so a
@@ -59,11 +59,13 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     """Compile bn_act.c unless a library for this source, these flags and this CPU is cached."""
-    key = hashlib.sha256(SOURCE.read_bytes() + repr(CFLAGS + LIBS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    lib = cache_dir() / "kernels" / f"bn_act-{key}.so"
+    key = hashlib.sha256(SOURCE.read_bytes() + repr(CFLAGS + LIBS).encode() + _cpu_flags().encode())
+    lib = cache_dir() / "kernels" / f"bn_act-{key.hexdigest()[:16]}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
+    # The compiler writes the file itself, so download.atomic_write (a file object) does not fit:
+    # it writes a temporary name beside the library, renamed into place when complete.
     fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.", suffix=".tmp", dir=lib.parent)
     os.close(fd)
     start = time.perf_counter()

@@ -195,7 +195,8 @@ int hs_bn_act_backward(const uint16_t *dy, const uint16_t *y, const uint16_t *x,
             } else {
                 uint16_t *o = dres + r * C;
                 #pragma omp simd
-                for (int64_t c = 0; c < C; c++) o[c] = f32_to_bf16(act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act));
+                for (int64_t c = 0; c < C; c++)
+                    o[c] = f32_to_bf16(act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act));
             }
         }
     }
