@@ -116,7 +116,7 @@ int hs_bn_act_forward(const uint16_t *x, const uint16_t *res, uint16_t *y, int64
                       double momentum, double eps, int act, float *mean, float *invstd, int nt) {
     nt = threads_for(M, C, nt);
     double *s = malloc(sizeof(double) * 2 * C);
-    float *ref = malloc(sizeof(float) * 3 * C);
+    float *ref = calloc((size_t)(3 * C), sizeof(float));
     if (!s || !ref) { free(s); free(ref); return -1; }
     double *q = s + C;
     float *scale = ref + C, *shift = ref + 2 * C;
@@ -135,17 +135,13 @@ int hs_bn_act_forward(const uint16_t *x, const uint16_t *res, uint16_t *y, int64
     }
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < M; r++) {
-        const uint16_t *xr = x + r * C;
+        const uint16_t *xr = x + r * C, *rr = res ? res + r * C : xr;
         uint16_t *yr = y + r * C;
-        if (res) {
-            const uint16_t *rr = res + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++)
-                yr[c] = f32_to_bf16(activate(bf16_to_f32(xr[c]) * scale[c] + shift[c] + bf16_to_f32(rr[c]), act));
-        } else {
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++)
-                yr[c] = f32_to_bf16(activate(bf16_to_f32(xr[c]) * scale[c] + shift[c], act));
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            float v = bf16_to_f32(xr[c]) * scale[c] + shift[c];
+            if (res) v += bf16_to_f32(rr[c]);
+            yr[c] = f32_to_bf16(activate(v, act));
         }
     }
     free(s);
@@ -177,26 +173,12 @@ int hs_bn_act_backward(const uint16_t *dy, const uint16_t *y, const uint16_t *x,
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t r = 0; r < M; r++) {
             const uint16_t *dr = dy + r * C, *xr = x + r * C, *yr = act ? y + r * C : dr;
-            if (dx && dres) {
-                uint16_t *o = dx + r * C, *o2 = dres + r * C;
-                #pragma omp simd
-                for (int64_t c = 0; c < C; c++) {
-                    float g = act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act);
-                    o[c] = f32_to_bf16(a[c] * g + b[c] * bf16_to_f32(xr[c]) + k[c]);
-                    o2[c] = f32_to_bf16(g);
-                }
-            } else if (dx) {
-                uint16_t *o = dx + r * C;
-                #pragma omp simd
-                for (int64_t c = 0; c < C; c++) {
-                    float g = act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act);
-                    o[c] = f32_to_bf16(a[c] * g + b[c] * bf16_to_f32(xr[c]) + k[c]);
-                }
-            } else {
-                uint16_t *o = dres + r * C;
-                #pragma omp simd
-                for (int64_t c = 0; c < C; c++)
-                    o[c] = f32_to_bf16(act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act));
+            uint16_t *o = dx ? dx + r * C : NULL, *o2 = dres ? dres + r * C : NULL;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                float g = act_grad(bf16_to_f32(dr[c]), bf16_to_f32(yr[c]), act);
+                if (o) o[c] = f32_to_bf16(a[c] * g + b[c] * bf16_to_f32(xr[c]) + k[c]);
+                if (o2) o2[c] = f32_to_bf16(g);
             }
         }
     }
