@@ -23,18 +23,18 @@ import torch
 
 from _common import HYMENOPTERA, RESNET50_GFLOP_FORWARD, machine, matmul_peak_gflops, table
 
-from headstart.checkpoint import load_checkpoint, save_checkpoint
+from headstart.checkpoint import save_checkpoint
 from headstart.data import ImageDataset, Sample, make_loader
 from headstart.download import cache_dir
 from headstart.engine import graph_key
-from headstart.models import create_model, get_model_info
+from headstart.models import create_model, get_model_info, open_model
 from headstart.prediction import collect_files, predict
 from headstart.preprocessing import normalize
 from headstart.runtime import resolve_runtime
 
 
 def plain(ckpt: str, folder: str) -> int:
-    c = load_checkpoint(ckpt)
+    c = open_model(ckpt)
     files = collect_files([folder])
     loader = make_loader(ImageDataset([Sample(p, 0) for p in files], c.preprocessing.eval_transform()),
                          batch_size=32, shuffle=False, workers=2)
@@ -59,7 +59,7 @@ def main() -> None:
         ckpt = save_checkpoint(f"{tmp}/ck", model, classes=["ants", "bees"],
                                preprocessing=get_model_info("resnet50").preprocessing)
         size = get_model_info("resnet50").preprocessing.image_size
-        graph = cache_dir() / "openvino" / graph_key(load_checkpoint(ckpt).model.eval(), (3, size, size))
+        graph = cache_dir() / "openvino" / graph_key(open_model(ckpt).model.eval(), (3, size, size))
         for _ in range(args.rounds):
             shutil.rmtree(graph, ignore_errors=True)  # a first run: the conversion is paid
             for name in ("first", "again"):

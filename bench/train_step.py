@@ -31,7 +31,8 @@ from headstart.kernels import kernels_available
 from headstart.models import create_model, get_model_info
 from headstart.preprocessing import Preprocessing
 from headstart.runtime import Runtime, resolve_runtime
-from headstart.training import TrainConfig, make_optimizer, make_scheduler, train_one_epoch
+from headstart.strategies import Stepper, set_train_mode, train_one_epoch
+from headstart.training import TrainConfig
 
 BATCH = 18
 
@@ -51,14 +52,14 @@ def headstart_step(model, images, labels, runtime: Runtime, pre: Preprocessing, 
     kernels=False: with HEADSTART_KERNELS=0, PyTorch's BatchNorm, ReLU and add instead of the fused kernel."""
     config = TrainConfig(arch="resnet50", weights=None, strategy="finetune")
     runtime.prepare(model)
-    opt = make_optimizer(model, config)
-    sched = make_scheduler(opt, config, 1)
+    stepper = Stepper.build(list(model.parameters()), config, 1, runtime)
     batch = Batch(images, labels, torch.arange(len(labels)))
 
     def step():
         os.environ["HEADSTART_KERNELS"] = "1" if kernels else "0"
         try:
-            return train_one_epoch(model, [batch], opt, sched, runtime, pre, strategy="finetune", epoch=1)
+            set_train_mode(model)
+            return train_one_epoch(model, [batch], stepper, runtime, pre, epoch=1)
         finally:
             os.environ.pop("HEADSTART_KERNELS")
     return step

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
 import os
 import sys
+import typing
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from . import __version__
 
@@ -73,9 +75,6 @@ class ConsoleProgress:
         self._close()
         say(record.line(), flush=True)
 
-    def on_skip(self, path: str, reason: str) -> None:
-        pass  # the library's warning names the file once
-
     def on_message(self, text: str) -> None:
         self._close()
         say(text, flush=True)
@@ -102,16 +101,11 @@ def _download_bar():
 # Commands.
 
 def _train_config(a: argparse.Namespace, **override: Any):
+    """The TrainConfig of the parsed flags (every field that has one), with `override`."""
     from .training import TrainConfig
 
-    kw = dict(arch=a.arch, weights=None if a.weights == "none" else a.weights, strategy=getattr(a, "strategy", "finetune"),
-              epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
-              weight_decay=a.weight_decay, schedule=a.schedule, image_size=a.image_size, val_split=a.val_split,
-              seed=a.seed, workers=a.workers, precision=a.precision, device=a.device, threads=a.threads,
-              compile=a.compile, engine=a.engine, feature_cache=a.feature_cache, views=a.views, bad_files=a.bad_files,
-              balance=a.balance)
-    kw.update(override)
-    return TrainConfig(**kw)
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}
+    return TrainConfig(**{**given, **override})
 
 
 def _print_run(result: Any) -> None:
@@ -134,8 +128,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     elif not a.data:
         raise ValueError("DATA is missing: pass a dataset folder, or --resume RUN to continue a run")
     else:
-        out = a.out or f"runs/{Path(a.data).resolve().name}-{a.arch}-{a.strategy}"
-        result = train(a.data, out=out, config=_train_config(a), callback=ConsoleProgress())
+        config = _train_config(a)
+        out = a.out or f"runs/{Path(a.data).resolve().name}-{config.arch}-{config.strategy}"
+        result = train(a.data, out=out, config=config, callback=ConsoleProgress())
     _print_run(result)
     return 0
 
@@ -285,52 +280,29 @@ def cmd_demo(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # Parser.
 
-def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 where the CPU/GPU supports it, else fp32 (default: auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: one per core)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (the first call costs 25-100 s on a CPU)")
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino"],
-                   help="what runs inference (prediction, evaluation, validation, frozen features); auto: "
-                        "OpenVINO on a CPU where installed, for runs with enough images to pay back its "
-                        "conversion (default: auto)")
+RUNTIME_OPTIONS = ("precision", "device", "workers", "threads", "compile", "engine")  # inference commands take these
 
 
-def _add_training(p: argparse.ArgumentParser, *, strategy: bool = True) -> None:
-    p.add_argument("--arch", default="resnet50", help="backbone name; see `headstart models` (default: resnet50)")
-    p.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (or another tag of the backbone), a weights file or its http(s) URL "
-                        "(.safetensors, .pth, MindSpore .ckpt, TF.js model.json; a head with as many classes as DATA "
-                        "is kept), or 'none' (default: imagenet)")
-    if strategy:
-        p.add_argument("--strategy", default="finetune", choices=["finetune", "frozen"],
-                       help="finetune: train all layers; frozen: train only the new head (default: finetune)")
-    p.add_argument("--epochs", type=int, default=10, help="default: 10")
-    p.add_argument("--batch-size", type=int, default=18, help="default: 18")
-    p.add_argument("--lr", type=float, default=0.001, help="learning rate (default: 0.001)")
-    p.add_argument("--momentum", type=float, default=None,
-                   help="SGD momentum (default: 0.9 for finetune, 0.5 for frozen)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="default: 0")
-    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
-                   help="learning-rate schedule (default: constant)")
-    p.add_argument("--image-size", type=int, default=None, help="crop size (default: the backbone's, 224)")
-    p.add_argument("--val-split", type=float, default=None,
-                   help="for a folder of class folders without train/ and val/: fraction held out, e.g. 0.2")
-    p.add_argument("--seed", type=int, default=0, help="default: 0")
-    p.add_argument("--feature-cache", default="disk", choices=["off", "memory", "disk"],
-                   help="frozen strategy: compute backbone features once and train the head on them, kept in "
-                        "memory or also on disk for later runs; off runs the backbone every step (default: disk)")
-    p.add_argument("--bad-files", default="skip", choices=["skip", "fail"],
-                   help="files that cannot be read as images: skip them (each named once) or stop before "
-                        "training (default: skip)")
-    p.add_argument("--balance", action="store_true",
-                   help="weight the loss by inverse class frequency (for imbalanced classes)")
-    p.add_argument("--views", type=int, default=0,
-                   help="frozen with a feature cache: augmented views per image besides the plain one (default: 0)")
-    _add_runtime(p)
+def _add_options(p: argparse.ArgumentParser, names: Iterable[str] | None = None, *,
+                 exclude: Iterable[str] = ()) -> None:
+    """A flag for each of TrainConfig's fields (all, or `names`, less `exclude`), with the field's
+    type, default, choices and help: an option is declared once, in training.TrainConfig."""
+    from .training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if (names is not None and f.name not in names) or f.name in exclude:
+            continue
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        text = f.metadata["help"]
+        text = (text() if callable(text) else text).replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=f"{text} (default: off)")
+            continue
+        if f.default is not None or "default" not in text:
+            text += f" (default: {'none' if f.default is None else f.default})"
+        p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<arch>-<strategy>)")
     p.add_argument("--resume", default=None, metavar="RUN",
                    help="continue the run in folder RUN from its last saved state (its data and options)")
-    _add_training(p)
+    _add_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix of a checkpoint",
@@ -355,8 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="class-per-folder images (or a dataset root with val/)")
     _add_weights_file(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
-    p.add_argument("--batch-size", type=int, default=32)
-    _add_runtime(p)
+    _add_inference_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files or folders with a checkpoint",
@@ -366,8 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weights_file(p)
     p.add_argument("--top-k", type=int, default=5, help="default: 5")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="default: table")
-    p.add_argument("--batch-size", type=int, default=32)
-    _add_runtime(p)
+    _add_inference_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("check", help="check a dataset before training: broken files, duplicates, leakage...",
@@ -405,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="dataset folder (default: the tutorial's Canidae_data.zip, downloaded once)")
     p.add_argument("--out", default="runs/demo", help="default: runs/demo")
-    _add_training(p, strategy=False)
+    _add_options(p, exclude=["strategy"])
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("weights", help="list weight sources and whether each is cached; fetch one",
@@ -434,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="names of the head's outputs, comma-separated or a file with one per line")
     p.set_defaults(func=cmd_convert)
     return parser
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    from .inference import INFERENCE_BATCH_SIZE
+
+    p.add_argument("--batch-size", type=int, default=INFERENCE_BATCH_SIZE,
+                   help=f"images per batch (default: {INFERENCE_BATCH_SIZE})")
+    _add_options(p, RUNTIME_OPTIONS)
 
 
 def _add_weights_file(p: argparse.ArgumentParser) -> None:
@@ -493,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.handlers[:] = [_TqdmHandler()]
     log.setLevel(level)
     log.propagate = False
-    from .training import TrainingInterrupted
+    from .runstate import TrainingInterrupted
 
     try:
         return args.func(args)

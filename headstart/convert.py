@@ -3,7 +3,7 @@
     headstart checkpoint (.safetensors + .json)  <->  plain safetensors  <->  torchvision .pth
                                                  <->  MindSpore .ckpt (the tutorial's ResNet)
 
-Input is anything `checkpoint.open_model` reads. The output keeps the tensors exactly (float32 for
+Input is anything `models.open_model` reads. The output keeps the tensors exactly (float32 for
 MindSpore); what a format cannot say (class names, preprocessing, padding) is reported in `notes`.
 """
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import open_model, save_checkpoint
+from .checkpoint import save_checkpoint
 from .download import atomic_write
 from .formats.mindspore import encode_ckpt, torch_resnet_to_mindspore
+from .models import open_model
 from .weights import LoadedWeights, save_weights
 
 log = logging.getLogger(__name__)

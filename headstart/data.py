@@ -83,6 +83,21 @@ def find_classes(folder: str | Path) -> list[str]:
     return classes
 
 
+def parse_classes(classes: str | list[str] | None) -> list[str] | None:
+    """Class names from a list, a comma-separated string, or a text file with one name per line."""
+    if classes is None or isinstance(classes, list):
+        return classes
+    path = Path(classes)
+    if "," not in classes and path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [c.strip() for c in classes.split(",")]
+    if not names or not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"classes {classes!r:.200} must be distinct non-empty names, comma-separated "
+                         "(e.g. dogs,wolves) or one per line in a file")
+    return names
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """Image files below `folder` (recursive, hidden names skipped), sorted."""
     folder = Path(folder)

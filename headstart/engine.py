@@ -164,6 +164,26 @@ class OpenVINOModel(nn.Module):
         self._streams = 1
         self._torch: nn.Module | None = None
 
+    @property
+    def streams(self) -> int:
+        """OpenVINO's streams (one per thread once compiled; 1 before)."""
+        return self._streams
+
+    @property
+    def fell_back(self) -> bool:
+        """True once OpenVINO could not convert the network and PyTorch runs it instead."""
+        return self._torch is not None
+
+    @property
+    def compiled_shapes(self) -> list[tuple[int, ...]]:
+        """The input (C, H, W) shapes compiled so far."""
+        return list(self._requests)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests started and not yet taken back (0 whenever no `pipeline` is running)."""
+        return sum(2 * self._streams - len(idle) for idle in self._requests.values())
+
     def _convert(self, x: torch.Tensor) -> object:
         ov, FrontEndManager, TorchScriptPythonDecoder, PrePostProcessor = _import_openvino()
         model = self._model[0]

@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import save as st_save
 from torch import nn
 
 from .data import ImageDataset, Sample, make_loader
-from .download import atomic_write, cache_dir
-from .evaluation import run_inference
+from .download import cache_dir
+from .formats.safetensors import read_safetensors, write_safetensors
+from .inference import INFERENCE_BATCH_SIZE, run_inference
 from .preprocessing import Preprocessing
 from .runtime import Runtime
-from .weights import load_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def files_fingerprint(samples: Sequence[Sample]) -> str:
 
 
 def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Runtime, pre: Preprocessing,
-                     view: int = 0, seed: int = 0, batch_size: int = 32, workers: int = 0,
+                     view: int = 0, seed: int = 0, batch_size: int = INFERENCE_BATCH_SIZE, workers: int = 0,
                      cache_key: str | None = None, files_key: str | None = None, images: int | None = None,
                      backbone: Callable[[], nn.Module] | None = None,
                      on_batch: Callable[[int, int], None] | None = None) -> Features:
@@ -83,7 +82,7 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
         path = cache_dir() / "features" / f"{key}.safetensors"
         if path.exists():
             try:
-                tensors, meta = load_safetensors(path)
+                tensors, meta = read_safetensors(path)
                 failed = [tuple(f) for f in json.loads(meta.get("failed", "[]"))]
                 log.info("features of %d images (view %d) from %s", len(samples), view, path)
                 return Features(tensors["features"], tensors["labels"], tensors["indices"], failed, True)
@@ -95,9 +94,8 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
     loader.sampler.set_epoch(view)
     net = backbone() if backbone else runtime.inference_model(model, features=True, images=images)
     inf = run_inference(net, loader, runtime, pre, on_batch=on_batch)
-    out = Features(inf.logits.float(), inf.labels, inf.indices, inf.failed)
+    out = Features(inf.outputs.float(), inf.labels, inf.indices, inf.failed)
     if path is not None:
-        with atomic_write(path) as f:
-            f.write(st_save({"features": out.features.contiguous(), "labels": out.labels, "indices": out.indices},
-                            metadata={"failed": json.dumps(out.failed)}))
+        write_safetensors(path, {"features": out.features, "labels": out.labels, "indices": out.indices},
+                          {"failed": json.dumps(out.failed)})
     return out

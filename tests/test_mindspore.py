@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from headstart.checkpoint import load_checkpoint, open_model
 from headstart.cli import main
 from headstart.convert import convert
 from headstart.formats.mindspore import (CheckpointFormatError, encode_ckpt, mindspore_resnet_to_torch, parse_ckpt,
                                          read_ckpt, torch_resnet_to_mindspore)
-from headstart.models import create_model
+from headstart.models import create_model, open_model
 from headstart.models.layers import same_padding
 from headstart.runtime import resolve_runtime
 from headstart.weights import load_weights_file
@@ -209,7 +208,7 @@ def test_train_evaluate_and_predict_take_a_ckpt(tmp_path: Path, dataset: Path, c
     common = ["--workers", "0", "--precision", "fp32"]
     assert main(["train", str(dataset), "--arch", "resnet18", "--weights", str(ckpt), "--epochs", "1",
                  "--image-size", "32", "--out", str(tmp_path / "run"), *common]) == 0
-    trained = load_checkpoint(tmp_path / "run" / "best")
+    trained = open_model(tmp_path / "run" / "best")
     assert trained.meta["arch_kwargs"] == {"padding": "same"}  # prediction rebuilds the same padding
     assert main(["evaluate", "--weights", str(ckpt), "--arch", "resnet18", str(dataset), *common]) == 0
     assert "accuracy" in capsys.readouterr().out
@@ -233,7 +232,7 @@ def test_convert_between_every_format_keeps_the_tensors(tmp_path: Path, capsys) 
                  "--classes", "dogs,wolves"]) == 0
     out = capsys.readouterr().out
     assert "skipped 3 tensors that are not weights: moments.fc.weight, learning_rate, global_step" in out
-    hs = load_checkpoint(tmp_path / "hs")
+    hs = open_model(tmp_path / "hs")
     assert hs.classes == ["dogs", "wolves"] and hs.meta["arch_kwargs"] == {"padding": "same"}
     with torch.no_grad():
         torch.testing.assert_close(hs.model(x), expected, atol=0, rtol=0)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstart.checkpoint import load_checkpoint, load_run_state
-from headstart.training import Callback, TrainConfig, TrainingInterrupted, resume, train
+from headstart.models import open_model
+from headstart.runstate import TrainingInterrupted, read_run_state
+from headstart.training import Callback, TrainConfig, resume, train
 
 from .conftest import make_dataset
 
@@ -26,7 +27,7 @@ def config(**kw) -> TrainConfig:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run / "last.safetensors").model.state_dict()
+    return open_model(run / "last.safetensors").model.state_dict()
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -53,7 +54,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(dataset: Path, tmp_p
     with pytest.raises(TrainingInterrupted, match="--resume") as e:
         train(dataset, out=tmp_path / "run", config=cfg, callback=_InterruptAt(epoch=3, step=2))
     assert (e.value.epoch, e.value.step) == (3, 2)
-    _, meta = load_run_state(tmp_path / "run" / "state.safetensors")
+    meta = read_run_state(tmp_path / "run" / "state.safetensors").meta
     assert meta["state"]["epoch"] == 2 and meta["state"]["progress"]["steps"] == 2
     resumed = resume(tmp_path / "run")
     assert same(weights(tmp_path / "ref"), weights(tmp_path / "run"))
@@ -86,9 +87,9 @@ def _readable(run: Path) -> None:
     """Every checkpoint and state file in the run folder loads; no temporary file is mistaken for one."""
     for name in ("best", "last"):
         if (run / f"{name}.safetensors").exists():
-            load_checkpoint(run / f"{name}.safetensors")
+            open_model(run / f"{name}.safetensors")
     if (run / "state.safetensors").exists():
-        load_run_state(run / "state.safetensors")
+        read_run_state(run / "state.safetensors")
 
 
 def _wait_for(cond, timeout: float = 60.0) -> bool:
@@ -103,10 +104,10 @@ def _wait_for(cond, timeout: float = 60.0) -> bool:
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", per_class={"train": 40, "val": 10})
-    cfg = config(epochs=EPOCHS)
-    train(data, out=tmp_path / "ref", config=cfg)
+    epochs = 2 * EPOCHS  # enough that the last random kill still lands before the end
+    train(data, out=tmp_path / "ref", config=config(epochs=epochs))
     run = tmp_path / "run"
-    args = ["train", str(data), "--arch", "tiny", "--weights", "none", "--epochs", str(EPOCHS), "--batch-size", "8",
+    args = ["train", str(data), "--arch", "tiny", "--weights", "none", "--epochs", str(epochs), "--batch-size", "8",
             "--lr", "0.05", "--workers", "0", "--out", str(run)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rng = random.Random(1234)
@@ -119,7 +120,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -
 
     def epochs_done() -> int:
         try:
-            return load_run_state(run / "state.safetensors")[1]["state"]["epoch"]
+            return read_run_state(run / "state.safetensors", tensors=False).state.epoch
         except (FileNotFoundError, ValueError):
             return 0
 
@@ -130,9 +131,10 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -
             stale.unlink()
         p = start(slow_fsync=0.5)
         assert _wait_for(lambda: any(run.glob(".*.tmp")) or p.poll() is not None)
+        running = p.poll() is None
         p.kill()
         p.wait()
-        kills.append(("during a write", epochs_done()))
+        kills.append(("during a write", running, epochs_done()))
         assert any(run.glob(".*.tmp")), "the kill should have landed inside an atomic write"
         _readable(run)
     # 3-6: at random moments of training, after a random number of completed epochs.
@@ -141,16 +143,21 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -
         p = start(slow_fsync=0.02)
         _wait_for(lambda: epochs_done() > before or p.poll() is not None)
         time.sleep(rng.uniform(0.0, 0.3))
+        running = p.poll() is None
         p.kill()
         p.wait()
-        kills.append(("random", epochs_done()))
+        kills.append(("random", running, epochs_done()))
         _readable(run)
-    assert len(kills) >= 5
+    # Every kill hit a running process, each random one after more epochs than the one before,
+    # and the run was not over: the last start resumes real work.
+    assert all(running for _, running, _ in kills), kills
+    done = [d for kind, _, d in kills if kind == "random"]
+    assert all(b > a for a, b in zip(done, done[1:])) and done[-1] < epochs, kills
     (run / ".last.safetensors.left-by-a-kill.tmp").write_bytes(b"half a checkpoint")
     p = start()
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err.decode()[-2000:]
-    assert epochs_done() == EPOCHS
+    assert epochs_done() == epochs
     assert same(weights(tmp_path / "ref"), weights(run)), kills
     assert not any(run.glob(".*.tmp")), "a new start clears the temporaries that killed writes left"
 
@@ -173,9 +180,9 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_previous_best(dataset: Path
         train(dataset, out=tmp_path / "run", config=config(), callback=_FullDisk())
     assert e.value.errno == errno.ENOSPC
     monkeypatch.setattr(download.os, "fsync", real_fsync)
-    best = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    best = open_model(tmp_path / "run" / "best.safetensors")
     assert best.meta["epoch"] <= 2
-    assert load_run_state(tmp_path / "run" / "state.safetensors")[1]["state"]["epoch"] == 2
+    assert read_run_state(tmp_path / "run" / "state.safetensors").state.epoch == 2
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 

@@ -46,6 +46,8 @@ def read_tfjs_weights(model_json: str | Path) -> dict[str, np.ndarray]:
         offset = 0
         for entry in group["weights"]:
             name, shape, dtype = _check_entry(model_json, entry)
+            if name in out:
+                raise ValueError(f"{model_json}: weight {name!r} appears twice in the manifest")
             n = math.prod(shape) * dtype.itemsize
             if offset + n > len(data):
                 raise ValueError(

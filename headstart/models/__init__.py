@@ -1,15 +1,20 @@
 """The model registry: one name per backbone, each with its pretrained config.
 
-    >>> from headstart.models import create_model, list_models
+    >>> from headstart.models import create_model, list_models, open_model
     >>> model = create_model("resnet50", num_classes=2, weights="imagenet")
+    >>> loaded = open_model("runs/x/best.safetensors")  # model, classes, preprocessing
 
 A `ModelInfo` carries what training and prediction need besides the network: the preprocessing the
 weights expect, the classifier's attribute name, and the weight sources by tag.
+
+Whatever a user passes as a model (a checkpoint, a weights file of any format, a URL, a tag) goes
+one way: `resolve_weights` (tag -> its source; URL -> downloaded once; path -> `weights.load_weights_file`,
+which reads checkpoints and every file format) gives `LoadedWeights`, and `create_model` builds
+the network from them. `open_model` adds the class names and the preprocessing, for inference.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,8 +23,11 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..checkpoint import checkpoint_paths, is_checkpoint
+from ..data import parse_classes
 from ..download import Progress
 from ..preprocessing import Preprocessing
+from ..registry import Registry
 from ..weights import (LoadedWeights, NpmWeights, PyPIWeights, UrlWeights, WeightSource, load_source,
                        load_weights_file)
 from .efficientnet import VARIANTS as EFFICIENTNET_VARIANTS, efficientnet_lite
@@ -29,7 +37,8 @@ from .tiny import TinyNet
 
 __all__ = [
     "ModelInfo", "register_model", "list_models", "get_model_info", "create_model", "resolve_weights",
-    "get_head", "replace_head", "freeze_backbone", "backbone_parameters", "weight_sources", "fetch_weights",
+    "LoadedModel", "open_model", "get_head", "replace_head", "freeze_backbone", "backbone_parameters",
+    "weight_sources", "fetch_weights",
 ]
 
 
@@ -43,34 +52,26 @@ class ModelInfo:
     description: str = ""
 
 
-_REGISTRY: dict[str, ModelInfo] = {}
+MODELS: Registry[ModelInfo] = Registry("model")
 
 
 def register_model(info: ModelInfo) -> ModelInfo:
     """Add a backbone to the registry (its name must be new)."""
-    if info.name in _REGISTRY:
-        raise ValueError(f"model {info.name!r} is already registered")
-    _REGISTRY[info.name] = info
-    return info
+    return MODELS.register(info.name, info)
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(MODELS)
 
 
 def get_model_info(name: str) -> ModelInfo:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}") from None
+    return MODELS.lookup(name)
 
 
 def resolve_weights(name: str, weights: str | os.PathLike[str] | LoadedWeights, *,
                     progress: Progress | None = None) -> LoadedWeights:
     """`weights` is a tag of the model's sources (e.g. 'imagenet'), a path or http(s) URL of a
-    weights file, or weights already loaded."""
+    checkpoint or weights file, or weights already loaded."""
     if isinstance(weights, LoadedWeights):
         return weights
     info = get_model_info(name)
@@ -78,6 +79,8 @@ def resolve_weights(name: str, weights: str | os.PathLike[str] | LoadedWeights, 
         return load_source(info.weights[weights], progress=progress)
     if isinstance(weights, str) and weights.startswith(("http://", "https://")):  # fetched once, then cached
         return load_source(UrlWeights(weights, sha256=None), progress=progress)
+    if is_checkpoint(weights):  # also `runs/x/best`, without its extension
+        return load_weights_file(checkpoint_paths(weights)[0])
     path = Path(weights)
     if path.suffix or path.exists() or os.sep in str(weights):
         return load_weights_file(path)
@@ -110,12 +113,18 @@ def create_model(name: str, *, num_classes: int | None = None,
     """
     info = get_model_info(name)
     loaded = resolve_weights(name, weights, progress=progress) if weights is not None else None
+    if loaded is not None and loaded.arch not in (None, name):
+        raise ValueError(f"{loaded.source} holds {loaded.arch} weights, not {name}: pass --arch {loaded.arch}, "
+                         "or no --arch with a checkpoint (it knows its architecture)")
     kw = {**(loaded.model_kwargs if loaded else {}), **kwargs}
     if loaded is not None:
         head = loaded.state_dict.get(f"{info.classifier}.weight")
         if head is None:
             raise ValueError(f"weights from {loaded.source} have no '{info.classifier}.weight': not {name} weights")
-        model = info.builder(num_classes=head.shape[0], **kw)
+        try:
+            model = info.builder(num_classes=head.shape[0], **kw)
+        except TypeError as e:  # options from the file that this builder does not take
+            raise ValueError(f"weights from {loaded.source} ask for {name} options {kw}: {e}") from None
         try:
             model.load_state_dict(loaded.state_dict, strict=True)
         except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
@@ -129,6 +138,52 @@ def create_model(name: str, *, num_classes: int | None = None,
         model.pretrained_classes = None
     model.arch, model.arch_kwargs = name, kw
     return model
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference, with what travels with its weights."""
+
+    model: nn.Module  # in eval mode, on the CPU
+    classes: list[str]
+    preprocessing: Preprocessing
+    meta: dict[str, Any]  # a checkpoint's metadata; for other weights: arch, arch_kwargs, source, skipped_tensors
+    path: Path
+
+
+def open_model(source: str | os.PathLike[str], *, arch: str | None = None, classes: str | list[str] | None = None,
+               default_classes: list[str] | None = None) -> LoadedModel:
+    """A model ready for inference from anything `resolve_weights` takes: a headstart checkpoint,
+    a weights file with its head (MindSpore .ckpt, .pth, safetensors, TF.js model.json), its
+    URL, or a tag of the backbone `arch` such as 'imagenet'.
+
+    A checkpoint knows its architecture, preprocessing and class names (`classes` may rename them,
+    same count). Other weights: `arch` defaults to resnet50 and the preprocessing is the
+    backbone's; `classes` names the head's outputs (default: `default_classes`, else the file's own
+    names, else class_0, class_1...)."""
+    names = parse_classes(classes)
+    spec = str(source)
+    tags = get_model_info(arch or "resnet50").weights
+    if not (Path(spec).exists() or is_checkpoint(spec) or spec in tags or spec.startswith(("http://", "https://"))):
+        raise FileNotFoundError(f"checkpoint not found: {spec}. Pass a run's best.safetensors (written by `headstart "
+                                f"train`), or with --weights a weights file or a tag of {arch or 'resnet50'} "
+                                f"({', '.join(tags) or 'none'})")
+    loaded = resolve_weights(arch or "resnet50", source)
+    arch = arch or loaded.arch or "resnet50"
+    info = get_model_info(arch)
+    model = create_model(arch, weights=loaded)  # a checkpoint of another architecture: an error naming it
+    outputs = get_head(model, info.classifier).out_features
+    if names is None:
+        names = loaded.classes if loaded.is_checkpoint else (default_classes or loaded.classes)
+    names = names or [f"class_{i}" for i in range(outputs)]
+    if len(names) != outputs:
+        raise ValueError(f"{len(names)} class names ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) "
+                         f"do not fit the {outputs} outputs of the weights in {spec}; pass --classes with "
+                         f"{outputs} names")
+    meta = loaded.meta or {"arch": arch, "arch_kwargs": model.arch_kwargs, "source": spec,
+                           "skipped_tensors": loaded.skipped}
+    return LoadedModel(model.eval(), list(names), loaded.preprocessing or info.preprocessing, meta,
+                       checkpoint_paths(spec)[0] if loaded.is_checkpoint else Path(spec))
 
 
 def get_head(model: nn.Module, classifier: str = "fc") -> nn.Module:
