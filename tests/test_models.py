@@ -167,3 +167,22 @@ def test_every_family_trains_a_step_in_both_memory_formats(name: str) -> None:
         loss.backward()
         grads = [p.grad for p in m.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), name
+
+
+def test_a_checkpoint_as_weights_keeps_its_architecture_options(tmp_path: Path) -> None:
+    """`train --weights runs/x/best.safetensors`: the network is rebuilt as the checkpoint's was
+    (here: the stride in the first 1x1 conv), not as the architecture's default."""
+    from headstart.checkpoint import save_checkpoint
+    from headstart.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    src = create_model("resnet18", num_classes=2, stride_in_1x1=True).eval()
+    save_checkpoint(tmp_path / "best", src, classes=["a", "b"], preprocessing=Preprocessing(image_size=64))
+    for weights in (tmp_path / "best.safetensors", str(tmp_path / "best")):
+        model = create_model("resnet18", num_classes=2, weights=weights).eval()
+        assert model.arch_kwargs == {"stride_in_1x1": True}
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            assert torch.equal(model(x), src(x))
+    with pytest.raises(ValueError, match="holds resnet18 weights, not resnet34: pass --arch resnet18"):
+        create_model("resnet34", weights=tmp_path / "best.safetensors")
