@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _common import HYMENOPTERA, machine, table
+from _common import HYMENOPTERA, cpu_line, machine, table
 
 from headstart.data import list_images
 from headstart.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -84,6 +84,7 @@ def main() -> None:
     r = {k: rate(f, files) for k, f in
          {"plain train": plain_train, "headstart train": hs_train, "plain eval": plain_eval, "headstart eval": hs_eval}.items()}
     print(f"machine: {machine()}; {len(files)} hymenoptera train images, one process, one thread")
+    print(cpu_line())
     print(table([
         ["train: random resized crop 224 + flip", f"{r['plain train']:.0f}", f"{r['headstart train']:.0f}",
          f"{r['headstart train'] / r['plain train']:.2f}x"],

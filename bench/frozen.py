@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import HYMENOPTERA, RESNET50_GFLOP_FORWARD, machine, matmul_peak_gflops, table
+from _common import HYMENOPTERA, RESNET50_GFLOP_FORWARD, compute_peak, cpu_line, machine, table
 
 from headstart.data import ImageDataset, make_loader, scan_dataset
 from headstart.models import create_model, freeze_backbone, get_model_info
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     create_model("resnet50", weights="imagenet")  # fetch/convert the weights once, outside the timings
-    peak = matmul_peak_gflops(torch.bfloat16)
+    peak_kind, peak = compute_peak()
     images = 0
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(strategy="frozen", epochs=args.epochs, feature_cache="memory", workers=args.workers)
@@ -89,9 +89,10 @@ def main() -> None:
         ["headstart rerun (features from the disk cache)", f"{t_rerun:.1f}", f"{images / t_rerun:.1f}",
          f"{t_plain / t_rerun:.2f}x", "-", f"{rerun.best_val_acc:.4f}"],
     ]
-    print(f"machine: {machine()}; bf16 matmul peak measured now: {peak:.0f} GFLOP/s")
+    print(f"machine: {machine()}; {peak_kind} matmul peak measured now: {peak:.0f} GFLOP/s")
+    print(cpu_line())
     print(table(rows, [f"frozen ResNet50, hymenoptera, {args.epochs} epochs", "seconds", "epoch-images/s",
-                       "speedup", "of bf16 peak", "best val acc"]))
+                       "speedup", f"of {peak_kind} peak", "best val acc"]))
     print(f"frozen_speedup={t_plain / t_fast:.2f}")
 
 

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from _common import HYMENOPTERA, RESNET50_GFLOP_FORWARD, machine, matmul_peak_gflops, table
+from _common import HYMENOPTERA, RESNET50_GFLOP_FORWARD, compute_peak, cpu_line, machine, table
 
 from headstart.checkpoint import save_checkpoint
 from headstart.data import ImageDataset, Sample, make_loader
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--folder", default=str(HYMENOPTERA))
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    peak = matmul_peak_gflops(torch.bfloat16)
+    peak_kind, peak = compute_peak()
     times: dict[str, list[float]] = {"plain": [], "first": [], "again": []}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -75,7 +75,8 @@ def main() -> None:
     slow = n_plain / t_plain
     t_fast, t_again = statistics.median(times["first"]), statistics.median(times["again"])
     fast, again = n_fast / t_fast, n_fast / t_again
-    print(f"machine: {machine()}; bf16 matmul peak measured now: {peak:.0f} GFLOP/s")
+    print(f"machine: {machine()}; {peak_kind} matmul peak measured now: {peak:.0f} GFLOP/s")
+    print(cpu_line())
     print(f"headstart runtime: {resolve_runtime().describe()}")
     print(table([
         ["plain fp32 eval loop (NCHW, eager)", n_plain, f"{t_plain:.1f}", f"{slow:.1f}", "1.00x",
@@ -84,7 +85,7 @@ def main() -> None:
          f"{fast / slow:.2f}x", f"{fast * RESNET50_GFLOP_FORWARD / peak:.1%}"],
         ["headstart predict, again (graph cached)", n_fast, f"{t_again:.1f}", f"{again:.1f}",
          f"{again / slow:.2f}x", f"{again * RESNET50_GFLOP_FORWARD / peak:.1%}"],
-    ], ["ResNet50 prediction, end to end (median)", "images", "seconds", "img/s", "speedup", "of bf16 peak"]))
+    ], ["ResNet50 prediction, end to end (median)", "images", "seconds", "img/s", "speedup", f"of {peak_kind} peak"]))
     ratios = [p / h for p, h in zip(times["plain"], times["first"])]
     print(f"seconds per round: headstart first {', '.join(f'{t:.1f}' for t in times['first'])}; "
           f"again {', '.join(f'{t:.1f}' for t in times['again'])}; "

@@ -6,8 +6,9 @@ The network is the one `headstart train DATA` fine-tunes: ResNet50 in the layout
 ImageNet weights (Keras's: the stride-2 in the first 1x1 conv of a stage), 2 classes. Each
 configuration runs the same SGD step (forward, cross-entropy, backward, update) on the same
 random batch; images/s is the median over --steps steps after 2 warm-up steps, the configurations
-taking turns step by step (this machine is shared: load comes in bursts). The bf16 matmul peak
-is measured in the same run. Peak RSS is that of a child process fine-tuning for real on
+taking turns step by step (this machine is shared: load comes in bursts). The matmul peak is
+measured in the same run: bf16 where the CPU runs it natively, else fp32 (an emulated bf16 matmul
+would take minutes). Peak RSS is that of a child process fine-tuning for real on
 hymenoptera (data loader included) at batch 18. Last line: finetune_speedup=<headstart / plain>.
 """
 
@@ -24,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import HYMENOPTERA, RESNET50_GFLOP_TRAIN, ROOT, machine, matmul_peak_gflops, table
+from _common import HYMENOPTERA, RESNET50_GFLOP_TRAIN, ROOT, compute_peak, cpu_line, machine, table
 
 from headstart.data import Batch
 from headstart.kernels import kernels_available
@@ -92,8 +93,7 @@ def main() -> None:
     labels = torch.randint(0, 2, (BATCH,))
     x = ((images.float() / 255) - 0.45) / 0.225
 
-    peak_bf16 = matmul_peak_gflops(torch.bfloat16)
-    peak_fp32 = matmul_peak_gflops(torch.float32)
+    peak_kind, peak = compute_peak()
     rows, speeds = [], {}
     configs = {
         "plain fp32, NCHW, eager": lambda m: plain_step(m, x, labels, torch.optim.SGD(m.parameters(), 1e-3, 0.9)),
@@ -121,13 +121,14 @@ def main() -> None:
     round_ratios = [p / h for p, h in zip(times["plain fp32, NCHW, eager"], times["headstart default (auto)"])]
     for name, ips in speeds.items():
         rows.append([name, f"{ips:.2f}", f"{BATCH / ips:.2f}", f"{ips / plain:.2f}x",
-                     f"{ips * RESNET50_GFLOP_TRAIN / peak_bf16:.1%}"])
+                     f"{ips * RESNET50_GFLOP_TRAIN / peak:.1%}"])
     print(f"machine: {machine()}")
-    print(f"matmul peak measured now: bf16 {peak_bf16:.0f} GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s")
+    print(cpu_line())
+    print(f"{peak_kind} matmul peak measured now: {peak:.0f} GFLOP/s")
     print(f"network: resnet50 {layout}; headstart default runtime: {resolve_runtime().describe()}, fused "
           f"BatchNorm kernels {'on' if kernels_available() else 'unavailable'}")
     print(table(rows, ["configuration (ResNet50, batch 18, 224)", "img/s", "s/step", "vs plain fp32",
-                       "of bf16 peak"]))
+                       f"of {peak_kind} peak"]))
     if not args.no_rss:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:

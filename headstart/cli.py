@@ -109,7 +109,8 @@ def _train_config(a: argparse.Namespace, **override: Any):
 
 
 def _print_run(result: Any) -> None:
-    say(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); wall time {result.wall_time:.1f}s")
+    say(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); wall time {result.wall_time:.1f}s"
+        + (f" (estimated {result.estimate.total_s:.1f}s)" if result.estimate else ""))
     if result.skipped:
         say(f"skipped {len(result.skipped)} undecodable file(s): {', '.join(result.skipped)}")
     say(f"best checkpoint: {result.best_checkpoint}")
@@ -302,7 +303,8 @@ def _add_options(p: argparse.ArgumentParser, names: Iterable[str] | None = None,
             continue
         if f.default is not None or "default" not in text:
             text += f" (default: {'none' if f.default is None else f.default})"
-        p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=text)
+        p.add_argument(flag, type=f.metadata["parse"] or kind, default=f.default, choices=f.metadata["choices"],
+                       help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,13 +457,14 @@ def cmd_weights(a: argparse.Namespace) -> int:
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from .models import get_model_info, list_models
+    from .models import get_model_info, list_models, stage_names
 
     width = max(len(name) for name in list_models())
     for name in list_models():
         info = get_model_info(name)
         sources = ", ".join(f"{tag}={src.describe()}" for tag, src in info.weights.items()) or "none"
-        say(f"{name:<{width}}  {info.description}\n{'':<{width}}  weights: {sources}")
+        say(f"{name:<{width}}  {info.description}\n{'':<{width}}  weights: {sources}\n"
+            f"{'':<{width}}  stages (--train-from): {', '.join(stage_names(name))}")
     return 0
 
 

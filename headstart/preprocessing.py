@@ -45,6 +45,7 @@ class Preprocessing:
     scale: tuple[float, float] = (0.08, 1.0)  # train: random resized crop area range
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # train: aspect ratio range
     hflip: float = 0.5  # train: horizontal flip probability
+    train_size: int | None = None  # train: the crop's size (None: image_size); e.g. 160 to train faster
 
     def __post_init__(self) -> None:
         def numbers(name: str, n: int) -> None:
@@ -53,10 +54,11 @@ class Preprocessing:
                     isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
                 raise ValueError(f"{name} must be {n} finite numbers, got {v!r:.100}")
 
-        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) \
-                or not 8 <= self.image_size <= MAX_IMAGE_SIZE:
-            raise ValueError(f"image_size={self.image_size!r:.50} must be an integer from 8 to {MAX_IMAGE_SIZE} "
-                             "(224 is usual)")
+        for name in ("image_size", "train_size"):
+            v = getattr(self, name)
+            if (name == "image_size" or v is not None) and (not isinstance(v, int) or isinstance(v, bool)
+                                                            or not 8 <= v <= MAX_IMAGE_SIZE):
+                raise ValueError(f"{name}={v!r:.50} must be an integer from 8 to {MAX_IMAGE_SIZE} (224 is usual)")
         for name, n in (("mean", 3), ("std", 3), ("scale", 2), ("ratio", 2)):
             numbers(name, n)
         if min(self.std) <= 0 or not 0 < self.scale[0] <= self.scale[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
@@ -70,6 +72,11 @@ class Preprocessing:
             raise ValueError(
                 f"interpolation={self.interpolation!r} is not one of {sorted(_INTERPOLATIONS)}"
             )
+
+    @property
+    def train_crop(self) -> int:
+        """The size of a training crop: train_size, else image_size."""
+        return self.train_size or self.image_size
 
     @property
     def resize_size(self) -> int:
@@ -90,8 +97,10 @@ class Preprocessing:
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kw)
 
-    def with_image_size(self, image_size: int) -> "Preprocessing":
-        return Preprocessing(**{**self.to_dict(), "image_size": image_size})
+    def with_sizes(self, image_size: int | None = None, train_size: int | None = None) -> "Preprocessing":
+        """The same with another evaluation size and/or training crop size (None: keep it)."""
+        return Preprocessing(**{**self.to_dict(), "image_size": image_size or self.image_size,
+                                "train_size": train_size or self.train_size})
 
     def train_transform(self) -> "TrainTransform":
         return TrainTransform(self)
@@ -207,7 +216,7 @@ class TrainTransform:
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         rng = rng if rng is not None else random.Random()
         box = self.crop_box(*oriented_size(img), rng)
-        out = _resize_box(img, box, self.pre.image_size, self.pre.interpolation)
+        out = _resize_box(img, box, self.pre.train_crop, self.pre.interpolation)
         if rng.random() < self.pre.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_uint8_tensor(out)

@@ -89,6 +89,8 @@ def _cards(s: dict[str, Any]) -> str:
     items = [("best val accuracy", f"{m['accuracy']:.4f}"), ("balanced accuracy", f"{m['balanced_accuracy']:.4f}"),
              ("val loss", f"{m['loss']:.4f}"), ("best epoch", f"{s['best_epoch']} / {s['config']['epochs']}"),
              ("wall time", f"{s['wall_time_s']:.1f} s")]
+    if s.get("estimate"):
+        items.append(("estimated", f"{s['estimate']['total_s']:.1f} s"))
     return '<div class="cards">' + "".join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in items) + "</div>"
 
 
@@ -128,6 +130,25 @@ def _timing(s: dict[str, Any]) -> str:
                    "data wait"], rows)
 
 
+def _plan(s: dict[str, Any]) -> str:
+    """What `auto` chose and why, with the candidates it timed; the estimate said before training."""
+    parts = []
+    plan = s.get("plan")
+    if plan:
+        rows = [[c["train_from"], f"{c['step_seconds']:.3f}", f"{c['epoch_seconds']:.1f}"] for c in plan["candidates"]]
+        parts.append(f"<p>Trained from <b>{html.escape(plan['train_from'])}</b> for {plan['epochs']} epochs: "
+                     f"{html.escape(plan['reason'])}.</p>")
+        if rows:
+            parts.append(_table(["train from", "s/step (timed)", "s an epoch (estimated)"], rows))
+    est = s.get("estimate")
+    if est:
+        off = s["wall_time_s"] / est["total_s"] - 1 if est["total_s"] else 0.0
+        parts.append(f"<p class='sub'>Estimated after {est['measured_steps']} steps: {est['total_s']:.1f} s "
+                     f"({est['epochs']} epochs x {est['steps_per_epoch']} steps at {est['step_s']:.3f} s/step, "
+                     f"validations of about {est['validation_s']:.1f} s); took {s['wall_time_s']:.1f} s ({off:+.0%}).</p>")
+    return "".join(parts)
+
+
 def _config(s: dict[str, Any]) -> str:
     rows = [[k, v] for k, v in s["config"].items()] + [["runtime", s.get("runtime", "")], ["data", s["data"]]]
     return _table(["option", "value"], rows, left=2)
@@ -162,7 +183,7 @@ def render_report(run: str | os.PathLike[str]) -> str:
         "<h2>Most confidently wrong (top losses)</h2>", _img(folder / "top_losses.png", "top losses"),
         _top_losses_note(folder),
         "<h2>Predictions (blue right, red wrong)</h2>", _img(folder / "predictions.png", "prediction grid"),
-        "<h2>Timing</h2>", _timing(s),
+        "<h2>Timing</h2>", _plan(s), _timing(s),
         "<h2>Configuration</h2>", _config(s),
     ]
     return _page(title, "".join(parts))

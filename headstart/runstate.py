@@ -45,6 +45,7 @@ class EpochRecord:
     images_per_s: float  # training images per second
     data_wait: float  # fraction of the training time spent waiting for the data loader
     lr: float
+    elapsed: float = 0.0  # s since the run started, at the end of this epoch
 
     def line(self) -> str:
         return (f"epoch {self.epoch}/{self.epochs}  train loss {self.train_loss:.4f}  val loss {self.val_loss:.4f}  "
@@ -92,6 +93,7 @@ class RunState:
     best_meta: dict[str, Any] | None = None  # checkpoint metadata of the best epoch
     history: list[EpochRecord] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason, files that could not be decoded
+    elapsed: float = 0.0  # wall seconds of the run so far, every process that worked on it
 
     def skip(self, path: str, reason: str) -> None:
         """Record an undecodable file; the warning names it once per run."""
@@ -106,7 +108,8 @@ class RunState:
     def from_dict(cls, d: dict[str, Any]) -> "RunState":
         return cls(epoch=d["epoch"], progress=EpochProgress(**d["progress"]), best_acc=d["best_acc"],
                    best_epoch=d["best_epoch"], best_metrics=d["best_metrics"], best_meta=d.get("best_meta"),
-                   history=[EpochRecord(**r) for r in d["history"]], skipped=dict(d["skipped"]))
+                   history=[EpochRecord(**r) for r in d["history"]], skipped=dict(d["skipped"]),
+                   elapsed=d.get("elapsed", 0.0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ContextManager, Iterable, Iterator, TypeVar
@@ -32,14 +33,33 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 T = TypeVar("T")
 
 
+CPU_CLASSES = ("amx", "avx512-bf16", "avx512", "avx2", "other")  # strongest first
+_ISA_CLASS = {  # oneDNN's ONEDNN_MAX_CPU_ISA values -> the class they leave
+    "sse41": "other", "avx": "other", "avx2": "avx2", "avx2_vnni": "avx2", "avx2_vnni_2": "avx2",
+    "avx512_core": "avx512", "avx512_core_vnni": "avx512", "avx512_core_bf16": "avx512-bf16",
+    "avx512_core_fp16": "avx512-bf16", "avx10_1_512": "avx512-bf16", "avx512_core_amx": "amx",
+    "avx512_core_amx_fp16": "amx", "avx10_1_512_amx": "amx", "avx10_1_512_amx_fp16": "amx"}
+
+
 @functools.cache
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512_BF16 or AMX-BF16)."""
+def cpu_class() -> str:
+    """The class of this CPU for speed: "amx" (AMX-BF16 tiles: bf16 matmuls about 8x fp32), "avx512-bf16"
+    (AVX-512 with bf16 dot products, no AMX: about 4x), "avx512", "avx2" (no native bf16), "other".
+    oneDNN's ONEDNN_MAX_CPU_ISA caps it (=AVX2 makes an AVX-512 machine an avx2 one, to measure
+    that class)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+        flags = set()
+    found = ("amx" if "amx_bf16" in flags else "avx512-bf16" if "avx512_bf16" in flags
+             else "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other")
+    cap = _ISA_CLASS.get(os.environ.get("ONEDNN_MAX_CPU_ISA", "").lower())
+    return max(found, cap, key=CPU_CLASSES.index) if cap else found  # the weaker of the two
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU (as oneDNN may use it) has native bf16 matrix instructions."""
+    return cpu_class() in ("amx", "avx512-bf16")
 
 
 @dataclass(frozen=True)
@@ -120,7 +140,8 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def describe(self) -> str:
-        return (f"{self.device.type} {self.precision} channels_last"
+        where = f"cpu ({cpu_class()})" if self.device.type == "cpu" else self.device.type
+        return (f"{where} {self.precision} channels_last"
                 f"{' compiled' if self.compile else ''}, {torch.get_num_threads()} threads"
                 f"{self._engine_note()}")
 

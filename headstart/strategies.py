@@ -2,29 +2,41 @@
 
 `training.fit` runs the same loop whatever the strategy:
 
-    strategy = info.build(model, splits, ...)     # loaders, or features computed once
-    stepper = Stepper.build(strategy.parameters(), config, strategy.steps_per_epoch, runtime)
+    strategy = info.build(model, splits, ...)   # cheap: what trains, the data loaders
+    baseline = strategy.start(saved)            # its tensors from a run state; or features, a head
+                                                # fitted on them (epoch 0), a plan: what it needs first
+    stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, ...)
     per epoch:  strategy.train_epoch(...) -> strategy.validate(...) -> metrics
                 a new best: strategy.on_best(checkpoints, meta)
-                run state:  strategy.run_state() (restored by strategy.restore(saved) on resume)
+                run state:  strategy.run_state()
     at the end (and at an interrupt): strategy.save(checkpoints); at the end: strategy.finish(checkpoints)
 
-The tutorial's two strategies, registered below:
-- finetune (`FineTune`): every parameter trains; SGD momentum 0.9.
-- frozen: only the head trains (SGD momentum 0.5); the backbone runs in eval mode under no_grad,
-  so its BatchNorm statistics do not move and every backbone tensor stays bit-identical.
-  `HeadOnFeatures` computes the backbone's features once and trains the head on them (the
-  default); `HeadOnFrozenBackbone` runs the backbone on every step (--feature-cache off).
+Registered below:
+- finetune (`FineTune`, the tutorial's): every parameter trains; SGD momentum 0.9.
+- frozen (the tutorial's): only the head trains (SGD momentum 0.5); the backbone runs in eval mode
+  under no_grad, so every backbone tensor stays bit-identical. `HeadOnFeatures` computes the
+  backbone's features once and trains the head on them (the default); `HeadOnFrozenBackbone` runs
+  the backbone on every step (--feature-cache off).
+- partial (`Partial`): the stages from --train-from up train with the head; the stages below run
+  frozen (ResNet50 from layer4 at 224: 6.6 GFLOP frozen forward + 4.9 trained per image, where a
+  fine-tune costs 24.3).
+- gradual (`Gradual`): epoch 0 fits the head to convergence on the backbone's features (linear.py);
+  then as partial, the backbone at a fraction of the head's learning rate (fastai's recipe).
+- auto (`Auto`): gradual, from the stage and for the epochs that fit --budget, chosen by timing a
+  few steps of each.
 
 A new strategy is a new class and one `register_strategy` call; nothing else changes.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import itertools
 import math
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -35,7 +47,10 @@ from .checkpoint import RunCheckpoints
 from .data import DatasetSplits, ImageDataset, make_loader, sample_seed
 from .features import Features, extract_features, files_fingerprint
 from .inference import INFERENCE_BATCH_SIZE, Inference, run_inference
-from .models import freeze_backbone, get_head, get_model_info
+from .linear import FOLDS, fit_head
+from .models import MODELS, create_model, freeze_backbone, get_head, get_model_info, meta_model
+from .models.stages import run_stages, stage_flops
+from .clock import format_duration as _duration
 from .preprocessing import Preprocessing
 from .registry import Registry
 from .runstate import EpochProgress, SavedRun
@@ -62,10 +77,11 @@ class Stepper:
     scaler: torch.amp.GradScaler | None = None
 
     @classmethod
-    def build(cls, params: Sequence[nn.Parameter], config: "TrainConfig", steps_per_epoch: int,
-              runtime: Runtime) -> "Stepper":
+    def build(cls, params: Sequence[nn.Parameter] | Sequence[dict[str, Any]], config: "TrainConfig",
+              total_steps: int, runtime: Runtime) -> "Stepper":
+        """`params`: the parameters that train, or parameter groups with their own "lr"."""
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-        return cls(optimizer, make_scheduler(optimizer, config, steps_per_epoch), runtime.grad_scaler())
+        return cls(optimizer, make_scheduler(optimizer, config, total_steps), runtime.grad_scaler())
 
     @property
     def lr(self) -> float:
@@ -96,9 +112,9 @@ class Stepper:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: "TrainConfig",
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """constant, or cosine per step from lr down to 1% of it over the run."""
-    total = max(1, config.epochs * steps_per_epoch)
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """constant, or cosine per step from lr down to 1% of it over the run's `total_steps`."""
+    total = max(1, total_steps)
     if config.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(
@@ -114,11 +130,15 @@ def class_weights(splits: DatasetSplits) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # One epoch: over images through a network, or over cached features through the head.
 
-def set_train_mode(model: nn.Module, *, trainable: Sequence[nn.Module] | None = None) -> None:
-    """Everything in train mode, or only the `trainable` modules: the rest (a frozen backbone,
-    with its BatchNorm layers) stays in eval mode, so its running statistics do not change."""
+def set_train_mode(model: nn.Module, *, trainable: Sequence[nn.Module] | None = None,
+                   frozen: Sequence[nn.Module] = ()) -> None:
+    """Train mode for everything but the `frozen` modules; or, with `trainable`, for those only.
+    What is not in train mode (a frozen backbone, with its BatchNorm layers) stays in eval mode, so
+    its running statistics do not change."""
     if trainable is None:
         model.train()
+        for m in frozen:
+            m.eval()
         return
     model.eval()
     for m in trainable:
@@ -197,24 +217,43 @@ def train_head_one_epoch(head: nn.Module, features: torch.Tensor, labels: torch.
 # ---------------------------------------------------------------------------------------------
 # The protocol.
 
-class Strategy:
-    """One way to train. Subclasses set `steps_per_epoch` in __init__ and implement the methods
-    below; `fit` calls them as the module docstring shows."""
+Baseline = tuple[EpochProgress, Inference]  # epoch 0, where a strategy starts from a result of its own
 
-    steps_per_epoch: int
+
+class Strategy:
+    """One way to train. `fit` calls these as the module docstring shows; `steps_per_epoch` is set
+    by __init__ or by `start`."""
+
+    steps_per_epoch: int = 0
 
     def __init__(self, model: nn.Module, splits: DatasetSplits, *, config: "TrainConfig",
                  preprocessing: Preprocessing, runtime: Runtime, callback: "Callback",
-                 skip: Callable[[str, str], None]) -> None:
+                 skip: Callable[[str, str], None], started: float | None = None) -> None:
         self.model, self.splits, self.config, self.pre, self.runtime = model, splits, config, preprocessing, runtime
         self.callback, self.skip = callback, skip
+        self.started = time.perf_counter() if started is None else started  # the run's start (for a budget)
         self.classifier = get_model_info(model.arch).classifier
         self.head = get_head(model, self.classifier)
         self.weight = class_weights(splits).to(runtime.device) if config.balance else None
 
-    def parameters(self) -> list[nn.Parameter]:
-        """The parameters that train."""
+    @property
+    def epochs(self) -> int:
+        """Epochs the run will train (after epoch 0, where there is one)."""
+        return self.config.epochs
+
+    def parameters(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """The parameters that train (or parameter groups, each with its "lr")."""
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def start(self, saved: SavedRun | None) -> Baseline | None:
+        """Before the first step: take the tensors of a run state (`saved`), or prepare from
+        scratch; returns epoch 0's result where the strategy has one."""
+        if saved is not None:
+            try:
+                self.model.load_state_dict(saved.part("model"), strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"run state does not fit the model: {e}") from e
+        return None
 
     def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
         raise NotImplementedError
@@ -223,16 +262,17 @@ class Strategy:
         """Logits of the validation images."""
         raise NotImplementedError
 
+    def validation_seconds(self, step_seconds: float) -> float:
+        """About how long one validation takes, given a training step's seconds (for estimates)."""
+        return 0.0
+
     def run_state(self) -> tuple[StateDict, StateDict, dict[str, Any]]:
         """(model tensors, the strategy's extra tensors, JSON) for the run state."""
         return self.model.state_dict(), {}, {}
 
-    def restore(self, saved: SavedRun) -> None:
-        """Continue from a run state written from `run_state()`."""
-        try:
-            self.model.load_state_dict(saved.part("model"), strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"run state does not fit the model: {e}") from e
+    def chosen(self) -> dict[str, Any]:
+        """What the strategy chose and why, for summary.json and the report (auto: its plan)."""
+        return {}
 
     def on_best(self, checkpoints: RunCheckpoints, meta: dict[str, Any]) -> None:
         """A new best epoch (`meta`: its epoch and metrics): keep its weights."""
@@ -271,9 +311,44 @@ class Strategy:
         self._failed(self.splits.val, inf.failed)
         return inf
 
+    def _image_validation_seconds(self, step_seconds: float, trained: float) -> float:
+        """Validation from a step's time, by FLOP: a step costs (1 + 2 * trained) forward passes per
+        image at the training size (the backward pass twice the forward through the `trained`
+        fraction of the network), a validation image one forward pass at the evaluation size."""
+        per_image = step_seconds / self.config.batch_size / (1 + 2 * trained)
+        return len(self.splits.val) * per_image * (self.pre.image_size / self.pre.train_crop) ** 2
+
     def _failed(self, samples: list, failed: list[tuple[int, str]]) -> None:
         for index, reason in failed:
             self.skip(str(samples[index].path), reason)
+
+
+def cached_features(model: nn.Module, splits: DatasetSplits, *, config: "TrainConfig", pre: Preprocessing,
+                    runtime: Runtime, callback: "Callback", fingerprint: str) -> tuple[Features, Features]:
+    """(train, val) backbone features: train = the eval view + `config.views` augmented views of
+    each image. `fingerprint` (of the backbone's weights) keys the disk cache."""
+    key = fingerprint if config.feature_cache == "disk" else None
+    start = time.perf_counter()
+    train_files = files_fingerprint(splits.train) if key else None  # once, for every view
+    images = len(splits.train) * (config.views + 1) + len(splits.val)
+    # One inference copy (and OpenVINO conversion) for every view, made only if a view is not on disk.
+    backbone = functools.cache(lambda: runtime.inference_model(model, features=True, images=images))
+
+    def extract(samples: list, view: int, phase: str, files_key: str | None = None) -> Features:
+        return extract_features(model, samples, runtime=runtime, pre=pre, view=view, seed=config.seed,
+                                images=images, backbone=backbone,
+                                batch_size=max(config.batch_size, INFERENCE_BATCH_SIZE), workers=config.workers,
+                                cache_key=key, files_key=files_key,
+                                on_batch=lambda s, n: callback.on_step(phase, 0, s, n, None))
+
+    train = Features.cat([extract(splits.train, v, f"features train view {v}", train_files)
+                          for v in range(config.views + 1)])
+    val = extract(splits.val, 0, "features val")
+    seconds = time.perf_counter() - start
+    cached = " (from the disk cache)" if train.from_cache and val.from_cache else ""
+    callback.on_message(f"backbone features of {images} images computed once in {seconds:.1f}s{cached} "
+                        f"({images / max(seconds, 1e-9):.1f} img/s); the head trains on them")
+    return train, val
 
 
 class FineTune(Strategy):
@@ -290,6 +365,9 @@ class FineTune(Strategy):
 
     def validate(self, epoch: int) -> Inference:
         return self._validate_images(epoch)
+
+    def validation_seconds(self, step_seconds: float) -> float:
+        return self._image_validation_seconds(step_seconds, trained=1.0)
 
 
 class HeadOnly(Strategy):
@@ -312,11 +390,9 @@ class HeadOnly(Strategy):
     def _head_tensors(self) -> StateDict:
         return {k: v for k, v in self.model.state_dict().items() if k.startswith(self.prefix)}
 
-    def run_state(self) -> tuple[StateDict, StateDict, dict[str, Any]]:
-        return (self._head_tensors(), {f"best.{k}": v for k, v in self.best.items()},
-                {"partial_model": True, "backbone_fingerprint": self.fingerprint})
-
-    def restore(self, saved: SavedRun) -> None:
+    def start(self, saved: SavedRun | None) -> Baseline | None:
+        if saved is None:
+            return None
         if saved.meta.get("backbone_fingerprint") != self.fingerprint:
             raise ValueError(f"the backbone weights ({self.config.weights}) are not those the run started with; "
                              "resume needs the same weights")
@@ -328,6 +404,11 @@ class HeadOnly(Strategy):
             raise ValueError(f"run state does not fit the model: unexpected {unexpected[:5]}")
         self.best = {k[len("best."):]: v for k, v in saved.part("extra").items() if k.startswith("best.")}
         self.best_meta = saved.state.best_meta or {}
+        return None
+
+    def run_state(self) -> tuple[StateDict, StateDict, dict[str, Any]]:
+        return (self._head_tensors(), {f"best.{k}": v for k, v in self.best.items()},
+                {"partial_model": True, "backbone_fingerprint": self.fingerprint})
 
     def on_best(self, checkpoints: RunCheckpoints, meta: dict[str, Any]) -> None:
         self.best = {k: v.detach().clone() for k, v in self._head_tensors().items()}
@@ -345,42 +426,18 @@ class HeadOnFeatures(HeadOnly):
     """The head trains on backbone features computed once per image (and augmented view): ten
     epochs cost one backbone pass instead of ten (`features.py`)."""
 
-    def __init__(self, model: nn.Module, splits: DatasetSplits, **kw: Any) -> None:
-        super().__init__(model, splits, **kw)
-        self.train_features, self.val_features = self._features()
-        self._failed(splits.train, self.train_features.failed)
-        self._failed(splits.val, self.val_features.failed)
+    def start(self, saved: SavedRun | None) -> Baseline | None:
+        super().start(saved)  # the fingerprint is checked before any feature is computed
+        self.train_features, self.val_features = cached_features(
+            self.model, self.splits, config=self.config, pre=self.pre, runtime=self.runtime, callback=self.callback,
+            fingerprint=self.fingerprint)
+        self._failed(self.splits.train, self.train_features.failed)
+        self._failed(self.splits.val, self.val_features.failed)
         device = self.runtime.device
         self.train_x, self.train_y = self.train_features.features.to(device), self.train_features.labels.to(device)
         self.val_x = self.val_features.features.to(device)
         self.steps_per_epoch = math.ceil(len(self.train_y) / self.config.batch_size)
-
-    def _features(self) -> tuple[Features, Features]:
-        """(train, val) features: train = eval view + `config.views` augmented views. The backbone's
-        fingerprint keys the disk cache."""
-        c, splits, runtime = self.config, self.splits, self.runtime
-        key = self.fingerprint if c.feature_cache == "disk" else None
-        start = time.perf_counter()
-        train_files = files_fingerprint(splits.train) if key else None  # once, for every view
-        images = len(splits.train) * (c.views + 1) + len(splits.val)
-        # One inference copy (and OpenVINO conversion) for every view, made only if a view is not on disk.
-        backbone = functools.cache(lambda: runtime.inference_model(self.model, features=True, images=images))
-
-        def extract(samples: list, view: int, phase: str, files_key: str | None = None) -> Features:
-            return extract_features(self.model, samples, runtime=runtime, pre=self.pre, view=view, seed=c.seed,
-                                    images=images, backbone=backbone,
-                                    batch_size=max(c.batch_size, INFERENCE_BATCH_SIZE), workers=c.workers,
-                                    cache_key=key, files_key=files_key,
-                                    on_batch=lambda s, n: self.callback.on_step(phase, 0, s, n, None))
-
-        train = Features.cat([extract(splits.train, v, f"features train view {v}", train_files)
-                              for v in range(c.views + 1)])
-        val = extract(splits.val, 0, "features val")
-        seconds = time.perf_counter() - start
-        cached = " (from the disk cache)" if train.from_cache and val.from_cache else ""
-        self.callback.on_message(f"backbone features of {images} images computed once in {seconds:.1f}s{cached} "
-                                 f"({images / max(seconds, 1e-9):.1f} img/s); the head trains on them")
-        return train, val
+        return None
 
     def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
         return train_head_one_epoch(self.head, self.train_x, self.train_y, stepper, batch_size=self.config.batch_size,
@@ -395,17 +452,31 @@ class HeadOnFeatures(HeadOnly):
         return Inference(logits, v.labels, v.indices, v.failed)
 
 
-class _FrozenForward(nn.Module):
-    """logits = head(backbone features computed under no_grad): the gradient reaches the head only."""
+class StagesFrom(nn.Module):
+    """The network with its stages below `first` run under no_grad: the gradient reaches the
+    stages from `first` on and the head only (first = 0: every layer; first = len(stages): the head)."""
 
-    def __init__(self, model: nn.Module, head: nn.Module) -> None:
+    def __init__(self, model: nn.Module, first: int) -> None:
         super().__init__()
-        self.model, self.head = model, head
+        self.model, self.first = model, first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stages = self.model.stages()
         with torch.no_grad():
-            features = self.model.forward_features(x)  # (N, F)
-        return self.head(features)
+            x = run_stages(stages[:self.first], x)
+        return self.model.forward_head(self.model.pool(run_stages(stages[self.first:], x)))
+
+
+def freeze_below(model: nn.Module, first: int) -> list[nn.Module]:
+    """requires_grad=False for the parameters of the stages before `first`, True for the rest;
+    returns those stages' modules (for `set_train_mode(frozen=...)`)."""
+    frozen = [m for s in model.stages()[:first] for m in s.modules]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return frozen
 
 
 class HeadOnFrozenBackbone(HeadOnly):
@@ -415,7 +486,7 @@ class HeadOnFrozenBackbone(HeadOnly):
     def __init__(self, model: nn.Module, splits: DatasetSplits, **kw: Any) -> None:
         super().__init__(model, splits, **kw)
         self._image_loaders()
-        self.forward = _FrozenForward(model, self.head)
+        self.forward = StagesFrom(model, len(model.stages()))
 
     def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
         set_train_mode(self.model, trainable=[self.head])
@@ -424,6 +495,228 @@ class HeadOnFrozenBackbone(HeadOnly):
     def validate(self, epoch: int) -> Inference:
         return self._validate_images(epoch)
 
+    def validation_seconds(self, step_seconds: float) -> float:
+        return self._image_validation_seconds(step_seconds, trained=0.0)
+
+
+class Partial(Strategy):
+    """The stages from `config.train_from` (default: the last) up train with the head, SGD
+    momentum 0.9; the stages below run in eval mode under no_grad, their BatchNorm statistics kept."""
+
+    def __init__(self, model: nn.Module, splits: DatasetSplits, **kw: Any) -> None:
+        super().__init__(model, splits, **kw)
+        self.stage_names = [s.name for s in model.stages()]
+        self.stage_flops = stage_flops(meta_model(model.arch, **model.arch_kwargs), self.pre.train_crop)
+        self.train_from(self.config.train_from or self.stage_names[-1])
+        self.runtime.prepare(model)
+        self._image_loaders()
+
+    def train_from(self, name: str) -> None:
+        """Train the stages from `name` up (and the head); freeze the ones below."""
+        if name not in self.stage_names:
+            raise ValueError(f"train_from {name!r} is not a stage of {self.model.arch}: choose one of "
+                             f"{', '.join(self.stage_names)} (`headstart models` lists them)")
+        self.first = self.stage_names.index(name)
+        self.frozen = freeze_below(self.model, self.first)
+        self.forward = StagesFrom(self.model, self.first)
+
+    @property
+    def trained_fraction(self) -> float:
+        """The share of the forward FLOP that trains (ResNet50 from layer4: 0.2, from layer3: 0.56)."""
+        return sum(self.stage_flops[self.first:]) / max(sum(self.stage_flops), 1.0)
+
+    def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
+        set_train_mode(self.model, frozen=self.frozen)
+        return self._train_images(self.forward, epoch, stepper, progress, stop)
+
+    def validate(self, epoch: int) -> Inference:
+        return self._validate_images(epoch)
+
+    def validation_seconds(self, step_seconds: float) -> float:
+        return self._image_validation_seconds(step_seconds, trained=self.trained_fraction)
+
+
+class Gradual(Partial):
+    """Epoch 0: the head fitted to convergence on the backbone's features (L-BFGS, L2 chosen by
+    cross-validation: linear.py). Then as partial, with the backbone's learning rate
+    `config.backbone_lr` times the head's: a head that is already good sends small gradients into
+    the pretrained layers instead of the large ones of a random head (fastai's fine_tune recipe)."""
+
+    def parameters(self) -> list[dict[str, Any]]:
+        head = list(self.head.parameters())
+        ids = {id(p) for p in head}
+        backbone = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": head}, {"params": backbone, "lr": self.config.lr * self.config.backbone_lr}]
+
+    def start(self, saved: SavedRun | None) -> Baseline | None:
+        if saved is not None:
+            return super().start(saved)
+        fingerprint = weights_fingerprint(self.model, exclude=f"{self.classifier}.")
+        train, val = cached_features(self.model, self.splits, config=self.config, pre=self.pre, runtime=self.runtime,
+                                     callback=self.callback, fingerprint=fingerprint)
+        self._failed(self.splits.train, train.failed)
+        self._failed(self.splits.val, val.failed)
+        fit = fit_head(train.features, train.labels, len(self.splits.classes), groups=train.indices,
+                       class_weight=self.weight.cpu() if self.weight is not None else None, seed=self.config.seed)
+        with torch.no_grad():
+            self.head.weight.copy_(fit.weight)
+            self.head.bias.copy_(fit.bias)
+        cv = ", ".join(f"{l2:g}: {loss:.3f}" for l2, loss in sorted(fit.cv_loss.items()))
+        self.callback.on_message(f"head fitted to convergence on the features in {fit.seconds:.1f}s: L2 {fit.l2:g}, "
+                                 f"chosen by {FOLDS}-fold cross-validation (held-out loss {cv})")
+        n = len(train.labels)
+        progress = EpochProgress(steps=1, images=n, loss_sum=fit.train_loss * n, correct=round(fit.train_acc * n),
+                                 seconds=fit.seconds)
+        return progress, Inference(F.linear(val.features, fit.weight, fit.bias), val.labels, val.indices, val.failed)
+
+
+# ---------------------------------------------------------------------------------------------
+# auto: gradual from the stage, and for the epochs, that fit the budget.
+
+@dataclass
+class Candidate:
+    train_from: str
+    step_seconds: float  # measured
+    epoch_seconds: float  # steps_per_epoch steps and a validation
+
+
+@dataclass
+class Plan:
+    train_from: str
+    epochs: int  # 0: the head fitted on the features is the result
+    reason: str
+    candidates: list[Candidate]
+    estimate_s: float  # of the epochs chosen
+
+
+def choose_plan(candidates: Sequence[Candidate], *, seconds_left: float, epochs: int,
+                min_epochs: int = 3) -> tuple[str, int, str]:
+    """(train_from, epochs, reason): the candidate that trains the most of the network (they come
+    shallow to deep) for which `min_epochs` (or `epochs`, if fewer) fit in `seconds_left`; as many
+    of `epochs` as fit. None of them: 0 epochs."""
+    need = min(min_epochs, epochs)
+    for c in reversed(candidates):
+        fits = int(seconds_left // max(c.epoch_seconds, 1e-9))
+        if fits >= need:
+            n = min(fits, epochs)
+            return (c.train_from, n, f"the deepest candidate of which {need}+ epochs fit in the {_duration(seconds_left)} "
+                                     f"left: {n} epochs of about {_duration(c.epoch_seconds)}")
+    return candidates[0].train_from, 0, (f"not even {need} epochs from {candidates[0].train_from} fit in the "
+                                         f"{_duration(seconds_left)} left: the head fitted on the features it is")
+
+
+class Auto(Gradual):
+    """gradual, with the stage to train from and the number of epochs chosen for the budget:
+    after epoch 0 (features, and the head fitted on them), a few steps from each candidate stage
+    are timed on a copy of the network (shallow to deep, stopping at the first that cannot fit),
+    and the deepest candidate that fits 3+ epochs in what is left of `config.budget` trains for as
+    many epochs as fit (at most `config.epochs`). The plan is kept in the run state: a resumed run
+    follows it."""
+
+    STEPS_TIMED = 2  # after one warm-up step
+
+    def __init__(self, model: nn.Module, splits: DatasetSplits, **kw: Any) -> None:
+        super().__init__(model, splits, **kw)
+        self.plan: Plan | None = None
+
+    @property
+    def epochs(self) -> int:
+        return self.plan.epochs if self.plan is not None else self.config.epochs
+
+    def start(self, saved: SavedRun | None) -> Baseline | None:
+        if saved is not None:
+            p = saved.meta["plan"]
+            self.plan = Plan(**{**p, "candidates": [Candidate(**c) for c in p["candidates"]]})
+            self.train_from(self.plan.train_from)
+            return super().start(saved)
+        baseline = super().start(None)
+        candidates: list[Candidate] = []
+        for name in self._candidate_stages() if self.config.budget is not None else []:
+            candidates.append(self._time_candidate(name))
+            left = self._seconds_left()
+            if left < min(3, self.config.epochs) * candidates[-1].epoch_seconds:
+                break  # the deeper candidates cost more
+        if candidates:
+            name, epochs, reason = choose_plan(candidates, seconds_left=self._seconds_left(), epochs=self.config.epochs)
+            estimate = epochs * next(c.epoch_seconds for c in candidates if c.train_from == name)
+        else:
+            name, epochs, reason, estimate = self.stage_names[0], self.config.epochs, "no budget: every layer", 0.0
+        self.plan = Plan(name, epochs, reason, candidates, estimate)
+        self.train_from(name)
+        rows = "".join(f"\n  from {c.train_from:<10} {c.step_seconds:8.3f} s/step   {_duration(c.epoch_seconds):>9} "
+                       "an epoch" for c in candidates)
+        timed = f"timed {self.STEPS_TIMED} steps from each stage:{rows}\n" if candidates else ""
+        self.callback.on_message(f"plan: {timed}train from {name} for {epochs} epochs ({reason})")
+        return baseline
+
+    def _seconds_left(self) -> float:
+        return self.config.budget - (time.perf_counter() - self.started)
+
+    def _candidate_stages(self) -> list[str]:
+        """Shallow to deep: the last stage, the one before, the middle one, the first."""
+        names = self.stage_names
+        picks = [len(names) - 1, len(names) - 2, len(names) // 2, 0]
+        return [names[i] for i in sorted({i for i in picks if i >= 0}, reverse=True)]
+
+    def _time_candidate(self, name: str) -> Candidate:
+        """Seconds per step from stage `name`, timed on a copy of the network (the run's weights and
+        the torch RNG are left as they were) with batches from the training loader."""
+        rng = torch.get_rng_state()
+        try:
+            model = copy.deepcopy(self.model)
+            first = self.stage_names.index(name)
+            frozen = freeze_below(model, first)
+            stepper = Stepper.build([p for p in model.parameters() if p.requires_grad], self.config, 1, self.runtime)
+            self.train_loader.sampler.set_epoch(0)  # an epoch the run never trains
+            batches = itertools.cycle(self.train_loader)
+            times = []
+            for _ in range(1 + self.STEPS_TIMED):  # the first step warms up (memory, oneDNN's kernels)
+                set_train_mode(model, frozen=frozen)
+                t = time.perf_counter()
+                train_one_epoch(StagesFrom(model, first), [next(batches)], stepper, self.runtime, self.pre, epoch=0,
+                                weight=self.weight)
+                times.append(time.perf_counter() - t)
+            del batches
+        finally:
+            torch.set_rng_state(rng)
+        step = statistics.median(times[1:])
+        trained = sum(self.stage_flops[first:]) / max(sum(self.stage_flops), 1.0)
+        val = self._image_validation_seconds(step, trained=trained)
+        return Candidate(name, step, self.steps_per_epoch * step + val)
+
+    def run_state(self) -> tuple[StateDict, StateDict, dict[str, Any]]:
+        tensors, extra, meta = super().run_state()
+        return tensors, extra, {**meta, **self.chosen()}
+
+    def chosen(self) -> dict[str, Any]:
+        return {"plan": asdict(self.plan)} if self.plan else {}
+
+
+def choose_backbone(splits: DatasetSplits, *, config: "TrainConfig", runtime: Runtime,
+                    callback: "Callback") -> tuple[str, dict[str, float]]:
+    """`--arch auto`: the registered backbone whose features a linear head fits best. For each one
+    with ImageNet weights: the features of every image (kept in the disk cache, so the run that
+    follows reads its own back) and the held-out loss of the head fitted on them by
+    cross-validation (no validation image is looked at). Returns (name, {name: held-out loss})."""
+    scores: dict[str, float] = {}
+    for name in sorted(n for n in MODELS if "imagenet" in MODELS[n].weights):
+        torch.manual_seed(config.seed)
+        try:
+            model = create_model(name, num_classes=len(splits.classes), weights="imagenet")
+        except (ConnectionError, FileNotFoundError) as e:  # weights by URL, offline; npm missing...
+            callback.on_message(f"backbone {name} left out: its weights cannot be fetched here ({e})")
+            continue
+        pre = get_model_info(name).preprocessing.with_sizes(train_size=config.train_size)
+        runtime.prepare(model)
+        train, _ = cached_features(model, splits, config=config, pre=pre, runtime=runtime, callback=callback,
+                                   fingerprint=weights_fingerprint(model, exclude=f"{get_model_info(name).classifier}."))
+        fit = fit_head(train.features, train.labels, len(splits.classes), groups=train.indices, seed=config.seed)
+        scores[name] = min(fit.cv_loss.values()) if fit.cv_loss else fit.train_loss
+    best = min(scores, key=lambda n: (scores[n], n))
+    callback.on_message("backbone: " + ", ".join(f"{n} {v:.4f}" for n, v in sorted(scores.items(), key=lambda kv: kv[1]))
+                        + f" (held-out loss of a head fitted on its features): {best}")
+    return best, scores
+
 
 # ---------------------------------------------------------------------------------------------
 # The registry.
@@ -431,7 +724,7 @@ class HeadOnFrozenBackbone(HeadOnly):
 @dataclass(frozen=True)
 class StrategyInfo:
     name: str
-    build: Callable[..., Strategy]  # (model, splits, *, config, preprocessing, runtime, callback, skip)
+    build: Callable[..., Strategy]  # (model, splits, *, config, preprocessing, runtime, callback, skip, started)
     momentum: float  # the default SGD momentum (the tutorial's)
     description: str  # one line, for --help
     holds_weights: bool = True  # the run state holds every weight (else resume rebuilds them from config.weights)
@@ -459,3 +752,10 @@ register_strategy(StrategyInfo("finetune", FineTune, momentum=0.9, compiles=True
                                description="train all layers"))
 register_strategy(StrategyInfo("frozen", _frozen, momentum=0.5, holds_weights=False,
                                description="train only the new head on the frozen backbone"))
+register_strategy(StrategyInfo("partial", Partial, momentum=0.9,
+                               description="train the stages from --train-from up (default: the last) and the head"))
+register_strategy(StrategyInfo("gradual", Gradual, momentum=0.9,
+                               description="fit the head on the backbone's features first, then train from "
+                                           "--train-from with the backbone at --backbone-lr times the learning rate"))
+register_strategy(StrategyInfo("auto", Auto, momentum=0.9,
+                               description="gradual, from the stage and for the epochs that fit --budget"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -20,6 +20,7 @@ from torch import nn
 
 from .check import unreadable_files
 from .checkpoint import RunCheckpoints
+from .clock import Clock, Estimate, parse_duration
 from .data import DatasetSplits, scan_dataset
 from .inference import Inference, infer
 from .metrics import Metrics, compute_metrics
@@ -29,7 +30,7 @@ from .runfolder import clear_temporaries, write_metrics_csv, write_run_files
 from .runstate import (STATE_FILE, EpochProgress, EpochRecord, RunState, StopOnSignal, TrainingInterrupted,
                        read_run_state, write_run_state)
 from .runtime import ENGINES, PRECISIONS, Runtime, resolve_runtime
-from .strategies import STRATEGIES, Stepper, Strategy, get_strategy
+from .strategies import STRATEGIES, Stepper, choose_backbone, get_strategy
 
 SCHEDULES = ("constant", "cosine")
 FEATURE_CACHES = ("off", "memory", "disk")
@@ -42,11 +43,11 @@ log = logging.getLogger(__name__)
 # The options.
 
 def option(default: Any, help: str | Callable[[], str], *, choices: Iterable[str] | None = None,
-           minimum: float | None = None) -> Any:
+           minimum: float | None = None, parse: Callable[[str], Any] | None = None) -> Any:
     """A TrainConfig field with what the command line and the checks need: help text (or a function
     that writes it from the registries), the valid choices (a live container: the strategy
-    registry), the smallest valid value."""
-    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
+    registry), the smallest valid value, and `parse` for a value written as text (a duration)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "parse": parse})
 
 
 def _strategy_help() -> str:
@@ -61,12 +62,19 @@ def _momentum_help() -> str:
 class TrainConfig:
     """Everything that defines a run; saved into every checkpoint. Defaults are the tutorial's."""
 
-    arch: str = option("resnet50", "backbone name; see `headstart models`")
+    arch: str = option("resnet50", "backbone name; see `headstart models`; auto: the one whose features a head fits "
+                                   "best, of those with ImageNet weights here")
     weights: str | None = option(
         "imagenet", "'imagenet' (or another tag of the backbone), a checkpoint, a weights file or its http(s) URL "
         "(.safetensors, .pth, MindSpore .ckpt, TF.js model.json; a head with as many classes as DATA is kept), or "
         "'none' (random initialisation)")
     strategy: str = option("finetune", _strategy_help, choices=STRATEGIES)
+    train_from: str | None = option(None, "partial, gradual: the first stage that trains, e.g. layer3 of a ResNet "
+                                          "(`headstart models` lists each backbone's; default: the last)")
+    backbone_lr: float = option(0.1, "gradual, auto: the backbone's learning rate as a multiple of --lr", minimum=0)
+    budget: float | None = option(None, "the time the whole run may take, e.g. 90s, 5m, 1h30m: auto plans for it; "
+                                        "every strategy stops before an epoch that would end after it "
+                                        "(default: none)", parse=parse_duration)
     epochs: int = option(10, "training epochs", minimum=1)
     batch_size: int = option(18, "training images per step", minimum=1)
     lr: float = option(0.001, "learning rate")
@@ -75,6 +83,9 @@ class TrainConfig:
     schedule: str = option("constant", "learning-rate schedule: constant, or cosine per step down to 1% of lr",
                            choices=SCHEDULES)
     image_size: int | None = option(None, "crop size (default: the backbone's, 224 for the ResNets)", minimum=8)
+    train_size: int | None = option(None, "crop size of the training steps (default: --image-size); e.g. 160 or 176 "
+                                          "with evaluation at 224: a step then costs about (160/224)^2 of one at 224",
+                                    minimum=8)
     val_split: float | None = option(None, "for a folder of class folders without train/ and val/: the fraction "
                                            "held out for validation, e.g. 0.2 (seeded, stratified)")
     seed: int = option(0, "seed of the new head, the augmentation and the order of the images")
@@ -98,6 +109,8 @@ class TrainConfig:
         if self.weights == "none":
             self.weights = None
         for f in fields(self):
+            if f.metadata["parse"] is not None and isinstance(getattr(self, f.name), str):
+                setattr(self, f.name, f.metadata["parse"](getattr(self, f.name)))
             value, choices, minimum = getattr(self, f.name), f.metadata["choices"], f.metadata["minimum"]
             if choices is not None and value not in choices:
                 raise ValueError(f"{f.name} {value!r} is not one of {', '.join(choices)}")
@@ -107,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.momentum is None:
             self.momentum = STRATEGIES[self.strategy].momentum
+        if self.arch == "auto" and self.weights != "imagenet":
+            raise ValueError(f"arch 'auto' chooses among backbones with ImageNet weights; drop weights={self.weights!r} "
+                             "(--weights) or name the backbone (--arch)")
 
 
 class Callback:
@@ -132,6 +148,8 @@ class RunResult:
     files: dict[str, Path] = field(default_factory=dict)
     wall_time: float = 0.0
     val_inference: Inference | None = None  # the best epoch's validation logits (None after a resume)
+    estimate: Estimate | None = None  # said after the first few steps of this process
+    chosen: dict[str, Any] = field(default_factory=dict)  # what the strategy chose, and why (auto's plan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,58 +157,75 @@ class RunResult:
 
 def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preprocessing: Preprocessing,
         runtime: Runtime, out: Path, callback: Callback | None = None, resume: bool = False,
-        run_meta: dict[str, Any] | None = None, skipped: dict[str, str] | None = None) -> RunResult:
-    """Train `model` on `splits` with `config.strategy` for config.epochs. After each epoch:
-    validate, write a row of metrics.csv and the run state that `resume=True` continues from
-    (bit-identical to an uninterrupted run on the CPU); the best epoch's checkpoint as the strategy
-    keeps it, the last at the end (or at an interrupt)."""
-    callback = callback or Callback()
+        run_meta: dict[str, Any] | None = None, skipped: dict[str, str] | None = None,
+        started: float | None = None) -> RunResult:
+    """Train `model` on `splits` with `config.strategy`. After each epoch (epoch 0 included, where
+    the strategy starts from a result of its own): validate, write a row of metrics.csv and the run
+    state that `resume=True` continues from (bit-identical to an uninterrupted run on the CPU); the
+    best epoch's checkpoint as the strategy keeps it, the last at the end (or at an interrupt).
+    `started`: when the run began (perf_counter), for the estimate and `config.budget`."""
     out.mkdir(parents=True, exist_ok=True)
     clear_temporaries(out)
-    state = RunState(skipped=dict(skipped or {}))
+    saved = read_run_state(out / STATE_FILE) if resume else None
+    state = saved.state if saved else RunState()
+    state.skipped = {**(skipped or {}), **state.skipped}
+    clock = Clock(callback or Callback(), started=(started or time.perf_counter()) - state.elapsed)
     strategy = get_strategy(config.strategy).build(model, splits, config=config, preprocessing=preprocessing,
-                                                   runtime=runtime, callback=callback, skip=state.skip)
-    stepper = Stepper.build(strategy.parameters(), config, strategy.steps_per_epoch, runtime)
-    if resume:
-        state = _resume(out, strategy, stepper, state, callback)
+                                                   runtime=runtime, callback=clock, skip=state.skip,
+                                                   started=clock.started)
+    baseline = strategy.start(saved)  # (its tensors from the run state, else features, epoch 0, a plan)
+    stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, runtime)
+    if saved:
+        stepper.restore(saved)  # the optimizer, schedule, scaler, and the torch RNG: nothing draws from it after
+        step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
+        clock.on_message(f"resuming {out} after epoch {state.epoch}{step}")
+    clock.watch(strategy)
     checkpoints = RunCheckpoints(out, model, classes=splits.classes, preprocessing=preprocessing,
                                  meta={"config": asdict(config), "counts": splits.counts()})
+    best_val: Inference | None = None
 
     def save_state() -> None:
         tensors, extra, meta = strategy.run_state()
+        state.elapsed = time.perf_counter() - clock.started
         write_run_state(out / STATE_FILE, model=tensors, extra=extra, optimizer=stepper.optimizer,
                         meta={**(run_meta or {}), "config": asdict(config), **stepper.state_meta(),
                               "state": state.to_dict(), **meta})
+
+    def end_epoch(epoch: int, progress: EpochProgress, inf: Inference, seconds: float, lr: float) -> None:
+        nonlocal best_val
+        metrics = compute_metrics(inf.outputs, inf.labels, splits.classes)
+        record = _record(epoch, strategy.epochs, progress, metrics, seconds, lr, time.perf_counter() - clock.started)
+        if metrics.accuracy > state.best_acc:
+            meta = {"epoch": epoch, "metrics": asdict(record)}
+            state.best_acc, state.best_epoch, state.best_metrics = metrics.accuracy, epoch, metrics.to_dict()
+            state.best_meta, best_val = {**checkpoints.meta, **meta}, inf
+            strategy.on_best(checkpoints, meta)
+        state.epoch, state.progress = epoch, EpochProgress()
+        state.history.append(record)
+        save_state()
+        write_metrics_csv(out / "metrics.csv", state.history)
+        clock.on_epoch_end(record)
 
     def close() -> None:  # the latest weights, and what the strategy keeps in memory
         last = asdict(state.history[-1]) if state.history else None
         checkpoints.write("last", epoch=state.epoch, metrics=last)
         strategy.save(checkpoints)
 
-    best_val: Inference | None = None
     with StopOnSignal() as stop:
-        for epoch in range(state.epoch + 1, config.epochs + 1):
-            started, lr = time.perf_counter() - state.progress.seconds, stepper.lr
+        if baseline is not None:
+            end_epoch(0, *baseline, seconds=time.perf_counter() - clock.started, lr=stepper.lr)
+        for epoch in range(state.epoch + 1, strategy.epochs + 1):
+            if clock.over_budget(config.budget, state.history):
+                break
+            started_epoch, lr = time.perf_counter() - state.progress.seconds, stepper.lr
             progress = strategy.train_epoch(epoch, stepper, progress=state.progress, stop=stop)
             if progress.interrupted:
                 progress.interrupted, state.progress = False, progress
                 save_state()
                 close()
                 raise TrainingInterrupted(out, epoch, progress.steps)
-            inf = strategy.validate(epoch)
-            metrics = compute_metrics(inf.outputs, inf.labels, splits.classes)
-            record = _record(epoch, config.epochs, progress, metrics, time.perf_counter() - started, lr)
-            if metrics.accuracy > state.best_acc:
-                meta = {"epoch": epoch, "metrics": asdict(record)}
-                state.best_acc, state.best_epoch, state.best_metrics = metrics.accuracy, epoch, metrics.to_dict()
-                state.best_meta, best_val = {**checkpoints.meta, **meta}, inf
-                strategy.on_best(checkpoints, meta)
-            state.epoch, state.progress = epoch, EpochProgress()
-            state.history.append(record)
-            save_state()
-            write_metrics_csv(out / "metrics.csv", state.history)
-            callback.on_epoch_end(record)
-            if stop() and epoch < config.epochs:
+            end_epoch(epoch, progress, strategy.validate(epoch), time.perf_counter() - started_epoch, lr)
+            if stop() and epoch < strategy.epochs:
                 close()
                 raise TrainingInterrupted(out, epoch, strategy.steps_per_epoch)
     close()
@@ -198,30 +233,18 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     return RunResult(out=out, best_checkpoint=out / "best.safetensors", last_checkpoint=out / "last.safetensors",
                      best_epoch=state.best_epoch, best_val_acc=state.best_acc, history=state.history,
                      best_metrics=Metrics.from_dict(state.best_metrics), skipped=state.skipped,
-                     files={"metrics": out / "metrics.csv", "state": out / STATE_FILE}, val_inference=best_val)
-
-
-def _resume(out: Path, strategy: Strategy, stepper: Stepper, new: RunState, callback: Callback) -> RunState:
-    """Everything a run state restores: the strategy's tensors, the optimizer, schedule and scaler,
-    the torch RNG (last: nothing may draw from it before the loop), and where the run stood."""
-    saved = read_run_state(out / STATE_FILE)
-    strategy.restore(saved)
-    stepper.restore(saved)
-    state = saved.state
-    state.skipped = {**new.skipped, **state.skipped}
-    step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
-    callback.on_message(f"resuming {out} after epoch {state.epoch}{step}")
-    return state
+                     files={"metrics": out / "metrics.csv", "state": out / STATE_FILE},
+                     val_inference=best_val, estimate=clock.estimate, chosen=strategy.chosen())
 
 
 def _record(epoch: int, epochs: int, progress: EpochProgress, metrics: Metrics, seconds: float,
-            lr: float) -> EpochRecord:
+            lr: float, elapsed: float) -> EpochRecord:
     return EpochRecord(
         epoch=epoch, epochs=epochs, train_loss=progress.loss, train_acc=progress.accuracy,
         val_loss=metrics.loss, val_acc=metrics.accuracy, val_balanced_acc=metrics.balanced_accuracy,
         epoch_time=seconds, step_time=progress.seconds / max(progress.steps, 1),
         images_per_s=progress.images / max(progress.seconds, 1e-9),
-        data_wait=progress.wait_seconds / max(progress.seconds, 1e-9), lr=lr)
+        data_wait=progress.wait_seconds / max(progress.seconds, 1e-9), lr=lr, elapsed=elapsed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +262,15 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     out = Path(out)
     splits = scan_dataset(data, val_split=config.val_split, seed=config.seed)
     bad = _drop_unreadable(splits, fail=config.bad_files == "fail")
-    info, strategy = get_model_info(config.arch), get_strategy(config.strategy)
-    pre = info.preprocessing if config.image_size is None else info.preprocessing.with_image_size(config.image_size)
+    strategy = get_strategy(config.strategy)
     runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
                               compile=config.compile and strategy.compiles, engine=config.engine)
+    chose_arch: dict[str, Any] = {}
+    if config.arch == "auto":  # the backbone whose features a head fits best; the run then reads them back
+        arch, scores = choose_backbone(splits, config=config, runtime=runtime, callback=callback)
+        config, chose_arch = replace(config, arch=arch), {"backbone_choice": scores}
+    info = get_model_info(config.arch)
+    pre = info.preprocessing.with_sizes(config.image_size, config.train_size)
     if resume and strategy.holds_weights:  # every weight comes from the run state
         arch_kwargs = read_run_state(out / STATE_FILE, tensors=False).meta.get("arch_kwargs", {})
         model = create_model(config.arch, num_classes=len(splits.classes), **arch_kwargs)
@@ -254,7 +282,7 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
                        "config": asdict(config), "out": str(out)})
     result = fit(model, splits, config=config, preprocessing=pre, runtime=runtime, out=out, callback=callback,
                  resume=resume, run_meta={"data": str(Path(data).resolve()), "arch_kwargs": model.arch_kwargs},
-                 skipped=bad)
+                 skipped=bad, started=started)
     # The best model on the validation set (computed again after a resume): pictures, summary, report.
     inf = result.val_inference or infer(model, splits.val, runtime=runtime, pre=pre, workers=config.workers)
     result.wall_time = time.perf_counter() - started
@@ -264,6 +292,7 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
         "best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
         "best_metrics": result.best_metrics.to_dict(), "history": [asdict(r) for r in result.history],
         "skipped_files": result.skipped, "wall_time_s": result.wall_time,
+        "estimate": asdict(result.estimate) if result.estimate else None, **result.chosen, **chose_arch,
         "checkpoints": {"best": str(result.best_checkpoint), "last": str(result.last_checkpoint)},
     }
     result.files.update(write_run_files(out, inf=inf, splits=splits, pre=pre, history=result.history,

@@ -46,10 +46,11 @@ class _InterruptAt(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-@pytest.mark.parametrize("strategy,feature_cache", [("finetune", "off"), ("frozen", "memory")])
+@pytest.mark.parametrize("strategy,feature_cache", [("finetune", "off"), ("frozen", "memory"), ("partial", "off"),
+                                                    ("gradual", "memory"), ("auto", "memory")])
 def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(dataset: Path, tmp_path: Path, strategy: str,
                                                             feature_cache: str) -> None:
-    cfg = config(strategy=strategy, feature_cache=feature_cache)
+    cfg = config(strategy=strategy, feature_cache=feature_cache, budget="1h" if strategy == "auto" else None)
     reference = train(dataset, out=tmp_path / "ref", config=cfg)
     with pytest.raises(TrainingInterrupted, match="--resume") as e:
         train(dataset, out=tmp_path / "run", config=cfg, callback=_InterruptAt(epoch=3, step=2))
@@ -60,6 +61,30 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(dataset: Path, tmp_p
     assert same(weights(tmp_path / "ref"), weights(tmp_path / "run"))
     assert [r.train_loss for r in resumed.history] == pytest.approx([r.train_loss for r in reference.history])
     assert resumed.best_val_acc == reference.best_val_acc
+
+
+@pytest.mark.parametrize("strategy", ["partial", "gradual"])
+def test_sigkill_between_epochs_then_resume_is_bit_identical(tmp_path: Path, strategy: str) -> None:
+    data = make_dataset(tmp_path / "data", per_class={"train": 24, "val": 6})
+    train(data, out=tmp_path / "ref", config=config(strategy=strategy, train_from="block2"))
+    run = tmp_path / "run"
+    args = ["train", str(data), "--arch", "tiny", "--weights", "none", "--strategy", strategy, "--train-from",
+            "block2", "--epochs", str(EPOCHS), "--batch-size", "8", "--lr", "0.05", "--workers", "0", "--out", str(run)]
+    p = subprocess.Popen([sys.executable, "-c", RUNNER, *args], env={**os.environ, "SLOW_FSYNC": "0.05"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def epochs_done() -> int:
+        try:
+            return read_run_state(run / "state.safetensors", tensors=False).state.epoch
+        except (FileNotFoundError, ValueError):
+            return -1
+
+    assert _wait_for(lambda: epochs_done() >= 2 or p.poll() is not None)
+    p.kill()
+    p.wait()
+    assert 2 <= epochs_done() < EPOCHS, "killed mid-run"
+    resume(run)
+    assert same(weights(tmp_path / "ref"), weights(run))
 
 
 def test_resume_of_a_missing_run_names_the_fix(tmp_path: Path) -> None:

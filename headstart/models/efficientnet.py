@@ -23,6 +23,7 @@ from torch import nn
 
 from ..kernels import batch_norm_act
 from .layers import pad_same
+from .stages import Stage, run_stages, sequential_stages
 
 torch.fx.wrap("pad_same")
 
@@ -93,11 +94,13 @@ class EfficientNetLite(nn.Module):
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, bias=False)
         self._bn0 = _bn(32)
         blocks: list[nn.Module] = []
+        self._stage_bounds: list[tuple[str, int, int]] = []  # (name, start, stop) in `_blocks`
         cin = 32
         for i, (kernel, stride, expand, channels, repeats) in enumerate(STAGES):
             cout = scale_width(channels, width)
             if 0 < i < len(STAGES) - 1:  # Lite keeps the first and last stages one block deep
                 repeats = int(math.ceil(repeats * depth))
+            self._stage_bounds.append((f"stage{i + 1}", len(blocks), len(blocks) + repeats))
             for j in range(repeats):
                 blocks.append(MBConv(cin, cout, kernel, stride if j == 0 else 1, expand))
                 cin = cout
@@ -114,16 +117,32 @@ class EfficientNetLite(nn.Module):
                 nn.init.uniform_(m.weight, -1 / math.sqrt(m.in_features), 1 / math.sqrt(m.in_features))
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) images scaled to [-1, 1] -> (N, 1280) pooled features."""
-        x = batch_norm_act(self._bn0, self._conv_stem(pad_same(x, 3, 2)), act="relu6")
-        for block in self._blocks:
-            x = block(x)
-        x = batch_norm_act(self._bn1, self._conv_head(x), act="relu6")
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return batch_norm_act(self._bn0, self._conv_stem(pad_same(x, 3, 2)), act="relu6")
+
+    def _head_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return batch_norm_act(self._bn1, self._conv_head(x), act="relu6")
+
+    def stages(self) -> list[Stage]:
+        """stem (_conv_stem, _bn0) -> (32, 112, 112) at 224x224; stage1..stage7 (the `_blocks` of
+        each row of STAGES; Lite0: 1, 2, 2, 3, 3, 4, 1 blocks) end at 16, 24, 40, 80, 112, 192, 320
+        channels and 112, 56, 28, 14, 14, 7, 7 pixels; conv_head (_conv_head, _bn1) -> (1280, 7, 7)."""
+        return [Stage("stem", self._stem, (self._conv_stem, self._bn0)),
+                *sequential_stages(self._blocks, self._stage_bounds),
+                Stage("conv_head", self._head_conv, (self._conv_head, self._bn1))]
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images scaled to [-1, 1] -> (N, 1280) pooled features."""
+        return self.pool(run_stages(self.stages(), x))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self._fc(self._dropout(features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fc(self._dropout(self.forward_features(x)))
+        return self.forward_head(self.forward_features(x))
 
 
 def efficientnet_lite(variant: str, *, num_classes: int = 1000) -> EfficientNetLite:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..kernels import batch_norm_act
+from .stages import Stage, run_stages, sequential_stages
 
 # (expansion t, output channels c, repeats n, first stride s) per stage
 _STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -55,11 +56,14 @@ class MobileNetV2(nn.Module):
     def __init__(self, *, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
         layers: list[nn.Module] = [ConvBNReLU6(3, 32, 3, 2)]
+        self._stage_bounds = [("stem", 0, 1)]  # (name, start, stop) in `features`
         cin = 32
-        for t, c, n, s in _STAGES:
+        for k, (t, c, n, s) in enumerate(_STAGES, 1):
+            self._stage_bounds.append((f"stage{k}", len(layers), len(layers) + n))
             for i in range(n):
                 layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
                 cin = c
+        self._stage_bounds.append(("conv_head", len(layers), len(layers) + 1))
         layers.append(ConvBNReLU6(cin, 1280, 1))
         self.features = nn.Sequential(*layers)
         self.num_features = 1280
@@ -74,9 +78,21 @@ class MobileNetV2(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
+    def stages(self) -> list[Stage]:
+        """stem (features.0) -> (32, 112, 112); stage1..stage7 (the inverted-residual stages of
+        _STAGES: features.1 ... features.17) end at (16, 112, 112), (24, 56, 56), (32, 28, 28),
+        (64, 14, 14), (96, 14, 14), (160, 7, 7), (320, 7, 7); conv_head (features.18) -> (1280, 7, 7)."""
+        return sequential_stages(self.features, self._stage_bounds)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, 1280) pooled features."""
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+        return self.pool(run_stages(self.stages(), x))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)  # dropout, then the head (classifier.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))

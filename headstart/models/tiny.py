@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .stages import Stage, run_stages, sequential_stages
+
 
 class TinyNet(nn.Module):
     """Two strided conv-BN-ReLU blocks, global pooling, `fc` head. 32x32 input -> (16,) features."""
@@ -23,8 +25,18 @@ class TinyNet(nn.Module):
         self.num_features = width
         self.fc = nn.Linear(width, num_classes)
 
+    def stages(self) -> list[Stage]:
+        """block1 (features.0-2) -> (8, 16, 16), block2 (features.3-5) -> (16, 8, 8) at 32x32."""
+        return sequential_stages(self.features, [("block1", 0, 3), ("block2", 3, 6)])
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.features[6](x), 1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.features(x), 1)
+        return self.pool(run_stages(self.stages(), x))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,121 @@
+"""The run's time: durations as people write them, the estimate said after the first few training
+steps, and the budget.
+
+    estimated 31.0 min: 10 epochs x 14 steps at 13.000 s/step (measured over 3 steps) + 10 validations
+    of about 12.0 s + 40.0 s spent so far
+
+The estimate is the time spent so far (set-up, features, epoch 0, the steps measured) plus the steps
+left at the measured rate plus a validation per epoch left, which the strategy estimates from a
+step's time (strategies.Strategy.validation_seconds).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in '90', '90s', '5m', '1.5h', '1h30m'; ValueError naming the format otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        m = _DURATION.fullmatch(str(text).strip().lower())
+        if not m or not any(m.groups()):
+            raise ValueError(f"duration {text!r} is not one like 90s, 5m, 1.5h or 1h30m")
+        h, mins, s = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mins * 60 + s
+    if not seconds > 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.1f} s"
+
+
+@dataclass
+class Estimate:
+    """How long a run will take, said after its first few training steps."""
+
+    total_s: float  # the whole run: spent_s and what is left
+    spent_s: float  # before the estimate: set-up, features, epoch 0, the steps measured
+    epochs: int
+    steps_per_epoch: int
+    step_s: float
+    measured_steps: int
+    validation_s: float  # one validation
+
+    def line(self) -> str:
+        return (f"estimated {format_duration(self.total_s)}: {self.epochs} epochs x {self.steps_per_epoch} steps at "
+                f"{self.step_s:.3f} s/step (measured over {self.measured_steps} steps) + {self.epochs} validations "
+                f"of about {format_duration(self.validation_s)} + {format_duration(self.spent_s)} spent so far")
+
+
+class Clock:
+    """A callback between the strategy and the caller's: it passes every event on, and after the
+    first few training steps of this process (steps 2 to 4 of an epoch: the first warms up) it says
+    how long the run will take. `over_budget` tells when another epoch would end after the budget."""
+
+    STEPS = 3
+
+    def __init__(self, inner: Any, *, started: float) -> None:
+        self.inner, self.started = inner, started  # perf_counter at the run's start (earlier processes counted)
+        self.estimate: Estimate | None = None
+        self._strategy: Any = None
+        self._times: list[float] = []
+        self._epoch = -1
+
+    def watch(self, strategy: Any) -> None:
+        """Estimate for `strategy` (its epochs, steps per epoch and validation time), from now on."""
+        self._strategy = strategy
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.inner.on_start(info)
+
+    def on_step(self, phase: str, epoch: int, step: int, steps: int, loss: float | None) -> None:
+        self.inner.on_step(phase, epoch, step, steps, loss)
+        if phase != "train" or self._strategy is None or self.estimate is not None:
+            return
+        if epoch != self._epoch:  # intervals within one epoch only (not across a validation)
+            self._epoch, self._times = epoch, []
+        self._times.append(time.perf_counter())
+        measured = min(self.STEPS, self._strategy.steps_per_epoch - 1)
+        if measured >= 1 and len(self._times) == measured + 1:
+            self._estimate(epoch, step, measured)
+
+    def _estimate(self, epoch: int, step: int, measured: int) -> None:
+        s = self._strategy
+        step_s = (self._times[-1] - self._times[0]) / measured
+        steps_left = (s.epochs - epoch) * s.steps_per_epoch + (s.steps_per_epoch - step)
+        validation_s = s.validation_seconds(step_s)
+        spent = time.perf_counter() - self.started
+        total = spent + steps_left * step_s + (s.epochs - epoch + 1) * validation_s
+        self.estimate = Estimate(total, spent, s.epochs, s.steps_per_epoch, step_s, measured, validation_s)
+        self.inner.on_message(self.estimate.line())
+
+    def on_epoch_end(self, record: Any) -> None:
+        self.inner.on_epoch_end(record)
+
+    def on_message(self, text: str) -> None:
+        self.inner.on_message(text)
+
+    def over_budget(self, budget: float | None, history: list) -> bool:
+        """Whether the next epoch, as long as the last one trained, would end after `budget` (s)."""
+        trained = [r for r in history if r.epoch >= 1]
+        if budget is None or not trained:
+            return False
+        spent = time.perf_counter() - self.started
+        if spent + trained[-1].epoch_time <= budget:
+            return False
+        self.inner.on_message(f"stopping after epoch {trained[-1].epoch}: another (about "
+                              f"{format_duration(trained[-1].epoch_time)}) would end after the budget of "
+                              f"{format_duration(budget)}, {format_duration(spent)} spent")
+        return True
