@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .data import IMAGE_ERRORS, is_image_file, list_images
-from .preprocessing import oriented_size
+from .preprocessing import oriented_size, to_rgb
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 BLOCKING = ("class-missing", "empty-class", "no-classes", "leakage")  # kinds that make training wrong
@@ -68,7 +68,12 @@ class CheckReport:
     files: int
 
     def blocking(self, allow: Iterable[str] = ()) -> list[Finding]:
-        allowed = set(allow)
+        """The errors that make training wrong, but for the kinds in `allow` (each one of BLOCKING)."""
+        allowed = {k.strip() for k in allow if k.strip()}
+        unknown = sorted(allowed - set(BLOCKING))
+        if unknown:
+            raise ValueError(f"--allow {','.join(unknown)}: not a kind of error the check reports; the kinds are "
+                             f"{', '.join(BLOCKING)}")
         return [f for f in self.findings if f.severity == "error" and f.kind not in allowed]
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,8 +147,9 @@ def inspect_file(info: FileInfo, *, full: bool = True) -> FileInfo:
                 if img.format == "JPEG":
                     img.draft(img.mode, (64, 64))
                 img.load()
-                info.dhash = dhash(img)
-                thumb = img.convert("RGB").resize((64, 64), Image.Resampling.NEAREST)
+                rgb = to_rgb(img)  # as training sees it: 16-bit and float images scaled, not clipped to white
+                info.dhash = dhash(rgb)
+                thumb = rgb.resize((64, 64), Image.Resampling.NEAREST)
                 info.colours = len(thumb.getcolors(64 * 64) or [])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         info.error = f"too large: {e}"
@@ -280,12 +286,13 @@ def _dup_finding(group: list[FileInfo], what: str) -> Finding:
     return Finding("warning", "duplicate", f"{what} images within {group[0].split}{extra}", paths)
 
 
-def unreadable_files(paths: Iterable[str | Path]) -> dict[str, str]:
-    """The fast part of the check, run by `train`: {path: reason} for files whose header cannot be
-    read (empty, not an image whatever the extension, over the decompression-bomb guard)."""
+def unreadable_files(paths: Iterable[str | Path], *, full: bool = False) -> dict[str, str]:
+    """{path: reason} for the files that cannot be read: run by `train`. By default only the header
+    is read (the check's fast part: empty files, not an image whatever the extension, over the
+    decompression-bomb guard); `full` decodes every file (a truncated JPEG too)."""
     out = {}
     for p in paths:
-        info = inspect_file(FileInfo(Path(p), "", ""), full=False)
+        info = inspect_file(FileInfo(Path(p), "", ""), full=full)
         if info.error:
             out[str(p)] = info.error
     return out

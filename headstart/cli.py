@@ -27,16 +27,22 @@ class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
-        tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        text = f"{record.levelname.lower()}: {record.getMessage()}"  # a name that is not UTF-8 shown as \xNN
+        tqdm.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), file=sys.stderr)
 
 
-def say(*args: Any, file: Any = None, **kw: Any) -> None:
-    """print() that survives a closed pipe (`headstart train ... | head`): output stops, work goes on."""
+def say(*args: Any, file: Any = None, sep: str = " ", end: str = "\n", flush: bool = False) -> None:
+    """print() that survives a closed pipe (`headstart train ... | head`: output stops, work goes on)
+    and a file name that is not valid UTF-8 (its odd bytes shown as \\xNN; files keep the bytes)."""
+    stream = file or sys.stdout
+    text = sep.join(map(str, args)) + end
     try:
-        print(*args, file=file, **kw)
+        stream.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+        if flush:
+            stream.flush()
     except BrokenPipeError:
         devnull = open(os.devnull, "w")
-        os.dup2(devnull.fileno(), (file or sys.stdout).fileno())
+        os.dup2(devnull.fileno(), stream.fileno())
 
 
 class ConsoleProgress:
@@ -119,19 +125,28 @@ def _print_run(result: Any) -> None:
         say(f"{name}: {path}")
 
 
+def _given_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The training options given on the command line (those that differ from their default)."""
+    from .training import TrainConfig
+
+    return {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
+            if hasattr(a, f.name) and getattr(a, f.name) != f.default}
+
+
 def cmd_train(a: argparse.Namespace) -> int:
+    from .runfolder import default_run_folder
     from .training import resume, train
 
     if a.resume:
         if a.data:
             raise ValueError(f"--resume takes the data and options of the run {a.resume}; drop {a.data!r}")
-        result = resume(a.resume, callback=ConsoleProgress())
+        result = resume(a.resume, callback=ConsoleProgress(), **_given_options(a))
     elif not a.data:
         raise ValueError("DATA is missing: pass a dataset folder, or --resume RUN to continue a run")
     else:
         config = _train_config(a)
-        out = a.out or f"runs/{Path(a.data).resolve().name}-{config.arch}-{config.strategy}"
-        result = train(a.data, out=out, config=config, callback=ConsoleProgress())
+        out = a.out or default_run_folder(a.data, f"{Path(a.data).resolve().name}-{config.arch}-{config.strategy}")
+        result = train(a.data, out=out, config=config, callback=ConsoleProgress(), overwrite=a.overwrite)
     _print_run(result)
     return 0
 
@@ -239,7 +254,7 @@ def cmd_check(a: argparse.Namespace) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         say(f"\nfindings written to {a.json}")
-    blocking = report.blocking(a.allow.split(",") if a.allow else ())
+    blocking = report.blocking(a.allow.split(",") if a.allow else ())  # (a kind that no check reports: ValueError)
     if blocking:
         kinds = sorted({f.kind for f in blocking})
         say(f"\ntraining on this data would be wrong ({', '.join(kinds)}); fix it, or pass "
@@ -270,11 +285,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     res = run_demo(data=a.data, out=a.out, config=_train_config(a),
                    callback=ConsoleProgress(), progress=_download_bar())
-    say(f"\ndataset: {res.data}")
+    say(f"\ndataset: {res.data}\n  {res.about}")
     say(f"training batch picture: {res.batch_picture}")
     for strategy, run in res.runs.items():
         say(f"\n[{strategy}] ", end="")
         _print_run(run)
+    say(f"\ndemo: {res.wall_time:.1f}s (estimated {res.estimate_s:.1f}s); everything is in {res.out}")
     return 0
 
 
@@ -307,20 +323,30 @@ def _add_options(p: argparse.ArgumentParser, names: Iterable[str] | None = None,
                        help=text)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; given `command`, only that one gets the options derived from
+    TrainConfig (their import brings torch, 2-3 s: `headstart --help` or `check` need not wait)."""
+    def full(name: str) -> bool:
+        return command in (None, name)
+
     parser = argparse.ArgumentParser(
         prog="headstart", description="Transfer learning on folders of labelled images.")
     parser.add_argument("--version", action="version", version=f"headstart {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: info, -vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # name -> its parser (parse_args re-reads a command's own arguments)
 
     p = sub.add_parser("train", help="train a classifier on DATA (train/ and val/ class folders)",
                        description="Train a classifier from a pretrained backbone on a class-per-folder dataset.")
     p.add_argument("data", nargs="?", help="dataset folder: train/ and val/ with one sub-folder per class")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<arch>-<strategy>)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<arch>-<strategy>, or with -2, -3... "
+                                               "where that holds a run; beside the dataset, never inside it)")
     p.add_argument("--resume", default=None, metavar="RUN",
-                   help="continue the run in folder RUN from its last saved state (its data and options)")
-    _add_options(p)
+                   help="continue the run in folder RUN from its last saved state, with its data and options (more "
+                        "--epochs, another --budget, --workers or --threads may be given)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    if full("train"):
+        _add_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix of a checkpoint",
@@ -329,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="class-per-folder images (or a dataset root with val/)")
     _add_weights_file(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
-    _add_inference_options(p)
+    if full("evaluate"):
+        _add_inference_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files or folders with a checkpoint",
@@ -339,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weights_file(p)
     p.add_argument("--top-k", type=int, default=5, help="default: 5")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="default: table")
-    _add_inference_options(p)
+    if full("predict"):
+        _add_inference_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("check", help="check a dataset before training: broken files, duplicates, leakage...",
@@ -375,9 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the ResNet50 transfer-learning tutorial end to end: show a batch, "
                                    "fine-tune all layers, then train only the head on a frozen backbone.")
     p.add_argument("--data", default=None,
-                   help="dataset folder (default: the tutorial's Canidae_data.zip, downloaded once)")
-    p.add_argument("--out", default="runs/demo", help="default: runs/demo")
-    _add_options(p, exclude=["strategy"])
+                   help="dataset folder (default: the tutorial's Canidae_data.zip, downloaded once; offline, solar "
+                        "cells from the package index)")
+    p.add_argument("--out", default=None, help="default: runs/demo (runs/demo-2... when that holds a demo)")
+    if full("demo"):
+        _add_options(p, exclude=["strategy"])
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("weights", help="list weight sources and whether each is cached; fetch one",
@@ -468,23 +498,36 @@ def cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    log.handlers[:] = [_TqdmHandler()]
-    log.setLevel(level)
-    log.propagate = False
-    from .runstate import TrainingInterrupted
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, options anywhere between the positionals (`predict CKPT --top-k 1 IMG`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None) or "")
+    known, rest = parser.parse_known_args(argv)
+    if rest and getattr(known, "command", None):  # what argparse's one pass left: the command's, intermixed
+        start = argv.index(known.command) + 1
+        command = parser.commands[known.command].parse_intermixed_args(argv[start:])
+        return argparse.Namespace(**{**vars(known), **vars(command)})
+    return parser.parse_args(argv)
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return args.func(args)
-    except TrainingInterrupted as e:
-        say(f"\n{e}", file=sys.stderr)
-        return 130
+        args = parse_args(argv)
+        level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+        log.handlers[:] = [_TqdmHandler()]
+        log.setLevel(level)
+        log.propagate = False
+        from .runstate import TrainingInterrupted
+
+        try:
+            return args.func(args)
+        except TrainingInterrupted as e:
+            say(f"\n{e}", file=sys.stderr)
+            return 130
     except (OSError, ValueError, TypeError) as e:  # FileNotFoundError, PermissionError, ConnectionError too
         say(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before or after training (a training run saves and says how to resume)
         say("interrupted", file=sys.stderr)
         return 130
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import OWN_KEYS, save_checkpoint
 from .download import atomic_write
 from .formats.mindspore import encode_ckpt, torch_resnet_to_mindspore
 from .models import open_model
@@ -64,9 +64,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str
     sd = ckpt.model.state_dict()
     notes: list[str] = []
     dst = Path(dst)
-    if fmt == "headstart":  # OUT.safetensors + OUT.json
+    if fmt == "headstart":  # OUT.safetensors + OUT.json; a checkpoint's training metadata carried over
+        carried = {k: v for k, v in ckpt.meta.items() if k not in OWN_KEYS} if ckpt.meta.get("format") else {}
         dst = save_checkpoint(dst, ckpt.model, classes=ckpt.classes, preprocessing=ckpt.preprocessing,
-                              converted_from=str(src))
+                              **{**carried, "converted_from": str(src)})
     elif fmt == "safetensors":
         save_weights(dst, LoadedWeights(dict(sd), kwargs, ckpt.classes, source=str(src)))
     elif fmt == "pth":

@@ -5,14 +5,16 @@ Layouts accepted for a dataset root:
     root/<class>/*.jpg                                  (a seeded, stratified split: `val_split`)
 
 One class map per run: class names sorted, taken from `train/`. Names starting with "." are
-ignored, as are files that are not images by extension. This module knows no networks: it yields
-uint8 image batches (N, 3, S, S) with integer labels.
+ignored, as are files that are not images by extension and folders that hold headstart runs (a run
+folder has a `.headstart-run` file: a `runs/` folder written inside a dataset is never read as a
+class). This module knows no networks: it yields uint8 image batches (N, 3, S, S) with integer labels.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import signal
 import struct
@@ -36,12 +38,26 @@ IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, 
                 struct.error, ZeroDivisionError, Image.DecompressionBombWarning)
 
 
+RUN_MARKER = ".headstart-run"  # in every run folder (runfolder.claim_run_folder)
+
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def holds_runs(folder: Path) -> bool:
+    """Whether `folder` is a headstart run folder or holds some (a `runs/` folder): never a class."""
+    if (folder / RUN_MARKER).exists():
+        return True
+    try:
+        with os.scandir(folder) as entries:  # (file types from the directory itself: no stat per image)
+            return any(e.is_dir() and os.path.exists(os.path.join(e.path, RUN_MARKER)) for e in entries)
+    except OSError:
+        return False
+
+
 def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and not holds_runs(p))
 
 
 @dataclass(frozen=True)
@@ -73,8 +89,7 @@ class DatasetSplits:
 def find_classes(folder: str | Path) -> list[str]:
     """Sorted names of the visible sub-folders of `folder`; ValueError if there are none."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {folder}")
+    _check_folder(folder)
     classes = [p.name for p in _visible_dirs(folder)]
     if not classes:
         raise ValueError(
@@ -99,14 +114,23 @@ def parse_classes(classes: str | list[str] | None) -> list[str] | None:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files below `folder` (recursive, hidden names skipped), sorted."""
-    folder = Path(folder)
+    """Image files below `folder` (recursive; hidden names and run folders skipped), sorted."""
     out = []
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).parts
-        if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in rel):
-            out.append(p)
-    return out
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not (Path(root) / d / RUN_MARKER).exists()]
+        out += [Path(root) / f for f in files if is_image_file(Path(f))]
+    return sorted(out)
+
+
+def _check_folder(folder: Path) -> None:
+    if folder.is_file():
+        raise NotADirectoryError(f"{folder} is a file, not a dataset folder: pass the folder that holds the class "
+                                 "folders (or train/ and val/)")
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"dataset folder not found: {folder}. Pass a folder with train/ and val/ sub-folders, "
+            "or with one sub-folder per class"
+        )
 
 
 def make_samples(folder: str | Path, classes: Sequence[str]) -> list[Sample]:
@@ -140,7 +164,7 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, *, seed: in
                      ) -> tuple[list[Sample], list[Sample]]:
     """Split per class, keeping at least one image of each class on each side when possible."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_split must be between 0 and 1 (e.g. 0.2), got {val_fraction}")
+        raise ValueError(f"--val-split (val_split) must be between 0 and 1, e.g. 0.2; got {val_fraction}")
     rng = random.Random(seed)
     by_class: dict[int, list[Sample]] = {}
     for s in samples:
@@ -162,11 +186,7 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, *, seed: in
 def scan_dataset(root: str | Path, *, val_split: float | None = None, seed: int = 0) -> DatasetSplits:
     """Find the classes and images of a dataset root (see the module docstring for layouts)."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"dataset folder not found: {root}. Pass a folder with train/ and val/ sub-folders, "
-            "or with one sub-folder per class"
-        )
+    _check_folder(root)
     train_dir, val_dir = root / "train", root / "val"
     if train_dir.is_dir():
         classes = find_classes(train_dir)
@@ -177,15 +197,19 @@ def scan_dataset(root: str | Path, *, val_split: float | None = None, seed: int 
             val = make_samples(val_dir, classes)
         else:
             if val_split is None:
-                raise ValueError(f"{root} has train/ but no val/ folder: add {val_dir}, or pass val_split (e.g. 0.2)")
+                raise ValueError(f"{root} has train/ but no val/ folder: add {val_dir}, or pass --val-split 0.2 "
+                                 "(val_split) to hold out a fifth of train/")
             train, val = stratified_split(train, val_split, seed=seed)
     else:
         classes = find_classes(root)
         if val_split is None:
-            raise ValueError(
-                f"{root} has no train/ and val/ folders; to split its class folders, pass val_split (e.g. 0.2)"
-            )
+            raise ValueError(f"{root} has no train/ and val/ folders; to split its class folders, pass "
+                             "--val-split 0.2 (val_split)")
         train, val = stratified_split(make_samples(root, classes), val_split, seed=seed)
+    if len(classes) < 2:
+        where = train_dir if train_dir.is_dir() else root
+        raise ValueError(f"{where} has one class folder ({classes[0]!r}): a classifier needs at least two; add a "
+                         "folder of images for each other class")
     return DatasetSplits(root, classes, train, val)
 
 

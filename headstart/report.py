@@ -41,15 +41,20 @@ window.addEventListener('load', function () {
 
 def _img(path: Path, alt: str) -> str:
     if not path.is_file():
-        return f'<p class="sub">({html.escape(path.name)} not found)</p>'
+        return f'<p class="sub">({_text(path.name)} not found)</p>'
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{_text(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _text(value: Any) -> str:
+    """HTML-escaped text; the bytes of a file name that is not valid UTF-8 shown as \\xNN."""
+    return html.escape(str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
     def cell(tag: str, i: int, v: Any) -> str:
         cls = ' class="l"' if i < left else ""
-        return f"<{tag}{cls}>{html.escape(str(v))}</{tag}>"
+        return f"<{tag}{cls}>{_text(v)}</{tag}>"
     head = "".join(cell("th", i, h) for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -65,9 +70,12 @@ def _confusion(classes: list[str], cm: list[list[int]]) -> str:
             colour = f"rgb({shade},{shade + 10 if shade < 245 else 245},255)" if j == classes.index(name) \
                 else f"rgb(255,{shade},{shade})" if v else "#fff"
             cells.append(f'<td style="background:{colour}">{v}</td>')
-        rows.append(f'<tr><th class="l">{html.escape(name)}</th>{"".join(cells)}</tr>')
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
+        rows.append(f'<tr><th class="l">{_text(name)}</th>{"".join(cells)}</tr>')
+    head = "".join(f"<th>{_text(c)}</th>" for c in classes)
     return f'<table><tr><th class="l">true \\ predicted</th>{head}</tr>{"".join(rows)}</table>'
+
+
+SUMMARY_KEYS = ("data", "classes", "counts", "config", "best_epoch", "best_metrics", "history", "wall_time_s")
 
 
 def load_run(run: str | os.PathLike[str]) -> dict[str, Any]:
@@ -77,9 +85,13 @@ def load_run(run: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no summary.json in {run}: pass a run folder written by `headstart train`")
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it was not written by `headstart train` (or by an "
+                         f"older headstart); train again, or pass a run folder that has them")
     summary["_folder"] = run
     return summary
 
@@ -136,8 +148,8 @@ def _plan(s: dict[str, Any]) -> str:
     plan = s.get("plan")
     if plan:
         rows = [[c["train_from"], f"{c['step_seconds']:.3f}", f"{c['epoch_seconds']:.1f}"] for c in plan["candidates"]]
-        parts.append(f"<p>Trained from <b>{html.escape(plan['train_from'])}</b> for {plan['epochs']} epochs: "
-                     f"{html.escape(plan['reason'])}.</p>")
+        parts.append(f"<p>Trained from <b>{_text(plan['train_from'])}</b> for {plan['epochs']} epochs: "
+                     f"{_text(plan['reason'])}.</p>")
         if rows:
             parts.append(_table(["train from", "s/step (timed)", "s an epoch (estimated)"], rows))
     est = s.get("estimate")
@@ -158,7 +170,7 @@ def _top_losses_note(run: Path) -> str:
     path = run / "predictions.csv"
     if not path.is_file():
         return ""
-    with path.open() as f:
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         wrong = [r for r in csv.DictReader(f) if r["true"] != r["predicted"]]
     wrong.sort(key=lambda r: -float(r["loss"]))
     rows = [[r["path"], r["true"], r["predicted"], f"{float(r['probability']):.3f}", f"{float(r['loss']):.3f}"]
@@ -175,8 +187,8 @@ def render_report(run: str | os.PathLike[str]) -> str:
     cfg = s["config"]
     title = f"{folder.name}: {cfg['arch']} {cfg['strategy']} on {Path(s['data']).name}"
     parts = [
-        f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(str(s['data']))} &middot; "
-        f"{html.escape(s.get('runtime', ''))}</p>", _cards(s),
+        f"<h1>{_text(title)}</h1><p class='sub'>{_text(str(s['data']))} &middot; "
+        f"{_text(s.get('runtime', ''))}</p>", _cards(s),
         "<h2>Dataset</h2>", _dataset(s),
         "<h2>Curves</h2>", _img(folder / "curves.png", "loss and accuracy per epoch"),
         "<h2>Per-class metrics and confusion matrix (best epoch)</h2>", _per_class(s),
@@ -203,13 +215,13 @@ def render_comparison(runs: Sequence[str | os.PathLike[str]]) -> str:
                     "wall time s", "mean train img/s"], rows, left=3)
     cols = f"grid-template-columns:repeat({len(summaries)},1fr)"
     columns = "".join(
-        f"<div><h2>{html.escape(s['_folder'].name)}</h2>{_img(s['_folder'] / 'curves.png', 'curves')}"
+        f"<div><h2>{_text(s['_folder'].name)}</h2>{_img(s['_folder'] / 'curves.png', 'curves')}"
         f"{_per_class(s)}{_img(s['_folder'] / 'predictions.png', 'predictions')}</div>" for s in summaries)
     return _page("run comparison", f"<h1>Run comparison</h1>{table}<div class='grid' style='{cols}'>{columns}</div>")
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_text(title)}</title>"
             f"<style>{_CSS}</style></head><body>{body}{_CHECK}</body></html>")
 
 

@@ -8,21 +8,151 @@ pictures and predictions, the curves, summary.json, and the report rendered from
     curves.png         loss and accuracy per epoch
     summary.json       classes, counts, config, best metrics, history, skipped files, wall time
     report.html        all of it in one page (report.py)
+    dataset.json       the files the run started with (a resumed run checks them)
+    .headstart-run     marks the folder as a run: never overwritten by accident, never read as a class
+    .headstart-lock    held (flock) by the process training into the folder
+
+`claim_run_folder` takes a folder for a run: never one inside the dataset, never one that holds
+another run unless asked (resume, overwrite), never one another process is training into.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data import DatasetSplits, ImageDataset, collate
+from .data import RUN_MARKER, DatasetSplits, ImageDataset, collate, holds_runs
 from .download import atomic_write
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, the other checks still hold
+    fcntl = None  # type: ignore[assignment]
+
+LOCK = ".headstart-lock"
+DATASET_FILE = "dataset.json"
+# What a run writes; --overwrite removes these (and nothing else a user put into the folder).
+RUN_FILES = ("best.safetensors", "best.json", "last.safetensors", "last.json", "state.safetensors", "metrics.csv",
+             "summary.json", "predictions.csv", "predictions.png", "top_losses.png", "curves.png", "report.html",
+             DATASET_FILE)
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether `folder` holds a headstart run that saved something (a state, a checkpoint, a summary);
+    one that stopped before its first epoch ended (a dataset error, say) holds nothing to lose."""
+    return any((folder / name).exists() for name in ("state.safetensors", "best.safetensors", "summary.json"))
+
+
+def default_run_folder(data: str | os.PathLike[str], name: str, *, root: str | os.PathLike[str] = "runs") -> Path:
+    """`<root>/<name>`, or `<name>-2`, `-3`... if that holds a run already; `root` moves beside the
+    dataset when it would be inside it (training from within a flat dataset: `cd data && headstart
+    train .`)."""
+    data, base = Path(data).resolve(), Path(root)
+    if _inside(base.resolve(), data):
+        base = data.parent / "runs"
+    folder, n = base / name, 1
+    while holds_run(folder) or holds_runs(folder):
+        n += 1
+        folder = base / f"{name}-{n}"
+    return folder
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+@contextlib.contextmanager
+def claim_run_folder(out: Path, *, data: str | os.PathLike[str], resume: bool = False,
+                     overwrite: bool = False) -> Iterator[Path]:
+    """Hold `out` for one run while the block runs. Refused (FileExistsError / ValueError, naming
+    the fix): a folder inside the dataset; a folder that holds another run, unless `resume` (it must
+    then hold a run state) or `overwrite` (its run's files are removed first); a folder another
+    process holds. The lock is an flock, which the kernel drops when the process ends, killed or not."""
+    out = Path(out)
+    if _inside(out.resolve(), Path(data).resolve()):
+        raise ValueError(f"the run folder {out} is inside the dataset {data}: its pictures would be read as images "
+                         "next time; pass --out outside the dataset")
+    if resume and not (out / "state.safetensors").exists():
+        raise FileNotFoundError(f"{out} has no run state (state.safetensors) to resume: the run stopped before it "
+                                "first saved one. Start it again, without --resume")
+    if not resume and holds_run(out) and not overwrite:
+        raise FileExistsError(f"{out} holds a run already: resume it (--resume {out}), pass another --out, or "
+                              "--overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a+") as lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                pid = lock.read().strip() or "?"
+                raise FileExistsError(f"another process (pid {pid}) is training into {out}: wait for it to end, or "
+                                      "pass another --out") from None
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+        if overwrite and not resume:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        if not (out / RUN_MARKER).exists():
+            with atomic_write(out / RUN_MARKER, "w") as f:
+                json.dump({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+        try:
+            yield out
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def dataset_listing(splits: DatasetSplits) -> dict[str, list[list[Any]]]:
+    """{split: [[path relative to the dataset, size in bytes], ...]} of the files a run reads."""
+    out: dict[str, list[list[Any]]] = {}
+    for split, samples in (("train", splits.train), ("val", splits.val)):
+        rows = []
+        for s in samples:
+            try:
+                size = s.path.stat().st_size
+            except OSError:
+                size = -1
+            rows.append([str(Path(s.path).relative_to(splits.root)), size])
+        out[split] = sorted(rows)
+    return out
+
+
+def check_dataset_unchanged(out: Path, splits: DatasetSplits) -> None:
+    """On resume: ValueError saying what changed in the dataset since the run started (files added,
+    removed, changed in size), so the run does not go on with other data without a word."""
+    path = out / DATASET_FILE
+    if not path.exists():  # a run from before this check
+        return
+    before = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
+    now = dataset_listing(splits)
+    changes = []
+    for split in ("train", "val"):
+        old, new = dict(map(tuple, before.get(split, []))), dict(map(tuple, now[split]))
+        added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+        resized = sorted(p for p in set(old) & set(new) if old[p] != new[p])
+        for what, paths in (("added", added), ("removed", removed), ("changed", resized)):
+            if paths:
+                shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+                changes.append(f"{len(paths)} {what} in {split} ({shown})")
+    if changes:
+        raise ValueError(f"the dataset {splits.root} changed since the run {out} started: {'; '.join(changes)}. "
+                         "Resuming would train on other data: put the files back, or start a new run")
+
+
+def write_dataset_listing(out: Path, splits: DatasetSplits) -> None:
+    with atomic_write(out / DATASET_FILE, "w") as f:
+        json.dump(dataset_listing(splits), f)
 from .inference import Inference
 from .preprocessing import Preprocessing
 from .report import write_report

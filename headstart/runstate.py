@@ -170,12 +170,35 @@ def read_run_state(path: str | os.PathLike[str], *, tensors: bool = True) -> Sav
 # Interrupts.
 
 class TrainingInterrupted(Exception):
-    """Raised after a Ctrl-C (or SIGTERM) once the current step is done and the run state is saved."""
+    """Raised after a Ctrl-C (or SIGTERM) once the current step is done and the run state is saved;
+    its message says how to go on."""
 
-    def __init__(self, out: Path, epoch: int, step: int) -> None:
-        super().__init__(f"interrupted in epoch {epoch} after step {step}; the run state is saved. "
-                         f"Resume with: headstart train --resume {out}")
+    def __init__(self, out: Path, epoch: int, step: int, *, while_: str | None = None) -> None:
+        where = f"while {while_}" if while_ else f"in epoch {epoch} after step {step}"
+        if (Path(out) / STATE_FILE).exists():
+            hint = f"the run state is saved. Resume with: headstart train --resume {out}"
+        else:
+            hint = "no epoch had ended, so there is nothing to resume: run the same command again"
+        super().__init__(f"interrupted {where}; {hint}")
         self.out, self.epoch, self.step = out, epoch, step
+
+
+class StopRequested(Exception):
+    """Raised by work that cannot save where it stands (features, a plan) when a stop is asked for."""
+
+
+class TrainingDiverged(ValueError):
+    """The loss is no longer a finite number: the run stops, and the epoch is never saved as best."""
+
+    def __init__(self, epoch: int, step: int | None, loss: float, lr: float, image_size: int | None) -> None:
+        where = f"epoch {epoch}, step {step}" if step is not None else f"epoch {epoch}'s validation"
+        causes = [f"a learning rate too high (--lr {lr:g}; the tutorial's 0.001 suits fine-tuning)"]
+        if image_size is not None and image_size < 64:
+            causes.append(f"images too small for the network (--image-size {image_size}; 224 is usual, 64 the least "
+                          "for a ResNet)")
+        super().__init__(f"the loss became {loss} in {where}: the run diverged. Likely causes: {'; or '.join(causes)}. "
+                         "Checkpoints of earlier epochs are kept; nothing of this one is saved")
+        self.epoch, self.step, self.loss = epoch, step, loss
 
 
 class StopOnSignal:

@@ -172,10 +172,18 @@ def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: i
         raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N (headstart runs on CPUs and "
+                         "CUDA GPUs)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
-    if threads:
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be 1 or more, got {threads!r}")
         torch.set_num_threads(threads)
     if precision == "auto":
         if dev.type == "cuda":

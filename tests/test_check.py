@@ -92,7 +92,7 @@ def test_every_planted_problem_is_reported_and_training_reacts(tmp_path: Path) -
     assert main(["check", str(root), "--allow", "leakage,empty-class,class-missing"]) == 0
 
     # Training stops before it starts, naming the empty class folder...
-    config = TrainConfig(arch="tiny", weights=None, epochs=1, image_size=32, workers=2)
+    config = TrainConfig(arch="tiny", weights=None, strategy="finetune", epochs=1, image_size=32, workers=2)
     with pytest.raises(ValueError, match=str(p["empty_class"])):
         train(root, out=tmp_path / "run", config=config)
     # ... and without it trains to the end, naming each skipped file once.
@@ -121,8 +121,8 @@ def test_every_planted_problem_is_reported_and_training_reacts(tmp_path: Path) -
 def test_bad_files_fail_stops_before_training(dataset: Path, tmp_path: Path) -> None:
     (dataset / "train" / "red" / "zero.png").write_bytes(b"")
     with pytest.raises(ValueError, match="zero.png.*empty file"):
-        train(dataset, out=tmp_path / "run", config=TrainConfig(arch="tiny", weights=None, epochs=1, workers=0,
-                                                                bad_files="fail"))
+        train(dataset, out=tmp_path / "run", config=TrainConfig(arch="tiny", weights=None, strategy="finetune",
+                                                                epochs=1, workers=0, bad_files="fail"))
 
 
 def test_duplicates_within_a_split_and_near_duplicates(tmp_path: Path) -> None:

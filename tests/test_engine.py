@@ -239,7 +239,7 @@ def test_validation_in_training_keeps_no_graph(dataset: Path, tmp_path: Path, he
     """The weights change every epoch: their graphs would only push useful ones out of the cache."""
     from headstart.training import TrainConfig, train
 
-    config = TrainConfig(arch="tiny", weights=None, epochs=2, batch_size=8, workers=0, image_size=32,
+    config = TrainConfig(arch="tiny", weights=None, strategy="finetune", epochs=2, batch_size=8, workers=0, image_size=32,
                          engine="openvino", precision="fp32")
     result = train(dataset, out=tmp_path / "run", config=config)
     assert not (headstart_home / "openvino").exists() or not any((headstart_home / "openvino").iterdir())

@@ -23,7 +23,8 @@ EPOCHS = 8
 
 
 def config(**kw) -> TrainConfig:
-    return TrainConfig(**{**dict(arch="tiny", weights=None, epochs=EPOCHS, batch_size=8, lr=0.05, workers=0), **kw})
+    return TrainConfig(**{**dict(arch="tiny", weights=None, strategy="finetune", epochs=EPOCHS, batch_size=8, lr=0.05,
+                                 workers=0), **kw})
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -153,7 +153,7 @@ def test_an_epoch_starts_only_if_it_ends_within_the_budget(monkeypatch) -> None:
 
 
 def test_a_budget_stops_any_strategy_before_an_epoch_that_would_not_fit(data: Path, tmp_path: Path) -> None:
-    run = train(data, out=tmp_path / "run", config=tiny(epochs=50, budget=1e-3))
+    run = train(data, out=tmp_path / "run", config=tiny(strategy="finetune", epochs=50, budget=1e-3))
     assert [r.epoch for r in run.history] == [1]  # the first epoch runs; the next one would not fit
     assert parse_duration("1h30m") == 5400 and parse_duration("90s") == parse_duration("1.5m") == 90
     for bad in ("soon", "5 minutes", "-3", "0"):

@@ -24,7 +24,7 @@ from .conftest import colour_image
 
 
 def tiny_config(**kw) -> TrainConfig:
-    base = dict(arch="tiny", weights=None, epochs=2, batch_size=8, lr=0.05, workers=0, seed=0)
+    base = dict(arch="tiny", weights=None, strategy="finetune", epochs=2, batch_size=8, lr=0.05, workers=0, seed=0)
     return TrainConfig(**{**base, **kw})
 
 

@@ -170,6 +170,11 @@ def open_model(source: str | os.PathLike[str], *, arch: str | None = None, class
                                 f"train`), or with --weights a weights file or a tag of {arch or 'resnet50'} "
                                 f"({', '.join(tags) or 'none'})")
     loaded = resolve_weights(arch or "resnet50", source)
+    broken = [k for k, v in loaded.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{spec} holds weights that are not finite numbers ({', '.join(broken[:3])}"
+                         f"{' ...' if len(broken) > 3 else ''}): the run that wrote them diverged; use an earlier "
+                         "checkpoint (a run's best.safetensors is never a diverged one)")
     arch = arch or loaded.arch or "resnet50"
     info = get_model_info(arch)
     model = create_model(arch, weights=loaded)  # a checkpoint of another architecture: an error naming it
