@@ -33,7 +33,7 @@ from .runstate import (STATE_FILE, EpochProgress, EpochRecord, RunState, StopOnS
                        TrainingDiverged, TrainingInterrupted,
                        read_run_state, write_run_state)
 from .runtime import ENGINES, PRECISIONS, Runtime, resolve_runtime
-from .strategies import STRATEGIES, Stepper, choose_backbone, get_strategy
+from .strategies import STRATEGIES, Stepper, Strategy, choose_backbone, get_strategy
 
 SCHEDULES = ("constant", "cosine")
 FEATURE_CACHES = ("off", "memory", "disk")
@@ -175,51 +175,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     state = saved.state if saved else RunState()
     state.skipped = {**(skipped or {}), **state.skipped}
     clock = Clock(callback or Callback(), started=(started or time.perf_counter()) - state.elapsed)
-    checkpoints = RunCheckpoints(out, model, classes=splits.classes, preprocessing=preprocessing,
-                                 meta={"config": asdict(config), "counts": splits.counts()})
-    best_val: Inference | None = None
-    saved_at = time.perf_counter()
-
-    def save_state() -> None:
-        nonlocal saved_at
-        tensors, extra, meta = strategy.run_state()
-        state.elapsed = time.perf_counter() - clock.started
-        write_run_state(out / STATE_FILE, model=tensors, extra=extra, optimizer=stepper.optimizer,
-                        meta={**(run_meta or {}), "config": asdict(config), **stepper.state_meta(),
-                              "state": state.to_dict(), **meta})
-        saved_at = time.perf_counter()
-
-    def stop_or_save() -> bool:
-        """After each step: whether to stop (a Ctrl-C); else save mid-epoch every `save_every` s (the
-        live progress is state.progress), so that a kill costs at most that much training."""
-        if stop():
-            return True
-        if config.save_every and time.perf_counter() - saved_at > config.save_every:
-            save_state()
-        return False
-
-    def end_epoch(epoch: int, progress: EpochProgress, inf: Inference, seconds: float, lr: float) -> None:
-        nonlocal best_val
-        metrics = compute_metrics(inf.outputs, inf.labels, splits.classes)
-        if not math.isfinite(metrics.loss) and metrics.n:
-            raise TrainingDiverged(epoch, None, metrics.loss, lr, preprocessing.train_crop)
-        record = _record(epoch, strategy.epochs, progress, metrics, seconds, lr, time.perf_counter() - clock.started)
-        if metrics.accuracy > state.best_acc:
-            meta = {"epoch": epoch, "metrics": asdict(record)}
-            state.best_acc, state.best_epoch, state.best_metrics = metrics.accuracy, epoch, metrics.to_dict()
-            state.best_meta, best_val = {**checkpoints.meta, **meta}, inf
-            strategy.on_best(checkpoints, meta)
-        state.epoch, state.progress = epoch, EpochProgress()
-        state.history.append(record)
-        save_state()
-        write_metrics_csv(out / "metrics.csv", state.history)
-        clock.on_epoch_end(record)
-
-    def close() -> None:  # the latest weights, and what the strategy keeps in memory
-        last = asdict(state.history[-1]) if state.history else None
-        checkpoints.write("last", epoch=state.epoch, metrics=last)
-        strategy.save(checkpoints)
-
+    books = _Books(out, model, splits, config, preprocessing, state, clock, run_meta or {})
     with StopOnSignal() as stop:
         strategy = get_strategy(config.strategy).build(model, splits, config=config, preprocessing=preprocessing,
                                                        runtime=runtime, callback=clock, skip=state.skip,
@@ -230,34 +186,93 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
             raise TrainingInterrupted(out, state.epoch, 0, while_="the strategy prepared (features, the head fitted "
                                                                   "on them, its plan)") from None
         stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, runtime)
+        books.keep(strategy, stepper)
         if saved:
             stepper.restore(saved)  # the optimizer, schedule, scaler, and the torch RNG: nothing draws from it after
             step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
             clock.on_message(f"resuming {out} after epoch {state.epoch}{step}")
         clock.watch(strategy)
         if baseline is not None:
-            end_epoch(0, *baseline, seconds=time.perf_counter() - clock.started, lr=stepper.lr)
+            books.end_epoch(0, *baseline, seconds=time.perf_counter() - clock.started, lr=stepper.lr)
         for epoch in range(state.epoch + 1, strategy.epochs + 1):
             if clock.over_budget(config.budget, state.history):
                 break
             started_epoch, lr = time.perf_counter() - state.progress.seconds, stepper.lr
-            progress = strategy.train_epoch(epoch, stepper, progress=state.progress, stop=stop_or_save)
+            progress = strategy.train_epoch(epoch, stepper, progress=state.progress,
+                                            stop=lambda: stop() or books.save_if_due())
             if progress.interrupted:
                 progress.interrupted, state.progress = False, progress
-                save_state()
-                close()
+                books.save_state()
+                books.close()
                 raise TrainingInterrupted(out, epoch, progress.steps)
-            end_epoch(epoch, progress, strategy.validate(epoch), time.perf_counter() - started_epoch, lr)
+            books.end_epoch(epoch, progress, strategy.validate(epoch), time.perf_counter() - started_epoch, lr)
             if stop() and epoch < strategy.epochs:
-                close()
+                books.close()
                 raise TrainingInterrupted(out, epoch, strategy.steps_per_epoch)
-    close()
-    strategy.finish(checkpoints)  # the pictures and the caller get the best epoch's model
+    books.close()
+    strategy.finish(books.checkpoints)  # the pictures and the caller get the best epoch's model
     return RunResult(out=out, best_checkpoint=out / "best.safetensors", last_checkpoint=out / "last.safetensors",
                      best_epoch=state.best_epoch, best_val_acc=state.best_acc, history=state.history,
                      best_metrics=Metrics.from_dict(state.best_metrics), skipped=state.skipped,
                      files={"metrics": out / "metrics.csv", "state": out / STATE_FILE},
-                     val_inference=best_val, estimate=clock.estimate, chosen=strategy.chosen())
+                     val_inference=books.best_val, estimate=clock.estimate, chosen=strategy.chosen())
+
+
+class _Books:
+    """fit's bookkeeping: where the run stands (its RunState), its checkpoints, the run state file
+    and metrics.csv, written at each epoch's end (and, within an epoch, every `save_every` s)."""
+
+    def __init__(self, out: Path, model: nn.Module, splits: DatasetSplits, config: TrainConfig,
+                 preprocessing: Preprocessing, state: RunState, clock: Clock, run_meta: dict[str, Any]) -> None:
+        self.out, self.splits, self.config = out, splits, config
+        self.pre, self.state, self.clock, self.run_meta = preprocessing, state, clock, run_meta
+        self.checkpoints = RunCheckpoints(out, model, classes=splits.classes, preprocessing=preprocessing,
+                                          meta={"config": asdict(config), "counts": splits.counts()})
+        self.best_val: Inference | None = None  # the best epoch's validation logits, for the pictures
+        self.saved_at = time.perf_counter()
+
+    def keep(self, strategy: Strategy, stepper: Stepper) -> None:
+        self.strategy, self.stepper = strategy, stepper
+
+    def save_state(self) -> None:
+        tensors, extra, meta = self.strategy.run_state()
+        self.state.elapsed = time.perf_counter() - self.clock.started
+        write_run_state(self.out / STATE_FILE, model=tensors, extra=extra, optimizer=self.stepper.optimizer,
+                        meta={**self.run_meta, "config": asdict(self.config), **self.stepper.state_meta(),
+                              "state": self.state.to_dict(), **meta})
+        self.saved_at = time.perf_counter()
+
+    def save_if_due(self) -> bool:
+        """After a step: the run state saved mid-epoch if `save_every` s have gone by since the last
+        (state.progress is the epoch's live progress), so that a kill costs at most that much training.
+        Returns False: not a reason to stop."""
+        if self.config.save_every and time.perf_counter() - self.saved_at > self.config.save_every:
+            self.save_state()
+        return False
+
+    def end_epoch(self, epoch: int, progress: EpochProgress, inf: Inference, seconds: float, lr: float) -> None:
+        state = self.state
+        metrics = compute_metrics(inf.outputs, inf.labels, self.splits.classes)
+        if not math.isfinite(metrics.loss) and metrics.n:
+            raise TrainingDiverged(epoch, None, metrics.loss, lr, self.pre.train_crop)
+        record = _record(epoch, self.strategy.epochs, progress, metrics, seconds, lr,
+                         time.perf_counter() - self.clock.started)
+        if metrics.accuracy > state.best_acc:
+            meta = {"epoch": epoch, "metrics": asdict(record)}
+            state.best_acc, state.best_epoch, state.best_metrics = metrics.accuracy, epoch, metrics.to_dict()
+            state.best_meta, self.best_val = {**self.checkpoints.meta, **meta}, inf
+            self.strategy.on_best(self.checkpoints, meta)
+        state.epoch, state.progress = epoch, EpochProgress()
+        state.history.append(record)
+        self.save_state()
+        write_metrics_csv(self.out / "metrics.csv", state.history)
+        self.clock.on_epoch_end(record)
+
+    def close(self) -> None:
+        """The latest weights, and what the strategy keeps in memory (at the end, or an interrupt)."""
+        last = asdict(self.state.history[-1]) if self.state.history else None
+        self.checkpoints.write("last", epoch=self.state.epoch, metrics=last)
+        self.strategy.save(self.checkpoints)
 
 
 def _record(epoch: int, epochs: int, progress: EpochProgress, metrics: Metrics, seconds: float,
