@@ -169,14 +169,16 @@ def _format_metrics(m: Any) -> str:
 
 
 def _model_file(a: argparse.Namespace, checkpoint: str | None) -> str:
-    """The checkpoint, or --weights; exactly one of them."""
-    if a.weights and checkpoint:
-        raise ValueError(f"give a checkpoint ({checkpoint}) or --weights ({a.weights}), not both")
-    if not (a.weights or checkpoint):
-        raise ValueError("which model? pass a checkpoint (a run's best.safetensors) or --weights FILE")
+    """The checkpoint, --weights or --model (an exported file); exactly one of them."""
+    given = [v for v in (checkpoint, a.weights, getattr(a, "model", None)) if v]
+    if len(given) > 1:
+        raise ValueError(f"give one model: a checkpoint, --weights or --model, not {' and '.join(given)}")
+    if not given:
+        raise ValueError("which model? pass a checkpoint (a run's best.safetensors), --weights FILE, or --model "
+                         "F.onnx (written by `headstart export`)")
     if checkpoint and a.arch:
         raise ValueError("--arch goes with --weights; a checkpoint knows its architecture")
-    return a.weights or checkpoint
+    return given[0]
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -196,10 +198,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from .prediction import predict
 
-    paths = ([a.checkpoint] if a.weights else []) + a.paths
+    named = a.weights or a.model  # then the first positional is an image too
+    paths = ([a.checkpoint] if named else []) + a.paths
     if not paths:
         raise ValueError("no images given: pass image files or folders after the checkpoint")
-    checkpoint = _model_file(a, None if a.weights else a.checkpoint)
+    checkpoint = _model_file(a, None if named else a.checkpoint)
     preds = predict(checkpoint, paths, top_k=a.top_k, batch_size=a.batch_size, workers=a.workers,
                     precision=a.precision, device=a.device, threads=a.threads, compile=a.compile,
                     engine=a.engine, arch=a.arch, classes=a.classes)
@@ -366,6 +369,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_weights_file(p)
     p.add_argument("--top-k", type=int, default=5, help="default: 5")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="default: table")
+    p.add_argument("--model", default=None, metavar="FILE",
+                   help="instead of a checkpoint: a model written by `headstart export` (.onnx, OpenVINO .xml)")
     if full("predict"):
         _add_inference_options(p)
     p.set_defaults(func=cmd_predict)
@@ -422,6 +427,37 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="List the registered backbones and their weight sources.")
     p.set_defaults(func=cmd_models)
 
+    p = sub.add_parser("export", help="export a model with its preprocessing to ONNX or OpenVINO, checked on real images",
+                       description="Write CKPT as ONNX (--format onnx) or OpenVINO IR (--format openvino): uint8 "
+                                   "(N, S, S, 3) RGB crops in, logits and probabilities out, normalisation inside, "
+                                   "classes and preprocessing in its metadata. Every export is checked against "
+                                   "headstart's own inference on real images (the run's validation images, or "
+                                   "--images) and removed if they disagree.")
+    p.add_argument("checkpoint", nargs="?", help="a run's best.safetensors (or --weights)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"], help="default: onnx")
+    p.add_argument("--out", default=None, help="the file to write (default: beside CKPT, .onnx or .xml)")
+    p.add_argument("--images", nargs="+", default=[], metavar="PATH",
+                   help="images (files or folders) to check the export on (default: the run's validation images)")
+    _add_weights_file(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="a prediction service with a web page: POST /predict, GET /model, /health, /",
+                       description="Serve a model over HTTP: POST /predict with images (multipart or raw bytes) "
+                                   "gives JSON with the top classes; GET / is a page to drop images on. Concurrent "
+                                   "requests are batched together. Binds to 127.0.0.1 unless --host says otherwise: "
+                                   "--host 0.0.0.0 lets every machine that reaches this one use the model (there is "
+                                   "no authentication).")
+    p.add_argument("checkpoint", nargs="?", help="a run's best.safetensors (or --weights)")
+    _add_weights_file(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--max-upload", type=_size, default="8MB", help="the most a request may send (default: 8MB)")
+    p.add_argument("--top-k", type=int, default=5, help="default: 5")
+    p.add_argument("--max-batch", type=int, default=16, help="images batched together at most (default: 16)")
+    p.add_argument("--max-wait", type=float, default=10.0,
+                   help="ms a batch waits for more images after its first (default: 10)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("convert", help="convert weights or a checkpoint: headstart, safetensors, .pth, MindSpore .ckpt",
                        description="Convert IN to OUT. IN: a headstart checkpoint or a weights file (.ckpt, .pth, "
                                    ".safetensors, model.json). OUT's format comes from its extension (.safetensors: "
@@ -453,6 +489,37 @@ def _add_weights_file(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=None, help="backbone of --weights (default: resnet50)")
     p.add_argument("--classes", default=None, metavar="NAMES",
                    help="names of the head's outputs, comma-separated or a file with one per line")
+
+
+def _size(text: str) -> int:
+    """Bytes in '8MB', '512kB', '1GB' or a plain number."""
+    units = {"gb": 2**30, "mb": 2**20, "kb": 2**10, "b": 1}
+    t = text.strip().lower()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[:-len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a size like 8MB, 512kB or 1048576")
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(_model_file(a, a.checkpoint), format=a.format, out=a.out, images=a.images, arch=a.arch,
+                    classes=a.classes)
+    say(f"wrote {', '.join(map(str, result.files))} ({result.format}: {len(result.classes)} classes)")
+    say(result.parity.line())
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import serve
+
+    say(f"serving on http://{a.host}:{a.port}/ (Ctrl-C stops it)")
+    serve(_model_file(a, a.checkpoint), host=a.host, port=a.port, max_upload=a.max_upload, arch=a.arch,
+          classes=a.classes, top_k=a.top_k, max_batch=a.max_batch, max_wait=a.max_wait / 1000)
+    return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:

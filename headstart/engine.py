@@ -120,6 +120,25 @@ def graph_key(model: nn.Module, shape: tuple[int, ...]) -> str:
     return h.hexdigest()[:32]
 
 
+def convert_to_openvino(model: nn.Module, example: torch.Tensor) -> object:
+    """An OpenVINO graph of `model` (in eval mode) for inputs shaped like `example` but for the batch
+    size, which stays open; through the PyTorch frontend, with no telemetry (see the module docstring)."""
+    ov, FrontEndManager, TorchScriptPythonDecoder, _ = _import_openvino()
+    # The trace bakes in shapes (TF-style padding amounts...): hence one graph per input (C, H, W).
+    with torch.no_grad(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # about exactly that
+        # check_trace=False: torch's check traces the model a second time (0.7 of 1.2 s for ResNet50)
+        # Traced through a module that does not own `model`: its tensors enter the trace as
+        # constants, and torch makes no scripted copy of each of its 151 submodules (ResNet50:
+        # trace 0.19 s instead of 0.30, conversion 0.19 s instead of 0.24, same graph).
+        decoder = TorchScriptPythonDecoder(_Unowned(model), example_input=(example,), shared_memory=True,
+                                           trace_kwargs={"check_trace": False})
+        frontend = FrontEndManager().load_by_framework("pytorch")
+        graph = frontend.convert(frontend.load(decoder))
+    graph.reshape({graph.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})  # any batch size
+    return graph
+
+
 def _prune(root: Path, keep: int) -> None:
     """Remove all but the `keep` most recently used entries of the graph cache."""
     entries = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -185,20 +204,8 @@ class OpenVINOModel(nn.Module):
         return sum(2 * self._streams - len(idle) for idle in self._requests.values())
 
     def _convert(self, x: torch.Tensor) -> object:
-        ov, FrontEndManager, TorchScriptPythonDecoder, PrePostProcessor = _import_openvino()
-        model = self._model[0]
-        # The trace bakes in shapes (TF-style padding amounts...): hence one compiled graph per (C, H, W).
-        with torch.no_grad(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # about exactly that
-            # check_trace=False: torch's check traces the model a second time (0.7 of 1.2 s for ResNet50)
-            # Traced through a module that does not own `model`: its tensors enter the trace as
-            # constants, and torch makes no scripted copy of each of its 151 submodules (ResNet50:
-            # trace 0.19 s instead of 0.30, conversion 0.19 s instead of 0.24, same graph).
-            decoder = TorchScriptPythonDecoder(_Unowned(model), example_input=(x[:1].float().contiguous(),),
-                                               shared_memory=True, trace_kwargs={"check_trace": False})
-            frontend = FrontEndManager().load_by_framework("pytorch")
-            graph = frontend.convert(frontend.load(decoder))
-        graph.reshape({graph.inputs[0]: ov.PartialShape([-1, *x.shape[1:]])})  # any batch size
+        ov, _, _, PrePostProcessor = _import_openvino()
+        graph = convert_to_openvino(self._model[0], x[:1].float().contiguous())
         # Fed NHWC: Runtime.inputs gives channels_last batches, so no copy back to NCHW (the layout
         # change goes into the first convolution; ResNet50 at batch 32: 282 vs 339 ms a batch here).
         ppp = PrePostProcessor(graph)

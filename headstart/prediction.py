@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch
+
 from .data import IMAGE_EXTENSIONS, Sample, list_images
+from .export import exported_logits, is_exported, open_exported
 from .inference import INFERENCE_BATCH_SIZE, infer
 from .models import open_model
 from .runtime import resolve_runtime
@@ -46,21 +49,35 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
             on_batch: Callable[[int, int], None] | None = None) -> list[Prediction]:
     """Class, probability and top-k for every image under `paths`; unreadable files get an `error`.
 
-    `checkpoint` is a headstart checkpoint or a weights file with its head (a MindSpore .ckpt...);
-    `arch` and `classes` as in `models.open_model`."""
+    `checkpoint` is a headstart checkpoint or a weights file with its head (a MindSpore .ckpt...;
+    `arch` and `classes` as in `models.open_model`), or a file written by `headstart export`
+    (.onnx, OpenVINO .xml), run by its own runtime with the classes and preprocessing it holds."""
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    ckpt = open_model(checkpoint, arch=arch, classes=classes)
-    runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile, engine=engine)
-    k = min(top_k, len(ckpt.classes))
+    # the model first: a wrong checkpoint path is reported before the image folders are walked
+    exported = open_exported(checkpoint) if is_exported(checkpoint) else None
+    ckpt = None if exported else open_model(checkpoint, arch=arch, classes=classes)
     files = collect_files(paths)
-    inf = infer(ckpt.model, [Sample(p, -1) for p in files], runtime=runtime, pre=ckpt.preprocessing,
-                batch_size=batch_size, workers=workers, on_batch=on_batch)
+    samples = [Sample(p, -1) for p in files]
+    if exported is not None:
+        out, order, failed = exported_logits(exported, samples, batch_size=batch_size, workers=workers)
+        names, logits, indices = exported.classes, torch.from_numpy(out), order
+    else:
+        runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile, engine=engine)
+        inf = infer(ckpt.model, samples, runtime=runtime, pre=ckpt.preprocessing, batch_size=batch_size,
+                    workers=workers, on_batch=on_batch)
+        names, logits, indices, failed = ckpt.classes, inf.outputs, inf.indices.tolist(), inf.failed
+    return _predictions(files, names, logits, indices, failed, min(top_k, len(names)))
+
+
+def _predictions(files: list[Path], classes: list[str], logits: torch.Tensor, indices: list[int],
+                 failed: list[tuple[int, str]], k: int) -> list[Prediction]:
+    """A Prediction per file, in the order of `files`: top-k of the softmax, or the decoding error."""
     results = {index: Prediction(str(files[index]), None, 0.0, [], f"not a readable image ({reason})")
-               for index, reason in inf.failed}
-    if len(inf.indices):
-        values, indices = inf.outputs.softmax(1).topk(k, dim=1)
-        for index, v, i in zip(inf.indices.tolist(), values.tolist(), indices.tolist()):
-            top = [(ckpt.classes[j], p) for j, p in zip(i, v)]
+               for index, reason in failed}
+    if len(indices):
+        values, best = logits.float().softmax(1).topk(k, dim=1)
+        for index, v, i in zip(indices, values.tolist(), best.tolist()):
+            top = [(classes[j], p) for j, p in zip(i, v)]
             results[index] = Prediction(str(files[index]), top[0][0], top[0][1], top)
-    return [results[index] for index in sorted(results)]  # in the order of `files`
+    return [results[index] for index in sorted(results)]

@@ -14,7 +14,8 @@ from headstart.cli import main
 from headstart.demo import run_demo
 from headstart.training import TrainConfig
 
-COMMANDS = ["train", "evaluate", "predict", "check", "report", "show", "demo", "weights", "models", "convert"]
+COMMANDS = ["train", "evaluate", "predict", "check", "report", "show", "demo", "weights", "models", "convert", "export",
+            "serve"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

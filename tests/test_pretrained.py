@@ -117,3 +117,29 @@ def test_imagenet_heads_tell_ants_from_bees_without_training(real_weights_home: 
         total += len(preds)
     assert total == 153
     assert right / total >= 0.75, (arch, right, total)  # measured: 0.81 to 0.89
+
+
+def test_arch_auto_keeps_the_backbone_whose_features_a_head_fits_best(real_weights_home: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """`--arch auto` on a small part of hymenoptera (linked, not copied): every backbone whose ImageNet
+    weights can be had here is weighed by the cross-validated loss of a head fitted on its features."""
+    import json
+
+    from headstart.models import open_model
+
+    monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
+    for split, n in (("train", 12), ("val", 6)):
+        for cls in ("ants", "bees"):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for src in sorted((HYMENOPTERA / split / cls).iterdir())[:n]:
+                (folder / src.name).symlink_to(src)
+    result = train(tmp_path / "data", out=tmp_path / "run", config=TrainConfig(arch="auto", strategy="frozen",
+                                                                               epochs=1, workers=0))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    scores = summary["backbone_choice"]
+    assert {"resnet50", "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(scores)
+    chosen = min(scores, key=scores.get)
+    assert summary["config"]["arch"] == chosen == open_model(result.best_checkpoint).meta["arch"]
+    with pytest.raises(ValueError, match="arch 'auto' chooses among backbones with ImageNet weights"):
+        TrainConfig(arch="auto", weights="none")

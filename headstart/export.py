@@ -1,0 +1,266 @@
+"""Export a model with its preprocessing, for use without headstart: ONNX (onnxruntime, or anything
+that reads ONNX) or OpenVINO IR; every export is checked against headstart's own inference on real
+images (the parity gate) and removed again if they disagree.
+
+What the exported graph takes and gives (batch size free):
+
+    images: uint8 (N, S, S, 3), RGB, each image resized so that its shorter side is `resize_size`
+            (bilinear or bicubic, as `interpolation` says) and centre-cropped to S x S: the caller's part
+    inside: float, / 255, minus mean, over std (the checkpoint's), the network, softmax
+    logits: float32 (N, C); probabilities: float32 (N, C), in the order of `classes`
+
+The metadata (ONNX metadata_props, OpenVINO rt_info) holds, under "headstart", a JSON document:
+classes, preprocessing, architecture, the source checkpoint and headstart's version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageDataset, Sample, list_images, make_loader, scan_dataset
+from .download import atomic_write
+from .models import open_model
+from .preprocessing import Preprocessing
+from .runtime import resolve_runtime
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "openvino")
+SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
+LOGIT_TOLERANCE = 1e-3  # max |exported - headstart| logit, fp32 both; measured: about 1e-5 (see the README)
+PARITY_IMAGES = 256  # at most this many images checked
+
+
+class _WithPreprocessing(nn.Module):
+    """uint8 (N, S, S, 3) -> (logits, probabilities), normalisation inside."""
+
+    def __init__(self, model: nn.Module, pre: Preprocessing) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        logits = self.model(x)
+        return logits, F.softmax(logits, dim=1)
+
+
+@dataclass
+class Parity:
+    images: int
+    max_logit_diff: float
+    top1_agreement: float  # fraction of images whose top-1 class is the same
+    source: str  # where the images came from
+
+    def line(self) -> str:
+        return (f"parity on {self.images} images ({self.source}): max |logit difference| {self.max_logit_diff:.2e} "
+                f"(tolerance {LOGIT_TOLERANCE:g}), top-1 agreement {self.top1_agreement:.2%}")
+
+
+@dataclass
+class Exported:
+    path: Path
+    format: str
+    classes: list[str]
+    parity: Parity
+    files: list[Path] = field(default_factory=list)
+
+
+class ParityError(ValueError):
+    """The exported model does not give headstart's answers."""
+
+
+def export(checkpoint: str | os.PathLike[str], *, format: str = "onnx", out: str | os.PathLike[str] | None = None,
+           images: Sequence[str | os.PathLike[str]] = (), arch: str | None = None,
+           classes: str | list[str] | None = None) -> Exported:
+    """Write `checkpoint` (anything open_model takes) as ONNX or OpenVINO IR with its preprocessing,
+    then check it on real images: `images` (files or folders), else the validation images of the run
+    the checkpoint comes from. ParityError (and no file left) if the exported model's logits differ
+    from headstart's by more than LOGIT_TOLERANCE or a top-1 class differs."""
+    if format not in FORMATS:
+        raise ValueError(f"format {format!r} is not one of {', '.join(FORMATS)}")
+    loaded = open_model(checkpoint, arch=arch, classes=classes)
+    src = Path(checkpoint)
+    out = Path(out) if out else src.with_suffix(".onnx" if format == "onnx" else ".xml")
+    samples, where = _parity_images(src, images)
+    metadata = json.dumps({"classes": loaded.classes, "preprocessing": loaded.preprocessing.to_dict(),
+                           "arch": loaded.meta.get("arch"), "arch_kwargs": loaded.meta.get("arch_kwargs", {}),
+                           "source": str(src), "headstart": _version()})
+    # The reference: headstart's inference copy (conv and BatchNorm folded) in fp32, which is also
+    # what is exported.
+    runtime = resolve_runtime(precision="fp32", engine="torch")
+    net = _WithPreprocessing(runtime.inference_model(loaded.model, images=1).float(), loaded.preprocessing).eval()
+    size = loaded.preprocessing.image_size
+    example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
+    files = _write_onnx(net, example, out, metadata) if format == "onnx" else _write_openvino(net, example, out,
+                                                                                               metadata)
+    try:
+        parity = check_parity(open_exported(out), net, samples, loaded.preprocessing, where)
+    except BaseException:
+        for f in files:
+            f.unlink(missing_ok=True)
+        raise
+    log.info("exported %s -> %s; %s", src, out, parity.line())
+    return Exported(out, format, loaded.classes, parity, files)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _write_onnx(net: nn.Module, example: torch.Tensor, out: Path, metadata: str) -> list[Path]:
+    import io
+
+    import onnx
+
+    buf = io.BytesIO()
+    # TorchScript's exporter (torch's older one): it traces through the network as OpenVINO's
+    # conversion does (TF-style padding as F.pad, the fused BatchNorm kernel not used in eval), and
+    # needs neither torch.export nor onnxscript.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(net, (example,), buf, input_names=["images"], output_names=["logits", "probabilities"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.metadata_props.add(key="headstart", value=metadata)
+    onnx.checker.check_model(proto)
+    with atomic_write(out) as f:
+        f.write(proto.SerializeToString())
+    return [out]
+
+
+def _write_openvino(net: nn.Module, example: torch.Tensor, out: Path, metadata: str) -> list[Path]:
+    from .engine import _import_openvino, convert_to_openvino
+
+    ov = _import_openvino()[0]
+    graph = convert_to_openvino(net, example)
+    graph.outputs[0].get_tensor().set_names({"logits"})
+    graph.outputs[1].get_tensor().set_names({"probabilities"})
+    graph.inputs[0].get_tensor().set_names({"images"})
+    graph.set_rt_info(metadata, ["headstart", "metadata"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.xml")
+    ov.save_model(graph, str(tmp), compress_to_fp16=False)  # fp32 weights, as given
+    os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
+    os.replace(tmp, out)
+    return [out, out.with_suffix(".bin")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running an exported file: predict --model, the parity gate.
+
+@dataclass
+class ExportedModel:
+    """An exported file, run by onnxruntime (.onnx) or OpenVINO (.xml): uint8 (N, S, S, 3) -> logits."""
+
+    path: Path
+    classes: list[str]
+    preprocessing: Preprocessing
+    run: Callable[[np.ndarray], np.ndarray]
+
+
+def is_exported(path: str | os.PathLike[str]) -> bool:
+    return Path(path).suffix.lower() in SUFFIXES
+
+
+def open_exported(path: str | os.PathLike[str]) -> ExportedModel:
+    """An exported .onnx or .xml with what its metadata says (classes, preprocessing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model not found: {path}; write one with `headstart export CKPT`")
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind == "onnx":
+        import onnx
+        import onnxruntime as ort
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return session.run(["logits"], {"images": batch})[0]
+
+        raw = props.get("headstart")
+    elif kind == "openvino":
+        from .engine import _core, _import_openvino
+
+        _import_openvino()
+        graph = _core().read_model(str(path))
+        raw = graph.get_rt_info(["headstart", "metadata"]).astype(str) if graph.has_rt_info(["headstart", "metadata"]) \
+            else None
+        compiled = _core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        request = compiled.create_infer_request()
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return request.infer({0: batch})[compiled.outputs[0]].copy()
+    else:
+        raise ValueError(f"{path}: an exported model is a .onnx or an OpenVINO .xml (with its .bin)")
+    if raw is None:
+        raise ValueError(f"{path} has no 'headstart' metadata: it was not written by `headstart export`")
+    meta = json.loads(raw)
+    return ExportedModel(path, list(meta["classes"]), Preprocessing.from_dict(meta["preprocessing"]), run)
+
+
+def exported_logits(model: ExportedModel, samples: Sequence[Sample], *, batch_size: int = 32,
+                    workers: int = 0) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """(logits (N, C), their sample indices, failed (index, reason)) of an exported model."""
+    loader = make_loader(ImageDataset(samples, model.preprocessing.eval_transform()), batch_size=batch_size,
+                         shuffle=False, workers=workers)
+    logits, indices, failed = [], [], []
+    for batch in loader:
+        failed += batch.failed
+        if len(batch):
+            logits.append(model.run(batch.images.permute(0, 2, 3, 1).contiguous().numpy()))
+            indices += batch.indices.tolist()
+    return (np.concatenate(logits) if logits else np.zeros((0, len(model.classes)), np.float32)), indices, failed
+
+
+def check_parity(exported: ExportedModel, reference: nn.Module, samples: Sequence[Sample], pre: Preprocessing,
+                 source: str) -> Parity:
+    """The exported model against `reference` (the same network in PyTorch, uint8 NHWC in) on `samples`."""
+    logits, indices, _ = exported_logits(exported, samples)
+    loader = make_loader(ImageDataset([samples[i] for i in indices], pre.eval_transform()), batch_size=32,
+                         shuffle=False)
+    with torch.no_grad():
+        ref = torch.cat([reference(b.images.permute(0, 2, 3, 1).contiguous())[0] for b in loader]).numpy()
+    if not len(ref):
+        raise ParityError("no image could be read for the parity check; pass some with --images")
+    diff = float(np.abs(ref - logits).max())
+    agree = float((ref.argmax(1) == logits.argmax(1)).mean())
+    parity = Parity(len(ref), diff, agree, source)
+    if diff > LOGIT_TOLERANCE or agree < 1.0:
+        raise ParityError(f"{exported.path} disagrees with headstart: {parity.line()}; it was removed")
+    return parity
+
+
+def _parity_images(checkpoint: Path, images: Iterable[str | os.PathLike[str]]) -> tuple[list[Sample], str]:
+    """The images to check on: those given, else the validation images of the checkpoint's run."""
+    given = [Path(p) for p in images]
+    if given:
+        files = [f for p in given for f in (list_images(p) if p.is_dir() else [p])]
+        return [Sample(f, -1) for f in files[:PARITY_IMAGES]], "the images given"
+    summary = checkpoint.parent / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text(encoding="utf-8", errors="surrogateescape"))
+        try:
+            splits = scan_dataset(s["data"], val_split=s["config"].get("val_split"), seed=s["config"].get("seed", 0))
+            return splits.val[:PARITY_IMAGES], f"the run's validation images, {splits.root}"
+        except (OSError, ValueError, KeyError):
+            pass
+    raise FileNotFoundError(f"no images to check the export on: {checkpoint} is not in a run folder whose dataset is "
+                            "at hand; pass some with --images DIR")

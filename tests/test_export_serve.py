@@ -1,0 +1,280 @@
+"""Export with its parity gate, predict --model, and the prediction service with its page."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from headstart.cli import main
+from headstart.export import ParityError, export, open_exported
+from headstart.prediction import predict
+from headstart.training import TrainConfig, train
+
+from .conftest import PHOTOS, colour_image
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    from .conftest import make_dataset
+
+    root = tmp_path_factory.mktemp("exp")
+    data = make_dataset(root / "data")
+    train(data, out=root / "run", config=TrainConfig(arch="tiny", weights=None, strategy="finetune", epochs=2,
+                                                     batch_size=8, lr=0.05, workers=0))
+    return root / "run" / "best.safetensors", data
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_an_export_gives_headstarts_answers(run, tmp_path: Path, fmt: str) -> None:
+    ckpt, data = run
+    out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.xml")
+    result = export(ckpt, format=fmt, out=out)
+    assert result.parity.images == 12 and result.parity.top1_agreement == 1.0  # the run's validation images
+    assert result.parity.max_logit_diff <= 1e-3
+    model = open_exported(out)
+    assert model.classes == ["blue", "red"] and model.preprocessing.image_size == 32
+    ours = predict(ckpt, [data / "val"], workers=0, precision="fp32", engine="torch")
+    theirs = predict(out, [data / "val"], workers=0)
+    assert [p.label for p in theirs] == [p.label for p in ours]
+    assert max(abs(a.probability - b.probability) for a, b in zip(ours, theirs)) < 1e-4
+
+
+def test_the_readmes_ten_lines_run_an_export_without_headstart(run, tmp_path: Path) -> None:
+    ckpt, data = run
+    export(ckpt, out=tmp_path / "m.onnx")
+    image = data / "val" / "red" / "red_0.png"
+    # The README's example, as it is there (onnxruntime, Pillow and numpy only):
+    import json as json_
+
+    import numpy as np_
+    import onnx
+    import onnxruntime as ort
+
+    meta = json_.loads({p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}["headstart"])
+    pre, classes = meta["preprocessing"], meta["classes"]
+    img = Image.open(image).convert("RGB")
+    scale = int(pre["image_size"] / pre["crop_fraction"]) / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR)
+    left, top = (img.width - pre["image_size"]) // 2, (img.height - pre["image_size"]) // 2
+    crop = img.crop((left, top, left + pre["image_size"], top + pre["image_size"]))
+    probs = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["probabilities"], {"images": np_.asarray(crop)[None]})[0]
+    assert classes[int(probs.argmax())] == predict(ckpt, [image], workers=0)[0].label
+
+
+def test_an_export_that_disagrees_fails_loudly_and_leaves_nothing(run, tmp_path: Path, monkeypatch) -> None:
+    ckpt, _ = run
+    import headstart.export as ex
+
+    real = ex.open_exported
+
+    def noisy(path):
+        m = real(path)
+        run_ = m.run
+        m.run = lambda batch: run_(batch) + np.float32(0.01)
+        return m
+
+    monkeypatch.setattr(ex, "open_exported", noisy)
+    with pytest.raises(ParityError, match="disagrees with headstart.*max \\|logit difference\\| 1.00e-02"):
+        export(ckpt, out=tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_and_predict_model_from_the_command_line(run, tmp_path: Path, capsys) -> None:
+    ckpt, data = run
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "m.onnx"), "--images", str(data / "val" / "red")]) == 0
+    out = capsys.readouterr().out
+    assert "parity on 6 images (the images given)" in out and "top-1 agreement 100.00%" in out
+    assert main(["predict", "--model", str(tmp_path / "m.onnx"), str(data / "val" / "red"), "--format", "json"]) == 0
+    assert {p["label"] for p in json.loads(capsys.readouterr().out)} <= {"blue", "red"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The service.
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The app under uvicorn in a thread, on a free local port."""
+
+    def __init__(self, checkpoint, **kw) -> None:
+        import uvicorn
+
+        from headstart.serve import Predictor, make_app
+
+        max_upload = kw.pop("max_upload", 1 << 20)
+        self.predictor = Predictor(checkpoint, **kw)
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(make_app(self.predictor, max_upload=max_upload), host="127.0.0.1",
+                                                    port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        end = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < end:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.predictor.close()
+
+
+def request(url: str, body: bytes | None = None, content_type: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if content_type else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "headstart-test-boundary"
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def png(colour=(220, 40, 30), seed=0) -> bytes:
+    buf = io.BytesIO()
+    colour_image(colour, seed=seed).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bomb() -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def server(run):
+    s = Server(run[0], engine="torch", max_wait=0.05)
+    yield s
+    s.close()
+
+
+def test_the_service_answers_and_refuses_bad_input_with_4xx(server: Server) -> None:
+    assert request(server.url + "/health") == (200, {"status": "ok"})
+    status, model = request(server.url + "/model")
+    assert status == 200 and model["classes"] == ["blue", "red"] and model["preprocessing"]["image_size"] == 32
+    body, ctype = multipart([("a.png", png()), ("b.png", png((30, 40, 220), seed=1))])
+    status, answer = request(server.url + "/predict", body, ctype)
+    assert status == 200 and [p["file"] for p in answer["predictions"]] == ["a.png", "b.png"]
+    assert [p["label"] for p in answer["predictions"]] == ["red", "blue"] and answer["seconds"] > 0
+    assert all(len(p["top_k"]) == 2 for p in answer["predictions"])
+    assert request(server.url + "/predict", png(), "image/png")[1]["predictions"][0]["label"] == "red"
+    truncated = png()[:200]
+    cases = [
+        (multipart([])[0], multipart([])[1], 400, "no file"),
+        (*multipart([("e.png", b"")]), 400, "e.png: the file is empty"),
+        (*multipart([("notes.png", b"hello, not an image")]), 415, "notes.png: not an image"),
+        (*multipart([("cut.png", truncated)]), 400, "cut.png: the image is"),
+        (*multipart([("bomb.png", bomb())]), 413, "too large"),
+        (b"\0" * (2 << 20), "image/png", 413, "over the limit"),
+        (b'{"image": 1}', "application/json", 415, "content type 'application/json' is not read here"),
+        (b"", "image/png", 400, "the request body is empty"),
+    ]
+    for body, ctype, want, message in cases:
+        status, answer = request(server.url + "/predict", body, ctype)
+        assert (status, answer["status"]) == (want, want) and message in answer["error"], (message, status, answer)
+    assert request(server.url + "/health") == (200, {"status": "ok"})  # still serving
+    page = urllib.request.urlopen(server.url + "/").read().decode()
+    assert "Drop images here" in page and "<script>" in page and "http" not in page.split("<script>")[1]
+
+
+def test_concurrent_requests_are_batched_together(server: Server) -> None:
+    def one(i: int) -> int:
+        return request(server.url + "/predict", png(seed=i), "image/png")[1]["batch"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(one, range(16)))
+    assert max(batches) > 1, batches
+    assert server.predictor.batches < 16
+
+
+def test_a_bounded_load_with_malformed_requests_gets_every_answer(server: Server) -> None:
+    """16 clients, 160 requests, a quarter of them malformed: each malformed one its 4xx, each good one
+    its answer, nothing else."""
+    good_body = png()
+
+    def one(i: int) -> tuple[bool, int]:
+        if i % 4 == 3:
+            return False, request(server.url + "/predict", b"not an image", "image/png")[0]
+        return True, request(server.url + "/predict", good_body, "image/png")[0]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(160)))
+    assert sorted({s for good, s in results if good}) == [200]
+    assert sorted({s for good, s in results if not good}) == [415]
+    assert sum(1 for good, _ in results if not good) == 40
+
+
+@pytest.mark.slow
+def test_the_page_in_chromium_shows_the_class_of_a_photo_and_the_error_of_a_text_file(real_weights_home: Path,
+                                                                                      tmp_path: Path, monkeypatch):
+    from .conftest import chromium
+
+    browser = chromium()
+    webdriver = pytest.importorskip("selenium.webdriver")
+    import shutil
+
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None:
+        import os
+
+        if os.environ.get("HEADSTART_REQUIRE_CHROMIUM"):
+            pytest.fail("chromedriver is required here (HEADSTART_REQUIRE_CHROMIUM) but not installed")
+        pytest.skip("chromedriver is not installed (CI installs it: apt-get install chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from .conftest import CHROME_FLAGS
+
+    monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
+    server = Server("imagenet", arch="resnet50", engine="torch")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,900"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(server.url + "/")
+        text = tmp_path / "notes.txt"
+        text.write_text("not an image")
+        upload = driver.find_element(By.ID, "files")
+        upload.send_keys(str(PHOTOS / "dog.jpg"))
+        done = WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result[data-state=done]"))
+        assert done[0].get_attribute("data-label") == "malamute"
+        upload.send_keys(str(text))
+        failed = WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result[data-state=error]"))
+        assert "notes.txt: content type" in failed[0].text or "notes.txt: not an image" in failed[0].text
+        from .test_report import ARTIFACTS
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "serve.png"))
+        assert (ARTIFACTS / "serve.png").stat().st_size > 20_000
+    finally:
+        driver.quit()
+        server.close()
