@@ -1,7 +1,7 @@
 """The run's time: durations as people write them, the estimate said after the first few training
 steps, and the budget.
 
-    estimated 31.0 min: 10 epochs x 14 steps at 13.000 s/step (measured over 3 steps) + 10 validations
+    estimated 31.0 min: 10 epochs x 14 steps at 13.000 s/step (the median of 5 steps) + 10 validations
     of about 12.0 s + 40.0 s spent so far
 
 The estimate is the time spent so far (set-up, features, epoch 0, the steps measured) plus the steps
@@ -12,6 +12,7 @@ step's time (strategies.Strategy.validation_seconds).
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -55,16 +56,19 @@ class Estimate:
 
     def line(self) -> str:
         return (f"estimated {format_duration(self.total_s)}: {self.epochs} epochs x {self.steps_per_epoch} steps at "
-                f"{self.step_s:.3f} s/step (measured over {self.measured_steps} steps) + {self.epochs} validations "
+                f"{self.step_s:.3f} s/step (the median of {self.measured_steps} steps) + {self.epochs} validations "
                 f"of about {format_duration(self.validation_s)} + {format_duration(self.spent_s)} spent so far")
 
 
 class Clock:
     """A callback between the strategy and the caller's: it passes every event on, and after the
-    first few training steps of this process (steps 2 to 4 of an epoch: the first warms up) it says
-    how long the run will take. `over_budget` tells when another epoch would end after the budget."""
+    first few training steps of this process it says how long the run will take: the median of
+    steps 3 to 7 of an epoch (the first two warm up: memory, oneDNN's kernels for the backward; on
+    hymenoptera they ran up to 1.5x the later ones). `over_budget` tells when another epoch would
+    end after the budget."""
 
-    STEPS = 3
+    STEPS = 5  # steps measured
+    WARMUP = 2  # steps not measured (fewer where an epoch is short)
 
     def __init__(self, inner: Any, *, started: float) -> None:
         self.inner, self.started = inner, started  # perf_counter at the run's start (earlier processes counted)
@@ -86,14 +90,17 @@ class Clock:
             return
         if epoch != self._epoch:  # intervals within one epoch only (not across a validation)
             self._epoch, self._times = epoch, []
-        self._times.append(time.perf_counter())
-        measured = min(self.STEPS, self._strategy.steps_per_epoch - 1)
-        if measured >= 1 and len(self._times) == measured + 1:
+        self._times.append(time.perf_counter())  # the end of each step of this epoch
+        n = self._strategy.steps_per_epoch
+        warmup = min(self.WARMUP, max(n - 2, 1))  # at least one step measured, where an epoch has two
+        measured = min(self.STEPS, n - warmup)
+        if measured >= 1 and len(self._times) == warmup + measured:
             self._estimate(epoch, step, measured)
 
     def _estimate(self, epoch: int, step: int, measured: int) -> None:
         s = self._strategy
-        step_s = (self._times[-1] - self._times[0]) / measured
+        ends = self._times[-measured - 1:]
+        step_s = statistics.median(b - a for a, b in zip(ends, ends[1:]))
         steps_left = (s.epochs - epoch) * s.steps_per_epoch + (s.steps_per_epoch - step)
         validation_s = s.validation_seconds(step_s)
         spent = time.perf_counter() - self.started

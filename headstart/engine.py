@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import io
 import json
 import logging
 import os
@@ -137,6 +138,33 @@ def convert_to_openvino(model: nn.Module, example: torch.Tensor) -> object:
         graph = frontend.convert(frontend.load(decoder))
     graph.reshape({graph.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})  # any batch size
     return graph
+
+
+def quantize_int8(graph: object, inputs: Iterable[object]) -> object:
+    """`graph` (an OpenVINO model) with int8 weights and activations: NNCF's post-training
+    quantization, the activations' ranges measured on `inputs` (one image each, as the graph takes
+    them; a few hundred: NNCF's default is 300). Needs the `nncf` package (`pip install
+    'headstart[int8]'`), imported after OpenVINO, so without its telemetry too."""
+    _import_openvino()
+    try:
+        import nncf
+    except ImportError:
+        raise ModuleNotFoundError("int8 needs NNCF (OpenVINO's quantization tools): pip install 'headstart[int8]' "
+                                  "(or pip install nncf)") from None
+    nncf_log = logging.getLogger("nncf")  # NNCF logs on stdout: its records go to the caller's logging instead
+    for handler in list(nncf_log.handlers):
+        nncf_log.removeHandler(handler)
+    nncf_log.propagate = True
+    data = list(inputs)
+    if not data:
+        raise ValueError("int8 quantization needs calibration images; none could be read")
+    bars = io.StringIO()  # and draws progress bars there
+    with warnings.catch_warnings(), contextlib.redirect_stdout(bars), contextlib.redirect_stderr(bars):
+        warnings.simplefilter("ignore")
+        quantized = nncf.quantize(graph, nncf.Dataset(data), subset_size=len(data),
+                                  preset=nncf.QuantizationPreset.PERFORMANCE)
+    log.debug("NNCF's progress: %s", bars.getvalue().strip())
+    return quantized
 
 
 def _prune(root: Path, keep: int) -> None:

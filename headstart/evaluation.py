@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from .data import Sample, find_classes, make_samples
+from .export import exported_logits, int8_model, is_exported, open_exported
 from .inference import INFERENCE_BATCH_SIZE, infer
 from .metrics import Metrics, compute_metrics
 from .models import open_model
@@ -21,21 +24,32 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
 
     Class folders are matched to the checkpoint's classes by name; a class the checkpoint does not
     know is an error. `checkpoint` may also be a weights file with its head (a MindSpore .ckpt...):
-    its classes are then `classes` if given, else the class folders in sorted order.
+    its classes are then `classes` if given, else the class folders in sorted order. A file written by
+    `headstart export` runs on its own runtime; precision="int8" quantizes the checkpoint (NNCF).
     """
     folder = Path(data)
     if (folder / "val").is_dir():
         folder = folder / "val"
     present = find_classes(folder)
-    ckpt = open_model(checkpoint, arch=arch, classes=classes, default_classes=present)
-    unknown = sorted(set(present) - set(ckpt.classes))
+    if precision == "int8" or is_exported(checkpoint):  # run by OpenVINO or onnxruntime
+        model = (int8_model(checkpoint, images=[folder], arch=arch, classes=classes) if precision == "int8"
+                 else open_exported(checkpoint))
+        names = model.classes
+    else:
+        ckpt = open_model(checkpoint, arch=arch, classes=classes, default_classes=present)
+        names = ckpt.classes
+    unknown = sorted(set(present) - set(names))
     if unknown:
-        raise ValueError(
-            f"class folder(s) {unknown} in {folder} are not classes of the checkpoint {ckpt.classes}"
-        )
-    samples = [Sample(s.path, ckpt.classes.index(present[s.label])) for s in make_samples(folder, present)]
-    runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile, engine=engine)
-    inf = infer(ckpt.model, samples, runtime=runtime, pre=ckpt.preprocessing, batch_size=batch_size, workers=workers)
-    metrics = compute_metrics(inf.outputs, inf.labels, ckpt.classes)
-    metrics.skipped = [str(samples[i].path) for i, _ in inf.failed]
+        raise ValueError(f"class folder(s) {unknown} in {folder} are not classes of the checkpoint {names}")
+    samples = [Sample(s.path, names.index(present[s.label])) for s in make_samples(folder, present)]
+    if precision == "int8" or is_exported(checkpoint):
+        logits, order, failed = exported_logits(model, samples, batch_size=batch_size, workers=workers)
+        outputs, labels = torch.from_numpy(logits), torch.tensor([samples[i].label for i in order], dtype=torch.long)
+    else:
+        runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile, engine=engine)
+        inf = infer(ckpt.model, samples, runtime=runtime, pre=ckpt.preprocessing, batch_size=batch_size,
+                    workers=workers)
+        outputs, labels, failed = inf.outputs, inf.labels, inf.failed
+    metrics = compute_metrics(outputs, labels, names)
+    metrics.skipped = [str(samples[i].path) for i, _ in failed]
     return metrics

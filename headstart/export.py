@@ -15,9 +15,11 @@ classes, preprocessing, architecture, the source checkpoint and headstart's vers
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageDataset, Sample, list_images, make_loader, scan_dataset
-from .download import atomic_write
+from .data import DatasetSplits, ImageDataset, Sample, list_images, make_loader, scan_dataset
+from .download import atomic_write, cache_dir
 from .models import open_model
 from .preprocessing import Preprocessing
 from .runtime import resolve_runtime
@@ -37,9 +39,13 @@ from .runtime import resolve_runtime
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "openvino")
+PRECISIONS = ("fp32", "int8")  # int8: OpenVINO IR only, quantized by NNCF
 SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
 LOGIT_TOLERANCE = 1e-3  # max |exported - headstart| logit, fp32 both; measured: about 1e-5 (see the README)
+INT8_MAX_DROP = 0.005  # int8: the most validation accuracy may fall against fp32 (0.5 points); on
+#                        images without labels, the most top-1 classes may change (0.5%)
 PARITY_IMAGES = 256  # at most this many images checked
+CALIBRATION_IMAGES = 300  # int8: images whose activations set the quantization ranges
 
 
 class _WithPreprocessing(nn.Module):
@@ -63,10 +69,23 @@ class Parity:
     max_logit_diff: float
     top1_agreement: float  # fraction of images whose top-1 class is the same
     source: str  # where the images came from
+    precision: str = "fp32"
+    accuracy: float | None = None  # the exported model's, where the images have labels
+    reference_accuracy: float | None = None  # headstart's fp32 model's on the same images
 
     def line(self) -> str:
-        return (f"parity on {self.images} images ({self.source}): max |logit difference| {self.max_logit_diff:.2e} "
-                f"(tolerance {LOGIT_TOLERANCE:g}), top-1 agreement {self.top1_agreement:.2%}")
+        text = f"parity on {self.images} images ({self.source}): max |logit difference| {self.max_logit_diff:.2e}"
+        if self.precision == "fp32":
+            text += f" (tolerance {LOGIT_TOLERANCE:g})"
+        text += f", top-1 agreement {self.top1_agreement:.2%}"
+        if self.accuracy is not None and self.reference_accuracy is not None:
+            change = 100 * (self.accuracy - self.reference_accuracy)
+            text += (f"; accuracy {self.accuracy:.4f} against {self.reference_accuracy:.4f} in fp32 "
+                     f"({change:+.2f} points")
+            text += f", at most -{100 * INT8_MAX_DROP:g} allowed)" if self.precision == "int8" else ")"
+        elif self.precision == "int8":
+            text += f" (at least {1 - INT8_MAX_DROP:.1%} needed)"
+        return text
 
 
 @dataclass
@@ -83,31 +102,44 @@ class ParityError(ValueError):
 
 
 def export(checkpoint: str | os.PathLike[str], *, format: str = "onnx", out: str | os.PathLike[str] | None = None,
-           images: Sequence[str | os.PathLike[str]] = (), arch: str | None = None,
+           images: Sequence[str | os.PathLike[str]] = (), precision: str = "fp32",
+           calibration: Sequence[str | os.PathLike[str]] = (), arch: str | None = None,
            classes: str | list[str] | None = None) -> Exported:
     """Write `checkpoint` (anything open_model takes) as ONNX or OpenVINO IR with its preprocessing,
     then check it on real images: `images` (files or folders), else the validation images of the run
     the checkpoint comes from. ParityError (and no file left) if the exported model's logits differ
-    from headstart's by more than LOGIT_TOLERANCE or a top-1 class differs."""
+    from headstart's by more than LOGIT_TOLERANCE or a top-1 class differs.
+
+    precision="int8" (OpenVINO only): weights and activations quantized by NNCF, the ranges set on
+    `calibration` images (else up to CALIBRATION_IMAGES of the run's training images, else `images`);
+    the gate then allows the validation accuracy to fall by INT8_MAX_DROP at most."""
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not one of {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and format != "openvino":
+        raise ValueError("int8 is written as OpenVINO IR: add --format openvino")
     loaded = open_model(checkpoint, arch=arch, classes=classes)
     src = Path(checkpoint)
-    out = Path(out) if out else src.with_suffix(".onnx" if format == "onnx" else ".xml")
+    suffix = ".onnx" if format == "onnx" else ".int8.xml" if precision == "int8" else ".xml"
+    out = Path(out) if out else src.with_suffix(suffix)
     samples, where = _parity_images(src, images)
     metadata = json.dumps({"classes": loaded.classes, "preprocessing": loaded.preprocessing.to_dict(),
                            "arch": loaded.meta.get("arch"), "arch_kwargs": loaded.meta.get("arch_kwargs", {}),
-                           "source": str(src), "headstart": _version()})
+                           "precision": precision, "source": str(src), "headstart": _version()})
     # The reference: headstart's inference copy (conv and BatchNorm folded) in fp32, which is also
     # what is exported.
     runtime = resolve_runtime(precision="fp32", engine="torch")
     net = _WithPreprocessing(runtime.inference_model(loaded.model, images=1).float(), loaded.preprocessing).eval()
     size = loaded.preprocessing.image_size
     example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
-    files = _write_onnx(net, example, out, metadata) if format == "onnx" else _write_openvino(net, example, out,
-                                                                                               metadata)
+    if format == "onnx":
+        files = _write_onnx(net, example, out, metadata)
+    else:
+        inputs = _calibration_inputs(src, calibration or images, loaded.preprocessing) if precision == "int8" else None
+        files = _write_openvino(net, example, out, metadata, calibration=inputs)
     try:
-        parity = check_parity(open_exported(out), net, samples, loaded.preprocessing, where)
+        parity = check_parity(open_exported(out), net, samples, loaded.preprocessing, where, precision=precision)
     except BaseException:
         for f in files:
             f.unlink(missing_ok=True)
@@ -145,11 +177,16 @@ def _write_onnx(net: nn.Module, example: torch.Tensor, out: Path, metadata: str)
     return [out]
 
 
-def _write_openvino(net: nn.Module, example: torch.Tensor, out: Path, metadata: str) -> list[Path]:
-    from .engine import _import_openvino, convert_to_openvino
+def _write_openvino(net: nn.Module, example: torch.Tensor, out: Path, metadata: str, *,
+                    calibration: list[np.ndarray] | None = None) -> list[Path]:
+    from .engine import _import_openvino, convert_to_openvino, quantize_int8
 
     ov = _import_openvino()[0]
     graph = convert_to_openvino(net, example)
+    if calibration is not None:
+        start = time.perf_counter()
+        graph = quantize_int8(graph, calibration)
+        log.info("quantized to int8 on %d images in %.1fs", len(calibration), time.perf_counter() - start)
     graph.outputs[0].get_tensor().set_names({"logits"})
     graph.outputs[1].get_tensor().set_names({"probabilities"})
     graph.inputs[0].get_tensor().set_names({"images"})
@@ -173,6 +210,7 @@ class ExportedModel:
     classes: list[str]
     preprocessing: Preprocessing
     run: Callable[[np.ndarray], np.ndarray]
+    precision: str = "fp32"  # of its weights and activations: fp32 or int8
 
 
 def is_exported(path: str | os.PathLike[str]) -> bool:
@@ -213,7 +251,36 @@ def open_exported(path: str | os.PathLike[str]) -> ExportedModel:
     if raw is None:
         raise ValueError(f"{path} has no 'headstart' metadata: it was not written by `headstart export`")
     meta = json.loads(raw)
-    return ExportedModel(path, list(meta["classes"]), Preprocessing.from_dict(meta["preprocessing"]), run)
+    return ExportedModel(path, list(meta["classes"]), Preprocessing.from_dict(meta["preprocessing"]), run,
+                         meta.get("precision", "fp32"))
+
+
+def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.PathLike[str]] = (),
+               arch: str | None = None, classes: str | list[str] | None = None) -> ExportedModel:
+    """`checkpoint` in int8, for predict, evaluate and serve with precision="int8": an int8 export
+    as it is, else `export(..., precision="int8")` to OpenVINO IR, made on first use and kept under
+    <cache_dir()>/int8/ (keyed by the checkpoint's bytes). Calibrated and checked on the run's
+    images where its dataset is at hand, else on `images`."""
+    src = Path(checkpoint)
+    if is_exported(src):
+        model = open_exported(src)
+        if model.precision != "int8":
+            raise ValueError(f"{src} is a {model.precision} export; precision int8 takes a checkpoint or an int8 "
+                             "export (headstart export CKPT --format openvino --precision int8)")
+        return model
+    in_run = _run_splits(src) is not None
+    if not in_run and not images:
+        raise FileNotFoundError(f"int8 needs images to calibrate and check on: {src} is not in a run folder whose "
+                                "dataset is at hand; export it first: headstart export CKPT --format openvino "
+                                "--precision int8 --images DIR, and use the .int8.xml it writes")
+    h = hashlib.sha256(src.read_bytes() if src.is_file() else str(src).encode())
+    h.update(json.dumps({"headstart": _version(), "arch": arch, "classes": classes,
+                         "images": [] if in_run else sorted(map(str, images))}).encode())
+    path = cache_dir() / "int8" / f"{h.hexdigest()[:32]}.xml"
+    if not path.is_file():
+        export(src, format="openvino", precision="int8", out=path, images=() if in_run else images, arch=arch,
+               classes=classes)
+    return open_exported(path)
 
 
 def exported_logits(model: ExportedModel, samples: Sequence[Sample], *, batch_size: int = 32,
@@ -231,8 +298,9 @@ def exported_logits(model: ExportedModel, samples: Sequence[Sample], *, batch_si
 
 
 def check_parity(exported: ExportedModel, reference: nn.Module, samples: Sequence[Sample], pre: Preprocessing,
-                 source: str) -> Parity:
-    """The exported model against `reference` (the same network in PyTorch, uint8 NHWC in) on `samples`."""
+                 source: str, *, precision: str = "fp32") -> Parity:
+    """The exported model against `reference` (the same network in PyTorch, fp32, uint8 NHWC in) on
+    `samples`; ParityError beyond the tolerance of `precision` (see LOGIT_TOLERANCE, INT8_MAX_DROP)."""
     logits, indices, _ = exported_logits(exported, samples)
     loader = make_loader(ImageDataset([samples[i] for i in indices], pre.eval_transform()), batch_size=32,
                          shuffle=False)
@@ -240,12 +308,52 @@ def check_parity(exported: ExportedModel, reference: nn.Module, samples: Sequenc
         ref = torch.cat([reference(b.images.permute(0, 2, 3, 1).contiguous())[0] for b in loader]).numpy()
     if not len(ref):
         raise ParityError("no image could be read for the parity check; pass some with --images")
-    diff = float(np.abs(ref - logits).max())
-    agree = float((ref.argmax(1) == logits.argmax(1)).mean())
-    parity = Parity(len(ref), diff, agree, source)
-    if diff > LOGIT_TOLERANCE or agree < 1.0:
-        raise ParityError(f"{exported.path} disagrees with headstart: {parity.line()}; it was removed")
+    labels = np.array([samples[i].label for i in indices])
+    labelled = bool((labels >= 0).all())
+    parity = Parity(len(ref), float(np.abs(ref - logits).max()), float((ref.argmax(1) == logits.argmax(1)).mean()),
+                    source, precision, float((logits.argmax(1) == labels).mean()) if labelled else None,
+                    float((ref.argmax(1) == labels).mean()) if labelled else None)
+    if precision == "int8":
+        fails = (parity.reference_accuracy - parity.accuracy > INT8_MAX_DROP + 1e-9 if labelled
+                 else 1 - parity.top1_agreement > INT8_MAX_DROP + 1e-9)
+        hint = "; export in fp32 instead (drop --precision int8)"
+    else:
+        fails = parity.max_logit_diff > LOGIT_TOLERANCE or parity.top1_agreement < 1.0
+        hint = ""
+    if fails:
+        raise ParityError(f"{exported.path} disagrees with headstart: {parity.line()}; it was removed{hint}")
     return parity
+
+
+def _calibration_inputs(checkpoint: Path, images: Iterable[str | os.PathLike[str]],
+                        pre: Preprocessing) -> list[np.ndarray]:
+    """int8's calibration inputs, uint8 (1, S, S, 3) each: up to CALIBRATION_IMAGES of `images` (files
+    or folders), else of the training images of the checkpoint's run, spread over its classes."""
+    given = [Path(p) for p in images]
+    if given:
+        samples = [Sample(f, -1) for p in given for f in (list_images(p) if p.is_dir() else [p])]
+    else:
+        splits = _run_splits(checkpoint)
+        if splits is None:
+            raise FileNotFoundError(f"no images to calibrate int8 on: {checkpoint} is not in a run folder whose "
+                                    "dataset is at hand; pass some with --calibration DIR")
+        samples = splits.train
+    step = max(1, len(samples) // CALIBRATION_IMAGES)  # every step-th: the classes in their shares
+    loader = make_loader(ImageDataset(samples[::step][:CALIBRATION_IMAGES], pre.eval_transform()), batch_size=32,
+                         shuffle=False)
+    return [image.permute(1, 2, 0).unsqueeze(0).contiguous().numpy() for b in loader for image in b.images]
+
+
+def _run_splits(checkpoint: Path) -> DatasetSplits | None:
+    """The dataset splits of the run `checkpoint` was saved in, when its summary and dataset are at hand."""
+    summary = checkpoint.parent / "summary.json"
+    if not summary.is_file():
+        return None
+    s = json.loads(summary.read_text(encoding="utf-8", errors="surrogateescape"))
+    try:
+        return scan_dataset(s["data"], val_split=s["config"].get("val_split"), seed=s["config"].get("seed", 0))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _parity_images(checkpoint: Path, images: Iterable[str | os.PathLike[str]]) -> tuple[list[Sample], str]:
@@ -254,13 +362,8 @@ def _parity_images(checkpoint: Path, images: Iterable[str | os.PathLike[str]]) -
     if given:
         files = [f for p in given for f in (list_images(p) if p.is_dir() else [p])]
         return [Sample(f, -1) for f in files[:PARITY_IMAGES]], "the images given"
-    summary = checkpoint.parent / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text(encoding="utf-8", errors="surrogateescape"))
-        try:
-            splits = scan_dataset(s["data"], val_split=s["config"].get("val_split"), seed=s["config"].get("seed", 0))
-            return splits.val[:PARITY_IMAGES], f"the run's validation images, {splits.root}"
-        except (OSError, ValueError, KeyError):
-            pass
+    splits = _run_splits(checkpoint)
+    if splits is not None:
+        return splits.val[:PARITY_IMAGES], f"the run's validation images, {splits.root}"
     raise FileNotFoundError(f"no images to check the export on: {checkpoint} is not in a run folder whose dataset is "
                             "at hand; pass some with --images DIR")

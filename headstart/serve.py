@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from .data import IMAGE_ERRORS
+from .export import ExportedModel, int8_model, is_exported, open_exported
 from .models import open_model
 from .preprocessing import to_rgb
 from .runtime import resolve_runtime
@@ -76,10 +77,19 @@ class Predictor:
                  classes: str | list[str] | None = None, top_k: int = 5, max_batch: int = MAX_BATCH,
                  max_wait: float = MAX_WAIT, precision: str = "auto", engine: str = "auto",
                  threads: int | None = None) -> None:
-        loaded = open_model(checkpoint, arch=arch, classes=classes)
-        self.runtime = resolve_runtime(precision=precision, engine=engine, threads=threads)
-        self.model = self.runtime.inference_model(loaded.model)  # many images to come: OpenVINO where it pays
-        self.classes, self.pre, self.meta = loaded.classes, loaded.preprocessing, loaded.meta
+        self.exported: ExportedModel | None = None  # an exported file (or int8), run by its own runtime
+        if precision == "int8" or is_exported(checkpoint):
+            self.exported = (int8_model(checkpoint, arch=arch, classes=classes) if precision == "int8"
+                             else open_exported(checkpoint))
+            self.classes, self.pre = self.exported.classes, self.exported.preprocessing
+            self.meta = {"arch": None, "file": str(self.exported.path), "precision": self.exported.precision}
+            self.engine = f"{self.exported.path.suffix[1:]} file, {self.exported.precision}"
+        else:
+            loaded = open_model(checkpoint, arch=arch, classes=classes)
+            self.runtime = resolve_runtime(precision=precision, engine=engine, threads=threads)
+            self.model = self.runtime.inference_model(loaded.model)  # many images to come: OpenVINO where it pays
+            self.classes, self.pre, self.meta = loaded.classes, loaded.preprocessing, loaded.meta
+            self.engine = self.runtime.describe()
         self.transform = self.pre.eval_transform()
         self.top_k, self.max_batch, self.max_wait = min(top_k, len(self.classes)), max_batch, max_wait
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -89,7 +99,7 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         return {"arch": self.meta.get("arch"), "classes": self.classes, "preprocessing": self.pre.to_dict(),
-                "engine": self.runtime.describe(), "top_k": self.top_k, "max_batch": self.max_batch}
+                "engine": self.engine, "top_k": self.top_k, "max_batch": self.max_batch}
 
     def decode(self, data: bytes, name: str) -> torch.Tensor:
         """An upload's bytes -> uint8 (3, S, S) through the checkpoint's eval transform; BadInput."""
@@ -131,8 +141,12 @@ class Predictor:
                     break
                 jobs.append(job)
             try:
-                x = self.runtime.inputs(torch.stack([j.image for j in jobs]), self.pre)
-                [(_, logits)] = list(self.runtime.outputs(self.model, [(None, x)]))
+                images = torch.stack([j.image for j in jobs])  # uint8 (N, 3, S, S)
+                if self.exported is not None:
+                    logits = torch.from_numpy(self.exported.run(images.permute(0, 2, 3, 1).contiguous().numpy()))
+                else:
+                    x = self.runtime.inputs(images, self.pre)
+                    [(_, logits)] = list(self.runtime.outputs(self.model, [(None, x)]))
                 probs = logits.float().softmax(1)
                 self.batches += 1
                 for j, p in zip(jobs, probs):

@@ -104,6 +104,81 @@ def test_export_and_predict_model_from_the_command_line(run, tmp_path: Path, cap
 
 
 # ---------------------------------------------------------------------------------------------
+# int8 (NNCF).
+
+def test_int8_is_quantized_checked_on_validation_and_run_by_predict_evaluate_and_serve(run, tmp_path: Path,
+                                                                                      capsys) -> None:
+    pytest.importorskip("nncf")
+    from headstart.evaluation import evaluate
+    from headstart.export import INT8_MAX_DROP, int8_model
+    from headstart.serve import Predictor
+
+    ckpt, data = run
+    fp32 = export(ckpt, format="openvino", out=tmp_path / "m.xml")
+    result = export(ckpt, format="openvino", precision="int8", out=tmp_path / "m.int8.xml")
+    p = result.parity
+    assert (p.precision, p.images) == ("int8", 12) and p.accuracy is not None and p.reference_accuracy is not None
+    assert p.reference_accuracy - p.accuracy <= INT8_MAX_DROP and "in fp32" in p.line()
+    assert open_exported(tmp_path / "m.int8.xml").precision == "int8"
+    # int8 weights: a quarter of the fp32 file's bytes, give or take the scales and the fp32 bias
+    assert (tmp_path / "m.int8.bin").stat().st_size < 0.5 * (tmp_path / "m.bin").stat().st_size
+    assert fp32.parity.accuracy == p.reference_accuracy
+    assert main(["export", str(ckpt), "--format", "openvino", "--precision", "int8", "--out",
+                 str(tmp_path / "cli.int8.xml")]) == 0
+    assert (tmp_path / "cli.int8.xml").is_file() and "in fp32 (" in capsys.readouterr().out
+    # predict, evaluate and serve with precision int8 use the same quantized model (made once, cached)
+    cached = int8_model(ckpt)
+    assert cached.precision == "int8" and int8_model(ckpt).path == cached.path
+    preds = predict(ckpt, [data / "val"], workers=0, precision="int8")
+    assert sum(pr.label == pr.path.split("/")[-2] for pr in preds) / len(preds) == p.accuracy
+    assert evaluate(ckpt, data, workers=0, precision="int8").accuracy == p.accuracy
+    server = Predictor(ckpt, precision="int8")
+    try:
+        image = server.decode((data / "val" / "red" / "red_0.png").read_bytes(), "red_0.png")
+        probs, batch = server.submit(image).result(timeout=30)
+        assert batch == 1 and server.describe()["engine"] == "xml file, int8"
+        assert server.classes[int(probs.argmax())] == next(pr.label for pr in preds if pr.path.endswith("red_0.png"))
+    finally:
+        server.close()
+
+
+def test_int8_that_loses_accuracy_fails_and_leaves_nothing(run, tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("nncf")
+    import headstart.export as ex
+
+    ckpt, _ = run
+    real = ex.open_exported
+
+    def swapped(path):  # every answer the other class: accuracy falls to 1 - fp32's
+        m = real(path)
+        run_ = m.run
+        m.run = lambda batch: run_(batch)[:, ::-1].copy()
+        return m
+
+    monkeypatch.setattr(ex, "open_exported", swapped)
+    with pytest.raises(ParityError, match="accuracy .* against .* in fp32.*export in fp32 instead"):
+        export(ckpt, format="openvino", precision="int8", out=tmp_path / "m.int8.xml")
+    assert not list(tmp_path.iterdir())
+
+
+def test_int8_needs_openvino_and_images_to_calibrate_on(run, tmp_path: Path) -> None:
+    from headstart.export import int8_model
+
+    ckpt, _ = run
+    with pytest.raises(ValueError, match="int8 is written as OpenVINO IR: add --format openvino"):
+        export(ckpt, format="onnx", precision="int8")
+    with pytest.raises(ValueError, match="precision 'int4' is not one of fp32, int8"):
+        export(ckpt, format="openvino", precision="int4")
+    alone = tmp_path / "alone.safetensors"  # outside its run folder: no dataset to calibrate on
+    alone.write_bytes(ckpt.read_bytes())
+    with pytest.raises(FileNotFoundError, match="--precision int8 --images DIR"):
+        int8_model(alone)
+    fp32 = export(ckpt, format="openvino", out=tmp_path / "m.xml")
+    with pytest.raises(ValueError, match="is a fp32 export"):
+        int8_model(fp32.path)
+
+
+# ---------------------------------------------------------------------------------------------
 # The service.
 
 def _free_port() -> int:

@@ -175,10 +175,35 @@ def test_the_estimate_is_said_and_kept(data: Path, tmp_path: Path) -> None:
     said = Messages()
     run = train(data, out=tmp_path / "run", config=tiny(epochs=2, batch_size=4), callback=said)
     est = json.loads((tmp_path / "run" / "summary.json").read_text())["estimate"]
-    assert est == {**est, "epochs": 2, "steps_per_epoch": 8, "measured_steps": 3}
+    assert est == {**est, "epochs": 2, "steps_per_epoch": 8, "measured_steps": 5}
     assert est["total_s"] >= est["spent_s"] > 0 and est["step_s"] > 0
     assert [line for line in said.lines if line.startswith("estimated ")] == [run.estimate.line()]
     assert "2 epochs x 8 steps at" in run.estimate.line()
+
+
+def test_the_estimate_skips_the_warm_up_steps_and_takes_the_median(monkeypatch) -> None:
+    """Steps of 9, 6, 2, 2, 9 (a stall), 2, 2 s: the estimate's step is 2 s, the median of steps 3-7."""
+    import headstart.clock as clock_module
+    from headstart.clock import Clock
+
+    class Plan:
+        epochs, steps_per_epoch = 3, 10
+
+        def validation_seconds(self, step_s: float) -> float:
+            return 1.0
+
+    now = [100.0]
+    monkeypatch.setattr(clock_module.time, "perf_counter", lambda: now[0])
+    clock = Clock(type("Quiet", (), {"__getattr__": lambda self, name: lambda *a, **k: None})(), started=90.0)
+    clock.watch(Plan())
+    for step, seconds in enumerate([9, 6, 2, 2, 9, 2, 2], start=1):
+        assert clock.estimate is None
+        now[0] += seconds
+        clock.on_step("train", 1, step, 10, 0.5)
+    est = clock.estimate
+    assert est is not None and (est.step_s, est.measured_steps) == (2.0, 5)
+    # 42 s spent; 3 steps of epoch 1 and 20 of epochs 2-3 left at 2 s; 3 validations of 1 s
+    assert est.spent_s == 42.0 and est.total_s == 42.0 + 23 * 2.0 + 3 * 1.0
 
 
 def test_train_size_trains_smaller_crops_and_predicts_at_the_image_size(data: Path, tmp_path: Path) -> None:
