@@ -462,8 +462,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-upload", type=_size, default="8MB", help="the most a request may send (default: 8MB)")
     p.add_argument("--top-k", type=int, default=5, help="default: 5")
     p.add_argument("--max-batch", type=int, default=16, help="images batched together at most (default: 16)")
-    p.add_argument("--max-wait", type=float, default=10.0,
-                   help="ms a batch waits for more images after its first (default: 10)")
+    p.add_argument("--max-wait", type=float, default=0.0,
+                   help="ms a batch waits for more images after its first (default: 0: it takes what arrived while "
+                        "the last batch ran)")
     _add_precision(p)
     p.set_defaults(func=cmd_serve)
 

@@ -9,9 +9,12 @@
     GET  /          a page: choose or drop images, see each with its top-k as bars and the time taken
 
 Requests are batched together (dynamic batching): every decoded image joins a queue, and one worker
-thread takes what is waiting, up to `max_batch` images or `max_wait` seconds after the first one,
-runs it as one batch on the inference engine `predict` uses (OpenVINO on an x86 CPU where
-installed), and answers each image's request. The event loop only reads, decodes (in a thread) and
+thread takes what is waiting, up to `max_batch` images (and, if `max_wait` > 0, what comes within
+that many seconds of the first one), runs it as one batch on the inference engine `predict` uses
+(OpenVINO on an x86 CPU where installed), and answers each image's request. Under load the images
+that arrive while a batch runs make the next one, so no waiting is needed: measured by
+bench/serve.py (ResNet50, 16 clients, amx class), 125 img/s with no wait and 129 with 10 ms, while
+one client alone waited 16 ms a request with none and 27 with 10 ms; hence `max_wait` 0. The event loop only reads, decodes (in a thread) and
 answers, so the service stays responsive while a batch runs.
 
 Bad input is a 4xx JSON error naming the problem, and the service goes on: no file (400), an empty
@@ -53,7 +56,7 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD = 8 * 2**20  # bytes a request may send (--max-upload)
 DRAIN = 4  # an upload over the limit is read and dropped up to this many times the limit
 MAX_BATCH = 16
-MAX_WAIT = 0.01  # s a batch waits for more images after its first one
+MAX_WAIT = 0.0  # s a batch waits for more images after its first one: none (see the module docstring)
 
 
 class BadInput(ValueError):
