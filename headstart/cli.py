@@ -496,7 +496,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 def _add_precision(p: argparse.ArgumentParser) -> None:
     from .runtime import PRECISIONS
 
-    p.add_argument("--precision", default="auto", choices=[*PRECISIONS, "int8"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 where the CPU or GPU supports it, else fp32; int8: the model quantized by NNCF "
                         "(calibrated on the run's training images, checked on its validation images; needs "
                         "pip install 'headstart[int8]'), run by OpenVINO (default: auto)")

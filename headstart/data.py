@@ -122,6 +122,12 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(out)
 
 
+def spread(samples: Sequence[Sample], n: int) -> list[Sample]:
+    """At most `n` of `samples`, every k-th: spread over the list, so a class-sorted list gives each
+    class its share (int8's calibration images)."""
+    return list(samples[::max(1, len(samples) // max(n, 1))][:n])
+
+
 def _check_folder(folder: Path) -> None:
     if folder.is_file():
         raise NotADirectoryError(f"{folder} is a file, not a dataset folder: pass the folder that holds the class "

@@ -201,12 +201,15 @@ class OpenVINOModel(nn.Module):
     at a time with every thread on each batch (OpenVINO's latency mode)."""
 
     def __init__(self, model: nn.Module, *, precision: str, threads: int,
-                 fallback: Callable[[], nn.Module], keep: bool = True) -> None:
+                 fallback: Callable[[], nn.Module], keep: bool = True,
+                 calibration: Callable[[], list[torch.Tensor]] | None = None) -> None:
         super().__init__()
         if precision not in _PRECISIONS:
-            raise ValueError(f"OpenVINO runs fp32 or bf16, not {precision!r}; use --engine torch")
+            raise ValueError(f"OpenVINO runs fp32 or bf16 (and int8 with calibration), not {precision!r}; use "
+                             "--engine torch")
         self._model = (model,)  # a tuple: not registered as a submodule, but kept alive (shared weights)
         self._precision, self._threads, self._fallback, self._keep = precision, threads, fallback, keep
+        self._calibration = calibration  # given: the graph is quantized to int8 on these inputs (not kept)
         self._requests: dict[tuple[int, ...], list[object]] = {}  # per input (C, H, W): its idle requests
         self._streams = 1
         self._torch: nn.Module | None = None
@@ -239,11 +242,18 @@ class OpenVINOModel(nn.Module):
         ppp = PrePostProcessor(graph)
         ppp.input().tensor().set_layout(ov.Layout("NHWC"))
         ppp.input().model().set_layout(ov.Layout("NCHW"))
-        return ppp.build()
+        graph = ppp.build()
+        if self._calibration is not None:
+            start = time.perf_counter()
+            inputs = [t.float().permute(0, 2, 3, 1).contiguous().numpy() for t in self._calibration()]
+            graph = quantize_int8(graph, inputs)
+            log.info("OpenVINO: %s quantized to int8 on %d images in %.1fs", type(self._model[0]).__name__,
+                     len(inputs), time.perf_counter() - start)
+        return graph
 
     def _graph(self, x: torch.Tensor) -> tuple[object, str]:
         """The converted graph for x's (C, H, W): from the disk cache, else converted and kept there."""
-        if not self._keep:
+        if not self._keep or self._calibration is not None:
             return self._convert(x), "converted"
         root = cache_dir() / "openvino"
         folder = root / graph_key(self._model[0], tuple(x.shape[1:]))

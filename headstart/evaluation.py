@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .data import Sample, find_classes, make_samples
-from .export import exported_logits, int8_model, is_exported, open_exported
+from .export import exported_logits, int8_if_faster, int8_model, is_exported, open_exported
 from .inference import INFERENCE_BATCH_SIZE, infer
 from .metrics import Metrics, compute_metrics
 from .models import open_model
@@ -31,9 +31,11 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
     if (folder / "val").is_dir():
         folder = folder / "val"
     present = find_classes(folder)
-    if precision == "int8" or is_exported(checkpoint):  # run by OpenVINO or onnxruntime
-        model = (int8_model(checkpoint, images=[folder], arch=arch, classes=classes) if precision == "int8"
-                 else open_exported(checkpoint))
+    model = (int8_model(checkpoint, images=[folder], arch=arch, classes=classes) if precision == "int8"
+             else open_exported(checkpoint) if is_exported(checkpoint)
+             else int8_if_faster(checkpoint, images=[folder], arch=arch, classes=classes) if precision == "auto"
+             else None)
+    if model is not None:  # run by OpenVINO or onnxruntime
         names = model.classes
     else:
         ckpt = open_model(checkpoint, arch=arch, classes=classes, default_classes=present)
@@ -42,7 +44,7 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
     if unknown:
         raise ValueError(f"class folder(s) {unknown} in {folder} are not classes of the checkpoint {names}")
     samples = [Sample(s.path, names.index(present[s.label])) for s in make_samples(folder, present)]
-    if precision == "int8" or is_exported(checkpoint):
+    if model is not None:
         logits, order, failed = exported_logits(model, samples, batch_size=batch_size, workers=workers)
         outputs, labels = torch.from_numpy(logits), torch.tensor([samples[i].label for i in order], dtype=torch.long)
     else:

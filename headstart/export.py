@@ -21,18 +21,18 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DatasetSplits, ImageDataset, Sample, list_images, make_loader, scan_dataset
+from .data import DatasetSplits, ImageDataset, Sample, list_images, make_loader, scan_dataset, spread
 from .download import atomic_write, cache_dir
-from .models import open_model
+from .models import LoadedModel, open_model
 from .preprocessing import Preprocessing
 from .runtime import resolve_runtime
 
@@ -259,8 +259,9 @@ def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.
                arch: str | None = None, classes: str | list[str] | None = None) -> ExportedModel:
     """`checkpoint` in int8, for predict, evaluate and serve with precision="int8": an int8 export
     as it is, else `export(..., precision="int8")` to OpenVINO IR, made on first use and kept under
-    <cache_dir()>/int8/ (keyed by the checkpoint's bytes). Calibrated and checked on the run's
-    images where its dataset is at hand, else on `images`."""
+    <cache_dir()>/int8/ (keyed by the checkpoint's bytes), with its gate's result and its speed
+    against the checkpoint in headstart's default precision beside it (see `int8_if_faster`).
+    Calibrated and checked on the run's images where its dataset is at hand, else on `images`."""
     src = Path(checkpoint)
     if is_exported(src):
         model = open_exported(src)
@@ -268,19 +269,74 @@ def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.
             raise ValueError(f"{src} is a {model.precision} export; precision int8 takes a checkpoint or an int8 "
                              "export (headstart export CKPT --format openvino --precision int8)")
         return model
-    in_run = _run_splits(src) is not None
+    path, in_run = _int8_path(src, images, arch, classes)
     if not in_run and not images:
         raise FileNotFoundError(f"int8 needs images to calibrate and check on: {src} is not in a run folder whose "
                                 "dataset is at hand; export it first: headstart export CKPT --format openvino "
                                 "--precision int8 --images DIR, and use the .int8.xml it writes")
+    if not path.is_file():
+        result = export(src, format="openvino", precision="int8", out=path, images=() if in_run else images,
+                        arch=arch, classes=classes)
+        samples, _ = _parity_images(src, () if in_run else images)
+        speed = _speeds(open_exported(path), open_model(src, arch=arch, classes=classes), samples)
+        with atomic_write(path.with_suffix(".json"), "w") as f:
+            json.dump({"parity": asdict(result.parity), **speed}, f, indent=1)
+        log.info("int8 model of %s: %s; %.1f img/s against %.1f (%s)", src, result.parity.line(),
+                 speed["int8_img_s"], speed["default_img_s"], speed["default"])
+    return open_exported(path)
+
+
+def int8_if_faster(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.PathLike[str]] = (),
+                   arch: str | None = None, classes: str | list[str] | None = None) -> ExportedModel | None:
+    """precision "auto" in predict, evaluate and serve: the int8 model of `checkpoint`, where the CPU
+    has no native bf16 and one was made before (`--precision int8` or an int8 `int8_model` call),
+    it passed its gate (0.5 points at most below fp32) and it ran faster than the default
+    precision; else None. It is never made here: quantizing takes tens of seconds."""
+    from .runtime import cpu_has_bf16
+
+    src = Path(checkpoint)
+    if is_exported(src) or cpu_has_bf16():
+        return None
+    path, _ = _int8_path(src, images, arch, classes)
+    try:
+        speed = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (path.is_file() and speed.get("int8_img_s", 0) > speed.get("default_img_s", float("inf"))):
+        return None
+    log.info("precision auto: the int8 model (%.1f img/s against %.1f in %s; %s)", speed["int8_img_s"],
+             speed["default_img_s"], speed["default"], speed["parity"].get("accuracy"))
+    return open_exported(path)
+
+
+def _int8_path(src: Path, images: Sequence[str | os.PathLike[str]], arch: str | None,
+               classes: str | list[str] | None) -> tuple[Path, bool]:
+    """Where int8_model keeps the int8 model of `src`, and whether `src` is in a run with its dataset."""
+    in_run = _run_splits(src) is not None
     h = hashlib.sha256(src.read_bytes() if src.is_file() else str(src).encode())
     h.update(json.dumps({"headstart": _version(), "arch": arch, "classes": classes,
                          "images": [] if in_run else sorted(map(str, images))}).encode())
-    path = cache_dir() / "int8" / f"{h.hexdigest()[:32]}.xml"
-    if not path.is_file():
-        export(src, format="openvino", precision="int8", out=path, images=() if in_run else images, arch=arch,
-               classes=classes)
-    return open_exported(path)
+    return cache_dir() / "int8" / f"{h.hexdigest()[:32]}.xml", in_run
+
+
+def _speeds(int8: ExportedModel, loaded: LoadedModel, samples: Sequence[Sample]) -> dict[str, Any]:
+    """img/s of the int8 model and of the checkpoint in headstart's default runtime (OpenVINO, bf16
+    or fp32), on the same decoded images (decoding not counted), each after a warm-up batch."""
+    loader = make_loader(ImageDataset(samples, int8.preprocessing.eval_transform()), batch_size=32, shuffle=False)
+    batches = [b.images for b in loader if len(b)]
+    runtime = resolve_runtime()
+    net = runtime.inference_model(loaded.model)
+
+    def rate(run: Callable[[torch.Tensor], object]) -> float:
+        run(batches[0])
+        start = time.perf_counter()
+        for b in batches:
+            run(b)
+        return sum(map(len, batches)) / (time.perf_counter() - start)
+
+    return {"int8_img_s": rate(lambda b: int8.run(b.permute(0, 2, 3, 1).contiguous().numpy())),
+            "default_img_s": rate(lambda b: list(runtime.outputs(net, [(None, runtime.inputs(b, loaded.preprocessing))]))),
+            "default": runtime.describe()}
 
 
 def exported_logits(model: ExportedModel, samples: Sequence[Sample], *, batch_size: int = 32,
@@ -338,8 +394,7 @@ def _calibration_inputs(checkpoint: Path, images: Iterable[str | os.PathLike[str
             raise FileNotFoundError(f"no images to calibrate int8 on: {checkpoint} is not in a run folder whose "
                                     "dataset is at hand; pass some with --calibration DIR")
         samples = splits.train
-    step = max(1, len(samples) // CALIBRATION_IMAGES)  # every step-th: the classes in their shares
-    loader = make_loader(ImageDataset(samples[::step][:CALIBRATION_IMAGES], pre.eval_transform()), batch_size=32,
+    loader = make_loader(ImageDataset(spread(samples, CALIBRATION_IMAGES), pre.eval_transform()), batch_size=32,
                          shuffle=False)
     return [image.permute(1, 2, 0).unsqueeze(0).contiguous().numpy() for b in loader for image in b.images]
 

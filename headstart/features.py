@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .data import ImageDataset, Sample, make_loader
+from .data import ImageDataset, Sample, make_loader, spread
 from .download import cache_dir
 from .formats.safetensors import read_safetensors, write_safetensors
 from .inference import INFERENCE_BATCH_SIZE, run_inference
@@ -57,6 +57,18 @@ def files_fingerprint(samples: Sequence[Sample]) -> str:
     return h.hexdigest()
 
 
+CALIBRATION_IMAGES = 300  # precision int8: training images whose activations set the ranges
+
+
+def calibration_inputs(samples: Sequence[Sample], *, runtime: Runtime, pre: Preprocessing,
+                       workers: int = 0) -> list[torch.Tensor]:
+    """Up to CALIBRATION_IMAGES of `samples` (spread over them), through the eval transform, as
+    `runtime.inputs` gives them: float (1, 3, S, S) each, for an int8 copy's calibration."""
+    loader = make_loader(ImageDataset(spread(samples, CALIBRATION_IMAGES), pre.eval_transform()),
+                         batch_size=INFERENCE_BATCH_SIZE, shuffle=False, workers=workers)
+    return [x.unsqueeze(0) for b in loader for x in runtime.inputs(b.images, pre)]
+
+
 def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Runtime, pre: Preprocessing,
                      view: int = 0, seed: int = 0, batch_size: int = INFERENCE_BATCH_SIZE, workers: int = 0,
                      cache_key: str | None = None, files_key: str | None = None, images: int | None = None,
@@ -76,7 +88,8 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
     if cache_key is not None:
         key = hashlib.sha256(json.dumps({
             "weights": cache_key, "preprocessing": pre.to_dict(), "view": view,
-            "numerics": [runtime.engine_for(images), runtime.precision, runtime.device.type],
+            "numerics": [runtime.engine_for(images), runtime.precision, runtime.device.type,
+                         *(["int8"] if runtime.int8_features else [])],
             "seed": seed if view else None, "files": files_key or files_fingerprint(samples), "n": len(samples),
         }, sort_keys=True).encode()).hexdigest()[:32]
         path = cache_dir() / "features" / f"{key}.safetensors"

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from .data import IMAGE_EXTENSIONS, Sample, list_images
-from .export import exported_logits, int8_model, is_exported, open_exported
+from .export import exported_logits, int8_if_faster, int8_model, is_exported, open_exported
 from .inference import INFERENCE_BATCH_SIZE, infer
 from .models import open_model
 from .runtime import resolve_runtime
@@ -52,15 +52,18 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
     `checkpoint` is a headstart checkpoint or a weights file with its head (a MindSpore .ckpt...;
     `arch` and `classes` as in `models.open_model`), or a file written by `headstart export`
     (.onnx, OpenVINO .xml), run by its own runtime with the classes and preprocessing it holds.
-    precision="int8": the checkpoint quantized by NNCF (see `export.int8_model`), run by OpenVINO."""
+    precision="int8": the checkpoint quantized by NNCF (see `export.int8_model`), run by OpenVINO;
+    "auto" uses that int8 model where `export.int8_if_faster` says so."""
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     paths = list(paths)
     # the model first: a wrong checkpoint path is reported before the image folders are walked
     if precision == "int8":  # quantized once (NNCF), then run by OpenVINO
         exported = int8_model(checkpoint, images=paths, arch=arch, classes=classes)
-    else:
-        exported = open_exported(checkpoint) if is_exported(checkpoint) else None
+    elif is_exported(checkpoint):
+        exported = open_exported(checkpoint)
+    else:  # auto: an int8 model made before, where it passed its gate and ran faster (CPUs without bf16)
+        exported = int8_if_faster(checkpoint, images=paths, arch=arch, classes=classes) if precision == "auto" else None
     ckpt = None if exported else open_model(checkpoint, arch=arch, classes=classes)
     files = collect_files(paths)
     samples = [Sample(p, -1) for p in files]

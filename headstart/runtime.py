@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Iterable, Iterator, TypeVar
+from typing import Callable, ContextManager, Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from .preprocessing import Preprocessing, normalize
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # int8: inference only (features, predict)
 ENGINES = ("auto", "torch", "openvino")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 T = TypeVar("T")
@@ -72,6 +72,9 @@ class Runtime:
     compile: bool = False  # torch.compile the model in place (the first call costs 25-100 s on a CPU)
     engine: str = "torch"  # torch | openvino: what runs inference_model's copies (training is torch)
     min_images: int = MIN_IMAGES  # the openvino engine's threshold (0 when asked for by name)
+    # precision int8: a frozen backbone's features come from an int8 copy (NNCF's quantization,
+    # calibrated on training images; OpenVINO); what trains still runs in `precision`
+    int8_features: bool = False
 
     def autocast(self) -> ContextManager:
         if self.precision == "fp32":
@@ -90,20 +93,26 @@ class Runtime:
         x = normalize(images.to(self.device, non_blocking=True), pre)
         return x.contiguous(memory_format=torch.channels_last)
 
-    def inference_model(self, model: nn.Module, *, features: bool = False,
-                        images: int | None = None, keep_graph: bool = True) -> nn.Module:
+    def inference_model(self, model: nn.Module, *, features: bool = False, images: int | None = None,
+                        keep_graph: bool = True,
+                        calibration: Callable[[], list[torch.Tensor]] | None = None) -> nn.Module:
         """A copy of `model` for inference, on the device, in eval mode. `features=True` gives a
         module whose forward is `forward_features`. `images` (how many it will see; None: many)
         decides whether OpenVINO's conversion pays: with the openvino engine and at least
         `min_images` images the copy is an `OpenVINOModel`, else it runs in PyTorch with each
         Conv2d -> BatchNorm2d pair folded into one conv (one memory pass fewer per layer: ResNet50
         bf16 eval goes from about 32 to 55 img/s here). `keep_graph=False`: weights that will change
-        (validation in training), so OpenVINO's converted graph is not kept on disk."""
+        (validation in training), so OpenVINO's converted graph is not kept on disk. With
+        `int8_features`, a features copy given `calibration` (a function returning inputs as
+        `inputs` makes them, one image each) is quantized to int8 on them, whatever `images`."""
         m = copy.deepcopy(model).eval()
         if features:
             m = _ForwardFeatures(m)
         for p in m.parameters():
             p.requires_grad_(False)
+        if self.int8_features and features and calibration is not None:
+            return OpenVINOModel(m, precision=self.precision, threads=torch.get_num_threads(),
+                                 fallback=lambda: self._torch_inference(m), keep=False, calibration=calibration)
         if self.engine_for(images) == "openvino":
             return OpenVINOModel(m, precision=self.precision, threads=torch.get_num_threads(),
                                  fallback=lambda: self._torch_inference(m), keep=keep_graph)
@@ -143,7 +152,7 @@ class Runtime:
         where = f"cpu ({cpu_class()})" if self.device.type == "cpu" else self.device.type
         return (f"{where} {self.precision} channels_last"
                 f"{' compiled' if self.compile else ''}, {torch.get_num_threads()} threads"
-                f"{self._engine_note()}")
+                f"{self._engine_note()}{', int8 features (NNCF)' if self.int8_features else ''}")
 
     def _engine_note(self) -> str:
         if self.engine != "openvino":
@@ -168,6 +177,12 @@ def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: i
     numerically safe)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    int8 = precision == "int8"
+    if int8:  # features in int8 (OpenVINO); the rest in what auto picks
+        if engine == "torch" or not openvino_available() or device not in ("auto", "cpu"):
+            raise ValueError("precision int8 runs in OpenVINO on the CPU: drop --engine torch / --device, and "
+                             "pip install openvino nncf")
+        precision, device, engine = "auto", "cpu", "openvino"
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
     if device == "auto":
@@ -206,4 +221,5 @@ def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: i
     if engine == "auto":
         usable = dev.type == "cpu" and precision in ("fp32", "bf16") and not compile
         engine = "openvino" if usable and openvino_available() else "torch"
-    return Runtime(dev, precision, compile=compile, engine=engine, min_images=min_images)
+    return Runtime(dev, precision, compile=compile, engine=engine, min_images=MIN_IMAGES if int8 else min_images,
+                   int8_features=int8)

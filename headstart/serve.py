@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from .data import IMAGE_ERRORS
-from .export import ExportedModel, int8_model, is_exported, open_exported
+from .export import ExportedModel, int8_if_faster, int8_model, is_exported, open_exported
 from .models import open_model
 from .preprocessing import to_rgb
 from .runtime import resolve_runtime
@@ -80,10 +80,12 @@ class Predictor:
                  classes: str | list[str] | None = None, top_k: int = 5, max_batch: int = MAX_BATCH,
                  max_wait: float = MAX_WAIT, precision: str = "auto", engine: str = "auto",
                  threads: int | None = None) -> None:
-        self.exported: ExportedModel | None = None  # an exported file (or int8), run by its own runtime
-        if precision == "int8" or is_exported(checkpoint):
-            self.exported = (int8_model(checkpoint, arch=arch, classes=classes) if precision == "int8"
-                             else open_exported(checkpoint))
+        # an exported file or the int8 model (asked for, or auto's choice), run by its own runtime
+        self.exported: ExportedModel | None = (
+            int8_model(checkpoint, arch=arch, classes=classes) if precision == "int8"
+            else open_exported(checkpoint) if is_exported(checkpoint)
+            else int8_if_faster(checkpoint, arch=arch, classes=classes) if precision == "auto" else None)
+        if self.exported is not None:
             self.classes, self.pre = self.exported.classes, self.exported.preprocessing
             self.meta = {"arch": None, "file": str(self.exported.path), "precision": self.exported.precision}
             self.engine = f"{self.exported.path.suffix[1:]} file, {self.exported.precision}"

@@ -45,7 +45,7 @@ from torch import nn
 
 from .checkpoint import RunCheckpoints
 from .data import DatasetSplits, ImageDataset, make_loader, sample_seed
-from .features import Features, extract_features, files_fingerprint
+from .features import Features, calibration_inputs, extract_features, files_fingerprint
 from .inference import INFERENCE_BATCH_SIZE, Inference, run_inference
 from .linear import FOLDS, HeadFit, fit_head
 from .models import MODELS, create_model, freeze_backbone, get_head, get_model_info, meta_model
@@ -343,7 +343,9 @@ def cached_features(model: nn.Module, splits: DatasetSplits, *, config: "TrainCo
     train_files = files_fingerprint(splits.train) if key else None  # once, for every view
     images = len(splits.train) * (config.views + 1) + len(splits.val)
     # One inference copy (and OpenVINO conversion) for every view, made only if a view is not on disk.
-    backbone = functools.cache(lambda: runtime.inference_model(model, features=True, images=images))
+    backbone = functools.cache(lambda: runtime.inference_model(  # (int8: calibrated on training images)
+        model, features=True, images=images,
+        calibration=lambda: calibration_inputs(splits.train, runtime=runtime, pre=pre, workers=config.workers)))
 
     def extract(samples: list, view: int, phase: str, files_key: str | None = None) -> Features:
         def on_batch(step: int, steps: int) -> None:

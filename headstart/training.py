@@ -93,7 +93,9 @@ class TrainConfig:
                                            "held out for validation, e.g. 0.2 (seeded, stratified)")
     seed: int = option(0, "seed of the new head, the augmentation and the order of the images")
     workers: int = option(2, "data-loading worker processes", minimum=0)
-    precision: str = option("auto", "auto: bf16 where the CPU or GPU supports it, else fp32", choices=PRECISIONS)
+    precision: str = option("auto", "auto: bf16 where the CPU or GPU supports it, else fp32; int8: the frozen "
+                                    "backbone's features (and predict's model) quantized by NNCF, run by OpenVINO",
+                            choices=PRECISIONS)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     threads: int | None = option(None, "compute threads (default: one per core)", minimum=1)
     compile: bool = option(False, "torch.compile the network (the first call costs 25-100 s on a CPU)")
@@ -125,6 +127,10 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.momentum is None:
             self.momentum = STRATEGIES[self.strategy].momentum
+        if self.precision == "int8" and (self.strategy in ("finetune", "partial") or self.feature_cache == "off"):
+            raise ValueError(f"precision int8 is for the frozen backbone's cached features, not strategy "
+                             f"{self.strategy!r} with feature_cache {self.feature_cache!r}: use it with the frozen, "
+                             "gradual or auto strategy and a feature cache (what trains runs in bf16 or fp32)")
         if self.arch == "auto" and self.weights != "imagenet":
             raise ValueError(f"arch 'auto' chooses among backbones with ImageNet weights; drop weights={self.weights!r} "
                              "(--weights) or name the backbone (--arch)")

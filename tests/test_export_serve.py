@@ -142,6 +142,46 @@ def test_int8_is_quantized_checked_on_validation_and_run_by_predict_evaluate_and
         server.close()
 
 
+def test_precision_auto_uses_an_int8_model_made_before_only_without_bf16_and_where_it_ran_faster(
+        run, monkeypatch) -> None:
+    pytest.importorskip("nncf")
+    import headstart.export as ex
+    import headstart.runtime as rt
+    from headstart.evaluation import evaluate
+
+    ckpt, data = run
+    made = ex.int8_model(ckpt)
+    side = made.path.with_suffix(".json")
+    record = json.loads(side.read_text())
+    assert record["parity"]["precision"] == "int8" and record["int8_img_s"] > 0 and record["default_img_s"] > 0
+    opened: list[Path] = []
+    real_open = ex.open_exported
+    monkeypatch.setattr(ex, "open_exported", lambda path: opened.append(Path(path)) or real_open(path))
+
+    def used(bf16: bool, int8_img_s: float) -> bool:
+        monkeypatch.setattr(rt, "cpu_has_bf16", lambda: bf16)
+        side.write_text(json.dumps({**record, "int8_img_s": int8_img_s, "default_img_s": 10.0}))
+        opened.clear()
+        predict(ckpt, [data / "val"], workers=0)
+        return opened == [made.path]
+
+    assert used(bf16=False, int8_img_s=20.0)
+    assert not used(bf16=False, int8_img_s=5.0)  # slower than the default precision
+    assert not used(bf16=True, int8_img_s=20.0)  # bf16 is there: auto keeps it
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: False)
+    side.write_text(json.dumps({**record, "int8_img_s": 20.0, "default_img_s": 10.0}))
+    opened.clear()
+    assert evaluate(ckpt, data, workers=0).accuracy == evaluate(ckpt, data, workers=0, precision="int8").accuracy
+    assert opened == [made.path, made.path]  # auto's choice, then asked for
+    opened.clear()
+    predict(ckpt, [data / "val"], workers=0, precision="fp32")  # a precision named: that one
+    assert opened == []
+    side.unlink()  # no record: never used
+    opened.clear()
+    predict(ckpt, [data / "val"], workers=0)
+    assert opened == []
+
+
 def test_int8_that_loses_accuracy_fails_and_leaves_nothing(run, tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("nncf")
     import headstart.export as ex

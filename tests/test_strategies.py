@@ -218,3 +218,39 @@ def test_train_size_trains_smaller_crops_and_predicts_at_the_image_size(data: Pa
     with Image.open(sample.path) as img:
         assert ckpt.preprocessing.train_transform()(img).shape == (3, 24, 24)
         assert ckpt.preprocessing.eval_transform()(img).shape == (3, 40, 40)
+
+
+def test_precision_int8_computes_the_frozen_features_with_a_quantized_backbone(data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("nncf")
+    from headstart.features import extract_features
+    from headstart.runtime import resolve_runtime
+
+    fp32 = train(data, out=tmp_path / "fp32", config=tiny(strategy="frozen", precision="fp32", epochs=2))
+    int8 = train(data, out=tmp_path / "int8", config=tiny(strategy="frozen", precision="int8", epochs=2))
+    summary = json.loads((tmp_path / "int8" / "summary.json").read_text())
+    assert summary["runtime"].endswith(", int8 features (NNCF)") and summary["config"]["precision"] == "int8"
+    assert abs(int8.best_val_acc - fp32.best_val_acc) <= 0.25  # 12 validation images: 3 of them at most
+    # The features themselves: an int8 copy's, near the fp32 ones but not the same numbers
+    from headstart.data import scan_dataset
+    from headstart.features import calibration_inputs
+    from headstart.models import open_model
+
+    model = open_model(fp32.best_checkpoint)
+    splits = scan_dataset(data)
+    rt32, rt8 = resolve_runtime(precision="fp32", engine="openvino"), resolve_runtime(precision="int8")
+    a = extract_features(model.model, splits.val, runtime=rt32, pre=model.preprocessing)
+    q = rt8.inference_model(model.model, features=True, calibration=lambda: calibration_inputs(
+        splits.train, runtime=rt8, pre=model.preprocessing))
+    b = extract_features(model.model, splits.val, runtime=rt8, pre=model.preprocessing, backbone=lambda: q)
+    diff = (a.features - b.features).abs().max().item()
+    assert 0 < diff < 0.5 * a.features.abs().max().item()
+
+
+def test_precision_int8_is_refused_where_nothing_is_frozen() -> None:
+    for strategy, cache in (("finetune", "disk"), ("partial", "disk"), ("frozen", "off")):
+        with pytest.raises(ValueError, match="precision int8 is for the frozen backbone's cached features"):
+            tiny(strategy=strategy, feature_cache=cache, precision="int8")
+    with pytest.raises(ValueError, match="precision int8 runs in OpenVINO on the CPU"):
+        from headstart.runtime import resolve_runtime
+
+        resolve_runtime(precision="int8", engine="torch")
