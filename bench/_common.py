@@ -77,3 +77,26 @@ def table(rows: list[list[object]], header: list[str]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def plain_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train_loader, val_loader, pre,
+                set_train_mode: Callable[[], None]) -> float:
+    """One epoch of a plain loop as a user writes it (fp32, NCHW, eager): SGD steps on the train
+    loader's batches after `set_train_mode()`, then the validation accuracy in eval mode."""
+    import torch.nn.functional as F
+
+    from headstart.preprocessing import normalize
+
+    set_train_mode()
+    for b in train_loader:
+        loss = F.cross_entropy(model(normalize(b.images, pre)), b.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    correct = n = 0
+    with torch.no_grad():
+        for b in val_loader:
+            correct += int((model(normalize(b.images, pre)).argmax(1) == b.labels).sum())
+            n += len(b)
+    return correct / n

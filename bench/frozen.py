@@ -17,13 +17,11 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
-from _common import HYMENOPTERA, RESNET50_GFLOP_FORWARD, compute_peak, cpu_line, machine, table
+from _common import HYMENOPTERA, RESNET50_GFLOP_FORWARD, compute_peak, cpu_line, machine, plain_epoch, table
 
 from headstart.data import ImageDataset, make_loader, scan_dataset
 from headstart.models import create_model, freeze_backbone, get_model_info
-from headstart.preprocessing import normalize
 from headstart.training import TrainConfig, train
 
 
@@ -41,23 +39,15 @@ def plain_loop(epochs: int, workers: int) -> tuple[float, float]:
     val_loader = make_loader(ImageDataset(splits.val, pre.eval_transform()), batch_size=18, shuffle=False,
                              workers=workers)
     best = 0.0
-    for epoch in range(1, epochs + 1):
+    def head_only() -> None:  # the frozen backbone in eval mode, the head training
         model.eval()
         model.fc.train()
+
+    for epoch in range(1, epochs + 1):
         train_loader.sampler.set_epoch(epoch)
-        for b in train_loader:
-            loss = F.cross_entropy(model(normalize(b.images, pre)), b.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        correct = n = 0
-        with torch.no_grad():
-            for b in val_loader:
-                correct += int((model(normalize(b.images, pre)).argmax(1) == b.labels).sum())
-                n += len(b)
-        best = max(best, correct / n)
-        print(f"  plain epoch {epoch}: val acc {correct / n:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+        acc = plain_epoch(model, opt, train_loader, val_loader, pre, head_only)
+        best = max(best, acc)
+        print(f"  plain epoch {epoch}: val acc {acc:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
     return best, time.perf_counter() - start
 
 

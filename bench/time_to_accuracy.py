@@ -27,14 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from _common import SHARED, compute_peak, cpu_line, machine, table
+from _common import SHARED, compute_peak, cpu_line, machine, plain_epoch, table
 
 from headstart.data import ImageDataset, make_loader, scan_dataset
 from headstart.download import cache_dir
 from headstart.models import create_model, get_model_info
-from headstart.preprocessing import normalize
 from headstart.runtime import resolve_runtime
 from headstart.training import TrainConfig, train
 
@@ -53,20 +51,8 @@ def plain_recipe(data: Path, epochs: int, out: Path) -> list[tuple[int, float, f
                              workers=2)
     best, rows = -1.0, []
     for epoch in range(1, epochs + 1):
-        model.train()
         train_loader.sampler.set_epoch(epoch)
-        for b in train_loader:
-            loss = F.cross_entropy(model(normalize(b.images, pre)), b.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        correct = n = 0
-        with torch.no_grad():
-            for b in val_loader:
-                correct += int((model(normalize(b.images, pre)).argmax(1) == b.labels).sum())
-                n += len(b)
-        acc = correct / n
+        acc = plain_epoch(model, opt, train_loader, val_loader, pre, model.train)
         if acc > best:
             best = acc
             torch.save(model.state_dict(), out / "plain-best.pth")

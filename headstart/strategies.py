@@ -368,23 +368,34 @@ def cached_features(model: nn.Module, splits: DatasetSplits, *, config: "TrainCo
     return train, val
 
 
-class FineTune(Strategy):
+class ImageEpochs(Strategy):
+    """A strategy that reads the images every epoch: `forward` (the model, or its stages from the
+    first that trains) runs on augmented batches after `set_mode()`; validation runs on the images."""
+
+    trained_fraction = 1.0  # the share of the forward FLOP that trains (for the estimate)
+
+    def set_mode(self) -> None:
+        set_train_mode(self.model)
+
+    def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
+        self.set_mode()
+        return self._train_images(self.forward, epoch, stepper, progress, stop)
+
+    def validate(self, epoch: int) -> Inference:
+        return self._validate_images(epoch)
+
+    def validation_seconds(self, step_seconds: float) -> float:
+        return self._image_validation_seconds(step_seconds, trained=self.trained_fraction)
+
+
+class FineTune(ImageEpochs):
     """Every layer trains, BatchNorm statistics included."""
 
     def __init__(self, model: nn.Module, splits: DatasetSplits, **kw: Any) -> None:
         super().__init__(model, splits, **kw)
         self.runtime.prepare(model)
         self._image_loaders()
-
-    def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
-        set_train_mode(self.model)
-        return self._train_images(self.model, epoch, stepper, progress, stop)
-
-    def validate(self, epoch: int) -> Inference:
-        return self._validate_images(epoch)
-
-    def validation_seconds(self, step_seconds: float) -> float:
-        return self._image_validation_seconds(step_seconds, trained=1.0)
+        self.forward = model
 
 
 class HeadOnly(Strategy):
@@ -496,27 +507,22 @@ def freeze_below(model: nn.Module, first: int) -> list[nn.Module]:
     return frozen
 
 
-class HeadOnFrozenBackbone(HeadOnly):
+class HeadOnFrozenBackbone(ImageEpochs, HeadOnly):
     """The head trains on the frozen backbone's output for augmented images, the backbone run on
     every step (no feature cache)."""
+
+    trained_fraction = 0.0
 
     def __init__(self, model: nn.Module, splits: DatasetSplits, **kw: Any) -> None:
         super().__init__(model, splits, **kw)
         self._image_loaders()
         self.forward = StagesFrom(model, len(model.stages()))
 
-    def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
+    def set_mode(self) -> None:
         set_train_mode(self.model, trainable=[self.head])
-        return self._train_images(self.forward, epoch, stepper, progress, stop)
-
-    def validate(self, epoch: int) -> Inference:
-        return self._validate_images(epoch)
-
-    def validation_seconds(self, step_seconds: float) -> float:
-        return self._image_validation_seconds(step_seconds, trained=0.0)
 
 
-class Partial(Strategy):
+class Partial(ImageEpochs):
     """The stages from `config.train_from` (default: the last) up train with the head, SGD
     momentum 0.9; the stages below run in eval mode under no_grad, their BatchNorm statistics kept."""
 
@@ -542,15 +548,8 @@ class Partial(Strategy):
         """The share of the forward FLOP that trains (ResNet50 from layer4: 0.2, from layer3: 0.56)."""
         return sum(self.stage_flops[self.first:]) / max(sum(self.stage_flops), 1.0)
 
-    def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
+    def set_mode(self) -> None:
         set_train_mode(self.model, frozen=self.frozen)
-        return self._train_images(self.forward, epoch, stepper, progress, stop)
-
-    def validate(self, epoch: int) -> Inference:
-        return self._validate_images(epoch)
-
-    def validation_seconds(self, step_seconds: float) -> float:
-        return self._image_validation_seconds(step_seconds, trained=self.trained_fraction)
 
 
 class Gradual(Partial):

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..kernels import batch_norm_act
 from .layers import pad_same
-from .stages import Stage, run_stages, sequential_stages
+from .stages import Stage, StagedNet, sequential_stages
 
 torch.fx.wrap("pad_same")
 
@@ -85,7 +85,7 @@ class MBConv(nn.Module):
         return batch_norm_act(self._bn2, self._project_conv(y), residual=x if self.residual else None)
 
 
-class EfficientNetLite(nn.Module):
+class EfficientNetLite(StagedNet):
     def __init__(self, variant: str = "lite0", *, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -132,17 +132,11 @@ class EfficientNetLite(nn.Module):
                 Stage("conv_head", self._head_conv, (self._conv_head, self._bn1))]
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """conv_head's (N, 1280, h, w) -> (N, 1280) features (the inputs: images scaled to [-1, 1])."""
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) images scaled to [-1, 1] -> (N, 1280) pooled features."""
-        return self.pool(run_stages(self.stages(), x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def efficientnet_lite(variant: str, *, num_classes: int = 1000) -> EfficientNetLite:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..kernels import batch_norm_act
-from .stages import Stage, run_stages, sequential_stages
+from .stages import Stage, StagedNet, sequential_stages
 
 # (expansion t, output channels c, repeats n, first stride s) per stage
 _STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -52,7 +52,7 @@ class InvertedResidual(nn.Module):
         return batch_norm_act(bn, project(y), residual=x if self.use_residual else None)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(StagedNet):
     def __init__(self, *, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
         layers: list[nn.Module] = [ConvBNReLU6(3, 32, 3, 2)]
@@ -85,14 +85,9 @@ class MobileNetV2(nn.Module):
         return sequential_stages(self.features, self._stage_bounds)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """conv_head's (N, 1280, h, w) -> (N, 1280) features."""
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalised images -> (N, 1280) pooled features."""
-        return self.pool(run_stages(self.stages(), x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features)  # dropout, then the head (classifier.1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

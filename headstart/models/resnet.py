@@ -26,7 +26,7 @@ from torch import nn
 
 from ..kernels import batch_norm_act
 from .layers import pad_same
-from .stages import Stage, run_stages
+from .stages import Stage, StagedNet
 
 torch.fx.wrap("pad_same")
 PADDINGS = ("torch", "same")
@@ -92,7 +92,7 @@ class Bottleneck(nn.Module):
         return batch_norm_act(self.bn3, self.conv3(out), act="relu", residual=identity)
 
 
-class ResNet(nn.Module):
+class ResNet(StagedNet):
     """A ResNet; `fc` is the classifier, `forward_features` gives the pooled features."""
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], *,
@@ -150,17 +150,11 @@ class ResNet(nn.Module):
                 *(Stage(f"layer{i}", layer, (layer,)) for i, layer in enumerate(layers, 1))]
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """layer4's (N, num_features, h, w) -> (N, num_features) features (2048 for ResNet50)."""
         return torch.flatten(self.avgpool(x), 1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalised images -> (N, num_features) pooled features."""
-        return self.pool(run_stages(self.stages(), x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 _DEPTHS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {

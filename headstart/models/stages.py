@@ -32,6 +32,28 @@ def run_stages(stages: Sequence[Stage], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class StagedNet(nn.Module):
+    """A backbone as headstart's strategies see it: `stages()` (the named parts, in order), `pool`
+    (the last stage's output -> (N, F) features) and `forward_head` ((N, F) -> (N, classes)). The
+    forward passes are these, the same for every backbone."""
+
+    def stages(self) -> list[Stage]:
+        raise NotImplementedError
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, F) pooled features."""
+        return self.pool(run_stages(self.stages(), x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 def chain(modules: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
     """A stage's forward through `modules` in order. (A function, not a new nn.Sequential: torch.fx
     traces through calls of the network's own submodules only, and the inference copies fold their

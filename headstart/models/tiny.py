@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .stages import Stage, run_stages, sequential_stages
+from .stages import Stage, StagedNet, sequential_stages
 
 
-class TinyNet(nn.Module):
+class TinyNet(StagedNet):
     """Two strided conv-BN-ReLU blocks, global pooling, `fc` head. 32x32 input -> (16,) features."""
 
     def __init__(self, *, num_classes: int = 10, width: int = 16) -> None:
@@ -32,11 +32,6 @@ class TinyNet(nn.Module):
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.features[6](x), 1)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(run_stages(self.stages(), x))
-
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
