@@ -94,8 +94,8 @@ def _core():
 
 
 def _import_openvino():
-    if "openvino" not in sys.modules:
-        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]  # its import -> ImportError
+    # its import -> ImportError, for OpenVINO's conversion tools and NNCF alike (unless imported already)
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
     import openvino
     from openvino.frontend import FrontEndManager
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder

@@ -68,6 +68,17 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--disable-dev-shm-usage"]
 
 
+def needs_nncf() -> None:
+    """int8 tests: skip without NNCF (fail where CI requires it). Looked up, not imported: importing
+    it before headstart imports OpenVINO would let OpenVINO's telemetry module load."""
+    import importlib.util
+
+    if importlib.util.find_spec("nncf") is None:
+        if os.environ.get("HEADSTART_REQUIRE_NNCF"):
+            pytest.fail("nncf is required here (HEADSTART_REQUIRE_NNCF) but not installed")
+        pytest.skip("nncf is not installed (setup.sh installs it: the int8 extra)")
+
+
 def chromium() -> str:
     """The headless browser for page tests; fails where CI requires one, else skips."""
     import shutil

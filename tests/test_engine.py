@@ -193,6 +193,26 @@ def test_openvino_sends_no_telemetry_and_leaves_the_signal_stack_alone(tmp_path:
     assert not (tmp_path / "intel").exists()
 
 
+def test_int8_quantization_sends_no_telemetry_either(tmp_path: Path) -> None:
+    """NNCF reports usage through the same module; headstart imports it after hiding that module."""
+    from .conftest import needs_nncf
+
+    needs_nncf()
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from headstart.engine import convert_to_openvino, quantize_int8\n"
+        "from headstart.models import create_model\n"
+        "model = create_model('tiny', num_classes=2).eval().requires_grad_(False)\n"
+        "graph = convert_to_openvino(model, torch.zeros(1, 3, 32, 32))\n"
+        "rng = np.random.default_rng(0)\n"
+        "quantize_int8(graph, [rng.random((1, 3, 32, 32), dtype=np.float32) for _ in range(4)])\n"
+        "assert sys.modules.get('openvino_telemetry') is None, 'telemetry imported'\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path), "CI": ""}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert not (tmp_path / "intel").exists()
+
+
 def test_converted_graphs_are_kept_on_disk_and_reused(headstart_home: Path, monkeypatch, caplog) -> None:
     torch.manual_seed(0)
     model = with_bn_statistics(create_model("resnet18", num_classes=3))

@@ -23,7 +23,7 @@ from headstart.export import ParityError, export, open_exported
 from headstart.prediction import predict
 from headstart.training import TrainConfig, train
 
-from .conftest import PHOTOS, colour_image
+from .conftest import PHOTOS, colour_image, needs_nncf
 
 pytest.importorskip("onnxruntime")
 
@@ -108,7 +108,7 @@ def test_export_and_predict_model_from_the_command_line(run, tmp_path: Path, cap
 
 def test_int8_is_quantized_checked_on_validation_and_run_by_predict_evaluate_and_serve(run, tmp_path: Path,
                                                                                       capsys) -> None:
-    pytest.importorskip("nncf")
+    needs_nncf()
     from headstart.evaluation import evaluate
     from headstart.export import INT8_MAX_DROP, int8_model
     from headstart.serve import Predictor
@@ -144,7 +144,7 @@ def test_int8_is_quantized_checked_on_validation_and_run_by_predict_evaluate_and
 
 def test_precision_auto_uses_an_int8_model_made_before_only_without_bf16_and_where_it_ran_faster(
         run, monkeypatch) -> None:
-    pytest.importorskip("nncf")
+    needs_nncf()
     import headstart.export as ex
     import headstart.runtime as rt
     from headstart.evaluation import evaluate
@@ -183,7 +183,7 @@ def test_precision_auto_uses_an_int8_model_made_before_only_without_bf16_and_whe
 
 
 def test_int8_that_loses_accuracy_fails_and_leaves_nothing(run, tmp_path: Path, monkeypatch) -> None:
-    pytest.importorskip("nncf")
+    needs_nncf()
     import headstart.export as ex
 
     ckpt, _ = run

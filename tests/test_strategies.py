@@ -18,7 +18,7 @@ from headstart.runstate import read_run_state
 from headstart.strategies import Candidate, choose_plan
 from headstart.training import TrainConfig, train
 
-from .conftest import make_dataset
+from .conftest import make_dataset, needs_nncf
 
 
 def tiny(**kw) -> TrainConfig:
@@ -221,7 +221,7 @@ def test_train_size_trains_smaller_crops_and_predicts_at_the_image_size(data: Pa
 
 
 def test_precision_int8_computes_the_frozen_features_with_a_quantized_backbone(data: Path, tmp_path: Path) -> None:
-    pytest.importorskip("nncf")
+    needs_nncf()
     from headstart.features import extract_features
     from headstart.runtime import resolve_runtime
 
