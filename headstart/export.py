@@ -295,7 +295,7 @@ def int8_if_faster(checkpoint: str | os.PathLike[str], *, images: Sequence[str |
     from .runtime import cpu_has_bf16
 
     src = Path(checkpoint)
-    if is_exported(src) or cpu_has_bf16():
+    if is_exported(src) or cpu_has_bf16() or not (cache_dir() / "int8").is_dir():  # (no hashing where none)
         return None
     path, _ = _int8_path(src, images, arch, classes)
     try:
