@@ -497,9 +497,11 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
     from .runtime import PRECISIONS
 
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 where the CPU or GPU supports it, else fp32; int8: the model quantized by NNCF "
-                        "(calibrated on the run's training images, checked on its validation images; needs "
-                        "pip install 'headstart[int8]'), run by OpenVINO (default: auto)")
+                   help="auto: bf16 where the CPU or GPU supports it, else fp32 (or an int8 model made before, "
+                        "where it ran faster and the CPU has no bf16); int8: the model quantized by NNCF, made once "
+                        "and cached (calibrated on the run's training images and checked on its validation images; "
+                        "outside a run folder, on the images given), run by OpenVINO; needs pip install "
+                        "'headstart[int8]' (default: auto)")
 
 
 def _add_weights_file(p: argparse.ArgumentParser) -> None:

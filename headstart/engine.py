@@ -302,6 +302,8 @@ class OpenVINOModel(nn.Module):
             try:
                 self._requests[shape] = self._compile(x)
             except Exception as e:
+                if self._calibration is not None:  # int8 asked for: no silent fp32 in its place
+                    raise
                 log.warning("OpenVINO could not convert %s (%s: %s); running it in PyTorch",
                             type(self._model[0]).__name__, type(e).__name__, str(e).splitlines()[0][:200])
                 self._torch = self._fallback()

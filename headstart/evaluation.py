@@ -33,8 +33,8 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
     present = find_classes(folder)
     model = (int8_model(checkpoint, images=[folder], arch=arch, classes=classes) if precision == "int8"
              else open_exported(checkpoint) if is_exported(checkpoint)
-             else int8_if_faster(checkpoint, images=[folder], arch=arch, classes=classes) if precision == "auto"
-             else None)
+             else int8_if_faster(checkpoint, arch=arch, classes=classes)
+             if precision == "auto" and engine != "torch" and device in ("auto", "cpu") else None)
     if model is not None:  # run by OpenVINO or onnxruntime
         names = model.classes
     else:

@@ -192,7 +192,7 @@ def _write_openvino(net: nn.Module, example: torch.Tensor, out: Path, metadata: 
     graph.inputs[0].get_tensor().set_names({"images"})
     graph.set_rt_info(metadata, ["headstart", "metadata"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.xml")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.xml")
     ov.save_model(graph, str(tmp), compress_to_fp16=False)  # fp32 weights, as given
     os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
     os.replace(tmp, out)
@@ -269,27 +269,35 @@ def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.
             raise ValueError(f"{src} is a {model.precision} export; precision int8 takes a checkpoint or an int8 "
                              "export (headstart export CKPT --format openvino --precision int8)")
         return model
-    path, in_run = _int8_path(src, images, arch, classes)
+    path, in_run = _int8_path(src, arch, classes)
+    if path.is_file() and path.with_suffix(".json").is_file():  # the record is written last: a whole entry
+        return open_exported(path)
     if not in_run and not images:
         raise FileNotFoundError(f"int8 needs images to calibrate and check on: {src} is not in a run folder whose "
                                 "dataset is at hand; export it first: headstart export CKPT --format openvino "
                                 "--precision int8 --images DIR, and use the .int8.xml it writes")
-    if not path.is_file():
-        result = export(src, format="openvino", precision="int8", out=path, images=() if in_run else images,
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.xml")  # made whole beside it, then moved in
+    try:
+        result = export(src, format="openvino", precision="int8", out=tmp, images=() if in_run else images,
                         arch=arch, classes=classes)
-        samples, _ = _parity_images(src, () if in_run else images)
-        speed = _speeds(open_exported(path), open_model(src, arch=arch, classes=classes), samples)
-        with atomic_write(path.with_suffix(".json"), "w") as f:
-            json.dump({"parity": asdict(result.parity), **speed}, f, indent=1)
-        log.info("int8 model of %s: %s; %.1f img/s against %.1f (%s)", src, result.parity.line(),
-                 speed["int8_img_s"], speed["default_img_s"], speed["default"])
+        samples, where = _parity_images(src, () if in_run else images)
+        speed = _speeds(open_exported(tmp), open_model(src, arch=arch, classes=classes), samples)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
+    with atomic_write(path.with_suffix(".json"), "w") as f:
+        json.dump({"parity": asdict(result.parity), "calibrated_on": where, **speed}, f, indent=1)
+    log.info("int8 model of %s: %s; %.1f img/s against %.1f (%s)", src, result.parity.line(),
+             speed["int8_img_s"], speed["default_img_s"], speed["default"])
     return open_exported(path)
 
 
-def int8_if_faster(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.PathLike[str]] = (),
-                   arch: str | None = None, classes: str | list[str] | None = None) -> ExportedModel | None:
-    """precision "auto" in predict, evaluate and serve: the int8 model of `checkpoint`, where the CPU
-    has no native bf16 and one was made before (`--precision int8` or an int8 `int8_model` call),
+def int8_if_faster(checkpoint: str | os.PathLike[str], *, arch: str | None = None,
+                   classes: str | list[str] | None = None) -> ExportedModel | None:
+    """precision "auto" in predict, evaluate and serve (on the CPU, engine not torch): the int8 model
+    of `checkpoint`, where the CPU has no native bf16 and one was made before (`--precision int8`),
     it passed its gate (0.5 points at most below fp32) and it ran faster than the default
     precision; else None. It is never made here: quantizing takes tens of seconds."""
     from .runtime import cpu_has_bf16
@@ -297,26 +305,27 @@ def int8_if_faster(checkpoint: str | os.PathLike[str], *, images: Sequence[str |
     src = Path(checkpoint)
     if is_exported(src) or cpu_has_bf16() or not (cache_dir() / "int8").is_dir():  # (no hashing where none)
         return None
-    path, _ = _int8_path(src, images, arch, classes)
     try:
+        path, _ = _int8_path(src, arch, classes, scan=False)
         speed = json.loads(path.with_suffix(".json").read_text())
-    except (OSError, ValueError):
+        if not (path.is_file() and float(speed["int8_img_s"]) > float(speed["default_img_s"])):
+            return None
+        model = open_exported(path)
+    except Exception as e:  # noqa: BLE001  (no record, a damaged one, OpenVINO gone: the default precision)
+        log.debug("precision auto: no int8 model of %s (%s: %s)", src, type(e).__name__, e)
         return None
-    if not (path.is_file() and speed.get("int8_img_s", 0) > speed.get("default_img_s", float("inf"))):
-        return None
-    log.info("precision auto: the int8 model (%.1f img/s against %.1f in %s; %s)", speed["int8_img_s"],
-             speed["default_img_s"], speed["default"], speed["parity"].get("accuracy"))
-    return open_exported(path)
+    log.info("precision auto: the int8 model (%.1f img/s against %.1f in %s)", speed["int8_img_s"],
+             speed["default_img_s"], speed["default"])
+    return model
 
 
-def _int8_path(src: Path, images: Sequence[str | os.PathLike[str]], arch: str | None,
-               classes: str | list[str] | None) -> tuple[Path, bool]:
-    """Where int8_model keeps the int8 model of `src`, and whether `src` is in a run with its dataset."""
-    in_run = _run_splits(src) is not None
+def _int8_path(src: Path, arch: str | None, classes: str | list[str] | None, *,
+               scan: bool = True) -> tuple[Path, bool]:
+    """Where int8_model keeps the int8 model of `src` (keyed by its bytes, arch, classes and
+    headstart's version), and whether `src` is in a run whose dataset is at hand (with `scan`)."""
     h = hashlib.sha256(src.read_bytes() if src.is_file() else str(src).encode())
-    h.update(json.dumps({"headstart": _version(), "arch": arch, "classes": classes,
-                         "images": [] if in_run else sorted(map(str, images))}).encode())
-    return cache_dir() / "int8" / f"{h.hexdigest()[:32]}.xml", in_run
+    h.update(json.dumps({"headstart": _version(), "arch": arch, "classes": classes}).encode())
+    return cache_dir() / "int8" / f"{h.hexdigest()[:32]}.xml", scan and _run_splits(src) is not None
 
 
 def _speeds(int8: ExportedModel, loaded: LoadedModel, samples: Sequence[Sample]) -> dict[str, Any]:
@@ -372,7 +381,7 @@ def check_parity(exported: ExportedModel, reference: nn.Module, samples: Sequenc
     if precision == "int8":
         fails = (parity.reference_accuracy - parity.accuracy > INT8_MAX_DROP + 1e-9 if labelled
                  else 1 - parity.top1_agreement > INT8_MAX_DROP + 1e-9)
-        hint = "; export in fp32 instead (drop --precision int8)"
+        hint = "; int8 does not suit this model: keep fp32 or bf16 (drop --precision int8)"
     else:
         fails = parity.max_logit_diff > LOGIT_TOLERANCE or parity.top1_agreement < 1.0
         hint = ""
@@ -404,10 +413,10 @@ def _run_splits(checkpoint: Path) -> DatasetSplits | None:
     summary = checkpoint.parent / "summary.json"
     if not summary.is_file():
         return None
-    s = json.loads(summary.read_text(encoding="utf-8", errors="surrogateescape"))
     try:
+        s = json.loads(summary.read_text(encoding="utf-8", errors="surrogateescape"))
         return scan_dataset(s["data"], val_split=s["config"].get("val_split"), seed=s["config"].get("seed", 0))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -416,9 +425,9 @@ def _parity_images(checkpoint: Path, images: Iterable[str | os.PathLike[str]]) -
     given = [Path(p) for p in images]
     if given:
         files = [f for p in given for f in (list_images(p) if p.is_dir() else [p])]
-        return [Sample(f, -1) for f in files[:PARITY_IMAGES]], "the images given"
+        return spread([Sample(f, -1) for f in files], PARITY_IMAGES), "the images given"
     splits = _run_splits(checkpoint)
     if splits is not None:
-        return splits.val[:PARITY_IMAGES], f"the run's validation images, {splits.root}"
+        return spread(splits.val, PARITY_IMAGES), f"the run's validation images, {splits.root}"
     raise FileNotFoundError(f"no images to check the export on: {checkpoint} is not in a run folder whose dataset is "
                             "at hand; pass some with --images DIR")

@@ -62,8 +62,11 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
         exported = int8_model(checkpoint, images=paths, arch=arch, classes=classes)
     elif is_exported(checkpoint):
         exported = open_exported(checkpoint)
-    else:  # auto: an int8 model made before, where it passed its gate and ran faster (CPUs without bf16)
-        exported = int8_if_faster(checkpoint, images=paths, arch=arch, classes=classes) if precision == "auto" else None
+    elif precision == "auto" and engine != "torch" and device in ("auto", "cpu"):
+        # an int8 model made before, where it passed its gate and ran faster (CPUs without bf16)
+        exported = int8_if_faster(checkpoint, arch=arch, classes=classes)
+    else:
+        exported = None
     ckpt = None if exported else open_model(checkpoint, arch=arch, classes=classes)
     files = collect_files(paths)
     samples = [Sample(p, -1) for p in files]

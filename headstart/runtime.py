@@ -179,9 +179,12 @@ def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: i
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     int8 = precision == "int8"
     if int8:  # features in int8 (OpenVINO); the rest in what auto picks
-        if engine == "torch" or not openvino_available() or device not in ("auto", "cpu"):
-            raise ValueError("precision int8 runs in OpenVINO on the CPU: drop --engine torch / --device, and "
-                             "pip install openvino nncf")
+        import importlib.util
+
+        if (engine == "torch" or not openvino_available() or device not in ("auto", "cpu")
+                or importlib.util.find_spec("nncf") is None):
+            raise ValueError("precision int8 runs in OpenVINO on the CPU, quantized by NNCF: drop --engine torch / "
+                             "--device, and pip install 'headstart[int8]' (openvino and nncf)")
         precision, device, engine = "auto", "cpu", "openvino"
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not one of {ENGINES}")

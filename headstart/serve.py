@@ -13,8 +13,8 @@ thread takes what is waiting, up to `max_batch` images (and, if `max_wait` > 0, 
 that many seconds of the first one), runs it as one batch on the inference engine `predict` uses
 (OpenVINO on an x86 CPU where installed), and answers each image's request. Under load the images
 that arrive while a batch runs make the next one, so no waiting is needed: measured by
-bench/serve.py (ResNet50, 16 clients, amx class), 125 img/s with no wait and 129 with 10 ms, while
-one client alone waited 16 ms a request with none and 27 with 10 ms; hence `max_wait` 0. The event loop only reads, decodes (in a thread) and
+bench/serve.py (ResNet50, 16 clients, amx class), 128.5 img/s with no wait and 123.3 with 10 ms,
+while one client alone waited 16 ms a request with none and 27 with 10 ms; hence `max_wait` 0. The event loop only reads, decodes (in a thread) and
 answers, so the service stays responsive while a batch runs.
 
 Bad input is a 4xx JSON error naming the problem, and the service goes on: no file (400), an empty
@@ -80,11 +80,15 @@ class Predictor:
                  classes: str | list[str] | None = None, top_k: int = 5, max_batch: int = MAX_BATCH,
                  max_wait: float = MAX_WAIT, precision: str = "auto", engine: str = "auto",
                  threads: int | None = None) -> None:
+        if top_k < 1 or max_batch < 1 or max_wait < 0:
+            raise ValueError(f"need top_k >= 1, max_batch >= 1 and max_wait >= 0; got top_k={top_k}, "
+                             f"max_batch={max_batch}, max_wait={max_wait}")
         # an exported file or the int8 model (asked for, or auto's choice), run by its own runtime
         self.exported: ExportedModel | None = (
             int8_model(checkpoint, arch=arch, classes=classes) if precision == "int8"
             else open_exported(checkpoint) if is_exported(checkpoint)
-            else int8_if_faster(checkpoint, arch=arch, classes=classes) if precision == "auto" else None)
+            else int8_if_faster(checkpoint, arch=arch, classes=classes) if precision == "auto" and engine != "torch"
+            else None)
         if self.exported is not None:
             self.classes, self.pre = self.exported.classes, self.exported.preprocessing
             self.meta = {"arch": None, "file": str(self.exported.path), "precision": self.exported.precision}
