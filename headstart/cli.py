@@ -599,13 +599,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_at_once(signum: int, frame: object) -> None:
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+def _import_what_runs(command: str | None) -> None:
+    """The library's heavy modules (torch, OpenVINO), imported before the command runs: a Ctrl-C
+    while Python imports can surface as an "Exception ignored" traceback from inside importlib, so
+    the imports run while a Ctrl-C simply ends the process (nothing has been written yet)."""
+    import importlib
+
+    for module in ("training", "prediction", "evaluation"):  # torch, PIL, the models
+        importlib.import_module(f"{__package__}.{module}")
+
+    if command in ("train", "demo", "predict", "evaluate", "export", "serve"):
+        from .engine import _import_openvino, openvino_available
+
+        if openvino_available():
+            try:
+                _import_openvino()
+            except ImportError:  # a broken install: the engine falls back to PyTorch later, and says so
+                pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals are set there only)
+    on_sigint = signal.signal(signal.SIGINT, _exit_at_once) if main_thread else None  # see _import_what_runs
     try:
-        args = parse_args(argv)
-        level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-        log.handlers[:] = [_TqdmHandler()]
-        log.setLevel(level)
-        log.propagate = False
+        try:
+            args = parse_args(argv)
+            level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+            log.handlers[:] = [_TqdmHandler()]
+            log.setLevel(level)
+            log.propagate = False
+            _import_what_runs(getattr(args, "command", None))
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, on_sigint)
         from .runstate import TrainingInterrupted
 
         try:
