@@ -604,23 +604,28 @@ def _exit_at_once(signum: int, frame: object) -> None:
     os._exit(130)
 
 
+_HEAVY = {"train": ("training",), "demo": ("training",), "predict": ("prediction",), "evaluate": ("evaluation",),
+          "export": ("export",), "serve": ("serve",)}  # the commands that run a network: their modules
+
+
 def _import_what_runs(command: str | None) -> None:
-    """The library's heavy modules (torch, OpenVINO), imported before the command runs: a Ctrl-C
-    while Python imports can surface as an "Exception ignored" traceback from inside importlib, so
-    the imports run while a Ctrl-C simply ends the process (nothing has been written yet)."""
+    """The modules a command that runs a network needs (torch, the models, OpenVINO), imported before
+    it runs: a Ctrl-C while Python imports can surface as an "Exception ignored" traceback from
+    inside importlib, so the imports run while a Ctrl-C simply ends the process (nothing has been
+    written yet). Other commands import what they need as they go."""
     import importlib
 
-    for module in ("training", "prediction", "evaluation"):  # torch, PIL, the models
+    if command not in _HEAVY:
+        return
+    for module in _HEAVY[command]:
         importlib.import_module(f"{__package__}.{module}")
+    from .engine import _import_openvino, openvino_available
 
-    if command in ("train", "demo", "predict", "evaluate", "export", "serve"):
-        from .engine import _import_openvino, openvino_available
-
-        if openvino_available():
-            try:
-                _import_openvino()
-            except ImportError:  # a broken install: the engine falls back to PyTorch later, and says so
-                pass
+    if openvino_available():
+        try:
+            _import_openvino()
+        except ImportError:  # a broken install: the engine falls back to PyTorch later, and says so
+            pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

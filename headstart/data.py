@@ -21,7 +21,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -120,6 +120,23 @@ def list_images(folder: str | Path) -> list[Path]:
         dirs[:] = [d for d in dirs if not d.startswith(".") and not (Path(root) / d / RUN_MARKER).exists()]
         out += [Path(root) / f for f in files if is_image_file(Path(f))]
     return sorted(out)
+
+
+def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, and the image files below each folder (recursive, hidden names skipped)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise FileNotFoundError(f"no image files in {p} (or below it); extensions read: "
+                                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    return files
 
 
 def spread(samples: Sequence[Sample], n: int) -> list[Sample]:

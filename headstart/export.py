@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DatasetSplits, ImageDataset, Sample, list_images, make_loader, scan_dataset, spread
+from .data import DatasetSplits, ImageDataset, Sample, collect_files, make_loader, scan_dataset, spread
+from .features import CALIBRATION_IMAGES
 from .download import atomic_write, cache_dir
 from .models import LoadedModel, open_model
 from .preprocessing import Preprocessing
@@ -45,7 +46,6 @@ LOGIT_TOLERANCE = 1e-3  # max |exported - headstart| logit, fp32 both; measured:
 INT8_MAX_DROP = 0.005  # int8: the most validation accuracy may fall against fp32 (0.5 points); on
 #                        images without labels, the most top-1 classes may change (0.5%)
 PARITY_IMAGES = 256  # at most this many images checked
-CALIBRATION_IMAGES = 300  # int8: images whose activations set the quantization ranges
 
 
 class _WithPreprocessing(nn.Module):
@@ -95,6 +95,7 @@ class Exported:
     classes: list[str]
     parity: Parity
     files: list[Path] = field(default_factory=list)
+    checked_on: list[Sample] = field(default_factory=list)  # the images the gate ran on
 
 
 class ParityError(ValueError):
@@ -123,7 +124,8 @@ def export(checkpoint: str | os.PathLike[str], *, format: str = "onnx", out: str
     src = Path(checkpoint)
     suffix = ".onnx" if format == "onnx" else ".int8.xml" if precision == "int8" else ".xml"
     out = Path(out) if out else src.with_suffix(suffix)
-    samples, where = _parity_images(src, images)
+    splits = None if images else _run_splits(src)  # (scanned once: the gate's images and int8's calibration)
+    samples, where = _parity_images(src, images, splits)
     metadata = json.dumps({"classes": loaded.classes, "preprocessing": loaded.preprocessing.to_dict(),
                            "arch": loaded.meta.get("arch"), "arch_kwargs": loaded.meta.get("arch_kwargs", {}),
                            "precision": precision, "source": str(src), "headstart": _version()})
@@ -136,7 +138,8 @@ def export(checkpoint: str | os.PathLike[str], *, format: str = "onnx", out: str
     if format == "onnx":
         files = _write_onnx(net, example, out, metadata)
     else:
-        inputs = _calibration_inputs(src, calibration or images, loaded.preprocessing) if precision == "int8" else None
+        inputs = _calibration_inputs(src, calibration or images, splits, loaded.preprocessing) \
+            if precision == "int8" else None
         files = _write_openvino(net, example, out, metadata, calibration=inputs)
     try:
         parity = check_parity(open_exported(out), net, samples, loaded.preprocessing, where, precision=precision)
@@ -145,7 +148,7 @@ def export(checkpoint: str | os.PathLike[str], *, format: str = "onnx", out: str
             f.unlink(missing_ok=True)
         raise
     log.info("exported %s -> %s; %s", src, out, parity.line())
-    return Exported(out, format, loaded.classes, parity, files)
+    return Exported(out, format, loaded.classes, parity, files, samples)
 
 
 def _version() -> str:
@@ -280,15 +283,14 @@ def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.
     try:
         result = export(src, format="openvino", precision="int8", out=tmp, images=() if in_run else images,
                         arch=arch, classes=classes)
-        samples, where = _parity_images(src, () if in_run else images)
-        speed = _speeds(open_exported(tmp), open_model(src, arch=arch, classes=classes), samples)
+        speed = _speeds(open_exported(tmp), open_model(src, arch=arch, classes=classes), result.checked_on)
         os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
         tmp.with_suffix(".bin").unlink(missing_ok=True)
     with atomic_write(path.with_suffix(".json"), "w") as f:
-        json.dump({"parity": asdict(result.parity), "calibrated_on": where, **speed}, f, indent=1)
+        json.dump({"parity": asdict(result.parity), **speed}, f, indent=1)
     log.info("int8 model of %s: %s; %.1f img/s against %.1f (%s)", src, result.parity.line(),
              speed["int8_img_s"], speed["default_img_s"], speed["default"])
     return open_exported(path)
@@ -390,19 +392,17 @@ def check_parity(exported: ExportedModel, reference: nn.Module, samples: Sequenc
     return parity
 
 
-def _calibration_inputs(checkpoint: Path, images: Iterable[str | os.PathLike[str]],
+def _calibration_inputs(checkpoint: Path, images: Iterable[str | os.PathLike[str]], splits: DatasetSplits | None,
                         pre: Preprocessing) -> list[np.ndarray]:
     """int8's calibration inputs, uint8 (1, S, S, 3) each: up to CALIBRATION_IMAGES of `images` (files
-    or folders), else of the training images of the checkpoint's run, spread over its classes."""
-    given = [Path(p) for p in images]
-    if given:
-        samples = [Sample(f, -1) for p in given for f in (list_images(p) if p.is_dir() else [p])]
-    else:
-        splits = _run_splits(checkpoint)
-        if splits is None:
-            raise FileNotFoundError(f"no images to calibrate int8 on: {checkpoint} is not in a run folder whose "
-                                    "dataset is at hand; pass some with --calibration DIR")
+    or folders), else of the training images of the checkpoint's run (`splits`), spread over its classes."""
+    if images:
+        samples = [Sample(f, -1) for f in collect_files(images)]
+    elif splits is not None:
         samples = splits.train
+    else:
+        raise FileNotFoundError(f"no images to calibrate int8 on: {checkpoint} is not in a run folder whose "
+                                "dataset is at hand; pass some with --calibration DIR")
     loader = make_loader(ImageDataset(spread(samples, CALIBRATION_IMAGES), pre.eval_transform()), batch_size=32,
                          shuffle=False)
     return [image.permute(1, 2, 0).unsqueeze(0).contiguous().numpy() for b in loader for image in b.images]
@@ -420,13 +420,11 @@ def _run_splits(checkpoint: Path) -> DatasetSplits | None:
         return None
 
 
-def _parity_images(checkpoint: Path, images: Iterable[str | os.PathLike[str]]) -> tuple[list[Sample], str]:
-    """The images to check on: those given, else the validation images of the checkpoint's run."""
-    given = [Path(p) for p in images]
-    if given:
-        files = [f for p in given for f in (list_images(p) if p.is_dir() else [p])]
-        return spread([Sample(f, -1) for f in files], PARITY_IMAGES), "the images given"
-    splits = _run_splits(checkpoint)
+def _parity_images(checkpoint: Path, images: Iterable[str | os.PathLike[str]],
+                   splits: DatasetSplits | None) -> tuple[list[Sample], str]:
+    """The images to check on: those given, else the validation images of the checkpoint's run (`splits`)."""
+    if images:
+        return spread([Sample(f, -1) for f in collect_files(images)], PARITY_IMAGES), "the images given"
     if splits is not None:
         return spread(splits.val, PARITY_IMAGES), f"the run's validation images, {splits.root}"
     raise FileNotFoundError(f"no images to check the export on: {checkpoint} is not in a run folder whose dataset is "

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .data import IMAGE_EXTENSIONS, Sample, list_images
+from .data import Sample, collect_files  # noqa: F401  (collect_files: part of this module's API too)
 from .export import exported_logits, int8_if_faster, int8_model, is_exported, open_exported
 from .inference import INFERENCE_BATCH_SIZE, infer
 from .models import open_model
@@ -23,23 +23,6 @@ class Prediction:
     probability: float
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
-
-
-def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given, and the image files below each folder (recursive, hidden names skipped)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                raise FileNotFoundError(f"no image files in {p} (or below it); extensions read: "
-                                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
-            files += found
-        elif p.exists():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
-    return files
 
 
 def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], *, top_k: int = 5,
