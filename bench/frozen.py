@@ -44,7 +44,7 @@ def plain_loop(epochs: int, workers: int) -> tuple[float, float]:
         model.fc.train()
 
     for epoch in range(1, epochs + 1):
-        train_loader.sampler.set_epoch(epoch)
+        train_loader.batch_sampler.set_epoch(epoch)
         acc = plain_epoch(model, opt, train_loader, val_loader, pre, head_only)
         best = max(best, acc)
         print(f"  plain epoch {epoch}: val acc {acc:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)

@@ -51,7 +51,7 @@ def plain_recipe(data: Path, epochs: int, out: Path) -> list[tuple[int, float, f
                              workers=2)
     best, rows = -1.0, []
     for epoch in range(1, epochs + 1):
-        train_loader.sampler.set_epoch(epoch)
+        train_loader.batch_sampler.set_epoch(epoch)
         acc = plain_epoch(model, opt, train_loader, val_loader, pre, model.train)
         if acc > best:
             best = acc

@@ -82,12 +82,15 @@ class RunCheckpoints:
     """The checkpoints of one run folder (`best`, `last`), with the metadata they all carry."""
 
     def __init__(self, folder: Path, model: nn.Module, *, classes: list[str], preprocessing: Preprocessing,
-                 meta: dict[str, Any]) -> None:
+                 meta: dict[str, Any], writes: bool = True) -> None:
         self.folder, self.model, self.meta = folder, model, meta
         self.classes, self.preprocessing = classes, preprocessing
+        self.writes = writes  # False: `write` writes nothing (the ranks of a data-parallel run but rank 0)
 
     def write(self, name: str, *, tensors: StateDict | None = None, **meta: Any) -> Path:
         """`<folder>/<name>.safetensors` + .json of the model (or of `tensors`, see save_checkpoint)."""
+        if not self.writes:
+            return self.folder / f"{name}.safetensors"
         return save_checkpoint(self.folder / name, self.model, classes=self.classes, preprocessing=self.preprocessing,
                                tensors=tensors, **{**self.meta, **meta})
 

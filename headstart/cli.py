@@ -133,22 +133,58 @@ def _given_options(a: argparse.Namespace) -> dict[str, Any]:
             if hasattr(a, f.name) and getattr(a, f.name) != f.default}
 
 
+class RankLog:
+    """The training callback of a data-parallel run's ranks but rank 0: they log at debug level."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_step(self, phase: str, epoch: int, step: int, steps: int, loss: float | None) -> None: ...
+
+    def on_epoch_end(self, record: Any) -> None:
+        log.debug("rank %d: %s", self.rank, record.line())
+
+    def on_message(self, text: str) -> None:
+        log.debug("rank %d: %s", self.rank, text)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
+    from .distributed import launch, launched, rank
     from .runfolder import default_run_folder
     from .training import resume, train
 
+    if a.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {a.nproc}")
+    if a.nproc > 1 and not launched():  # torchrun runs this same command line, less --nproc, as each rank
+        return launch(_without(a.argv, "--nproc"), nproc=a.nproc)
+    callback = ConsoleProgress() if rank() == 0 else RankLog(rank())
     if a.resume:
         if a.data:
             raise ValueError(f"--resume takes the data and options of the run {a.resume}; drop {a.data!r}")
-        result = resume(a.resume, callback=ConsoleProgress(), **_given_options(a))
+        result = resume(a.resume, callback=callback, **_given_options(a))
     elif not a.data:
         raise ValueError("DATA is missing: pass a dataset folder, or --resume RUN to continue a run")
     else:
         config = _train_config(a)
         out = a.out or default_run_folder(a.data, f"{Path(a.data).resolve().name}-{config.arch}-{config.strategy}")
-        result = train(a.data, out=out, config=config, callback=ConsoleProgress(), overwrite=a.overwrite)
-    _print_run(result)
+        result = train(a.data, out=out, config=config, callback=callback, overwrite=a.overwrite)
+    if rank() == 0:
+        _print_run(result)
     return 0
+
+
+def _without(argv: Sequence[str], flag: str) -> list[str]:
+    """`argv` less `flag` and its value (`--flag V` or `--flag=V`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
 
 
 def _format_metrics(m: Any) -> str:
@@ -348,6 +384,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="continue the run in folder RUN from its last saved state, with its data and options (more "
                         "--epochs, another --budget, --workers or --threads may be given)")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel training in N processes on this machine, launched with torchrun (the same "
+                        "results as one process; several machines: see the README)")
     if full("train"):
         _add_options(p)
     p.set_defaults(func=cmd_train)
@@ -637,7 +676,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             args = parse_args(argv)
+            args.argv = list(sys.argv[1:] if argv is None else argv)
             level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+            if int(os.environ.get("RANK", "0")):  # a data-parallel run's other ranks: only rank 0 speaks
+                level = logging.DEBUG if args.verbose >= 2 else logging.ERROR
             log.handlers[:] = [_TqdmHandler()]
             log.setLevel(level)
             log.propagate = False
@@ -645,13 +687,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, on_sigint)
-        from .runstate import TrainingInterrupted
+        from .runstate import RankLost, TrainingInterrupted
 
         try:
             return args.func(args)
-        except TrainingInterrupted as e:
+        except TrainingInterrupted as e:  # RankLost too: every rank says it
             say(f"\n{e}", file=sys.stderr)
-            return 130
+            return 1 if isinstance(e, RankLost) else 130
     except (OSError, ValueError, TypeError) as e:  # FileNotFoundError, PermissionError, ConnectionError too
         say(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import signal
@@ -305,39 +306,48 @@ def collate(items: list[tuple[torch.Tensor | None, int, int, str]]) -> Batch:
                  torch.tensor([it[2] for it in ok]), failed)
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (index, epoch) pairs; shuffled with a generator seeded by (seed, epoch) if `shuffle`.
-    Call `set_epoch` before each epoch."""
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of (index, epoch) pairs: epoch `epoch`'s order of the n samples (shuffled by a
+    generator seeded by (seed, epoch) if `shuffle`) cut into batches of `batch_size`. A process of a
+    data-parallel group (`rank` of `world`, distributed.py) takes every world-th sample of each
+    batch, so the group's batches together are one process's, whatever the group's size; every
+    rank has as many batches (the last may be empty on some). Call `set_epoch` before each epoch."""
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int = 0) -> None:
-        self.n, self.shuffle, self.seed, self.epoch, self.start = n, shuffle, seed, 0, 0
+    def __init__(self, n: int, *, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world, self.epoch, self.start = rank, world, 0, 0
 
     def set_epoch(self, epoch: int, *, start: int = 0) -> None:
-        """Use epoch `epoch`'s order, from position `start` (to resume an interrupted epoch)."""
+        """Use epoch `epoch`'s order, from batch `start` on (to resume an interrupted epoch)."""
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return max(0, math.ceil(self.n / self.batch_size) - self.start)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1) % 2**63)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
-            order = range(self.n)
-        return iter([(i, self.epoch) for i in list(order)[self.start:]])
+            order = list(range(self.n))
+        for b in range(self.start * self.batch_size, self.n, self.batch_size):
+            yield [(i, self.epoch) for i in order[b:b + self.batch_size][self.rank::self.world]]
 
 
 def make_loader(dataset: ImageDataset, *, batch_size: int, shuffle: bool, workers: int = 0,
-                seed: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader of `Batch`es over an ImageDataset; `loader.sampler.set_epoch(e)` per epoch."""
+                seed: int = 0, rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
+    """A DataLoader of `Batch`es over an ImageDataset; `loader.batch_sampler.set_epoch(e)` per
+    epoch. `rank`, `world`: this process's share of each batch (see EpochBatches)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
+    batches = EpochBatches(len(dataset), batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank, world=world)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
-        num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None, worker_init_fn=_ignore_interrupts if workers > 0 else None,
     )
 

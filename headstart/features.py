@@ -84,7 +84,8 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
     precision: bf16 features differ from fp32 ones in the third digit).
     """
     images = len(samples) if images is None else images
-    path = None
+    group = runtime.group  # data-parallel: each rank computes its share, and every rank gets them all
+    path, found = None, None
     if cache_key is not None:
         key = hashlib.sha256(json.dumps({
             "weights": cache_key, "preprocessing": pre.to_dict(), "view": view,
@@ -93,22 +94,34 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
             "seed": seed if view else None, "files": files_key or files_fingerprint(samples), "n": len(samples),
         }, sort_keys=True).encode()).hexdigest()[:32]
         path = cache_dir() / "features" / f"{key}.safetensors"
-        if path.exists():
-            try:
-                tensors, meta = read_safetensors(path)
-                failed = [tuple(f) for f in json.loads(meta.get("failed", "[]"))]
-                log.info("features of %d images (view %d) from %s", len(samples), view, path)
-                return Features(tensors["features"], tensors["labels"], tensors["indices"], failed, True)
-            except (ValueError, KeyError) as e:
-                log.warning("ignoring unreadable feature cache %s: %s", path, e)
+        found = _read_cached(path)
+        if group.any(found is None):  # a rank without them (another node's cache): every rank computes
+            found = None
+        if found is not None:
+            log.info("features of %d images (view %d) from %s", len(samples), view, path)
+            return found
     transform = pre.eval_transform() if view == 0 else pre.train_transform()
     loader = make_loader(ImageDataset(samples, transform, seed=seed), batch_size=batch_size, shuffle=False,
-                         workers=workers)
-    loader.sampler.set_epoch(view)
+                         workers=workers, rank=group.rank, world=group.world)
+    loader.batch_sampler.set_epoch(view)
     net = backbone() if backbone else runtime.inference_model(model, features=True, images=images)
     inf = run_inference(net, loader, runtime, pre, on_batch=on_batch)
-    out = Features(inf.outputs.float(), inf.labels, inf.indices, inf.failed)
-    if path is not None:
+    indices, (features, labels), failed = group.gather_rows(inf.indices, [inf.outputs.float(), inf.labels],
+                                                            inf.failed)
+    out = Features(features, labels, indices, failed)
+    if path is not None and group.local_rank == 0:
         write_safetensors(path, {"features": out.features, "labels": out.labels, "indices": out.indices},
                           {"failed": json.dumps(out.failed)})
     return out
+
+
+def _read_cached(path: Path) -> Features | None:
+    if not path.exists():
+        return None
+    try:
+        tensors, meta = read_safetensors(path)
+        failed = [tuple(f) for f in json.loads(meta.get("failed", "[]"))]
+        return Features(tensors["features"], tensors["labels"], tensors["indices"], failed, True)
+    except (ValueError, KeyError) as e:
+        log.warning("ignoring unreadable feature cache %s: %s", path, e)
+        return None

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .distributed import resume_command
 from .formats.safetensors import StateDict, read_tagged, write_tagged
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,14 @@ class EpochRecord:
     data_wait: float  # fraction of the training time spent waiting for the data loader
     lr: float
     elapsed: float = 0.0  # s since the run started, at the end of this epoch
+    ranks: int = 1  # processes that trained it (data-parallel: distributed.py)
+    global_batch: int = 0  # images per step, all ranks together (0: not recorded)
 
     def line(self) -> str:
+        ranks = f"  {self.ranks} ranks, global batch {self.global_batch}" if self.ranks > 1 else ""
         return (f"epoch {self.epoch}/{self.epochs}  train loss {self.train_loss:.4f}  val loss {self.val_loss:.4f}  "
                 f"val acc {self.val_acc:.4f} (balanced {self.val_balanced_acc:.4f})  time {self.epoch_time:.1f}s  "
-                f"{self.step_time:.3f}s/step  {self.images_per_s:.1f} img/s  data wait {self.data_wait:.0%}")
+                f"{self.step_time:.3f}s/step  {self.images_per_s:.1f} img/s  data wait {self.data_wait:.0%}{ranks}")
 
 
 @dataclass
@@ -176,11 +180,29 @@ class TrainingInterrupted(Exception):
     def __init__(self, out: Path, epoch: int, step: int, *, while_: str | None = None) -> None:
         where = f"while {while_}" if while_ else f"in epoch {epoch} after step {step}"
         if (Path(out) / STATE_FILE).exists():
-            hint = f"the run state is saved. Resume with: headstart train --resume {out}"
+            hint = f"the run state is saved. Resume with: {resume_command(out)}"
         else:
             hint = "no epoch had ended, so there is nothing to resume: run the same command again"
         super().__init__(f"interrupted {where}; {hint}")
         self.out, self.epoch, self.step = out, epoch, step
+
+
+class RankLost(TrainingInterrupted):
+    """Another rank of a data-parallel run died or stopped answering (distributed.py): this one
+    ends too, and its message says what was saved and how to resume."""
+
+    def __init__(self, out: Path, rank: int, world: int, reason: str, saved_at: str | None, *,
+                 main: bool) -> None:
+        Exception.__init__(self)
+        first = reason.strip().splitlines()[0] if reason.strip() else "no reason given"
+        if not main:  # the run state is rank 0's
+            hint = f"resume all ranks from rank 0's run state with: {resume_command(out)}"
+        elif saved_at:
+            hint = f"the run state saved at {saved_at} is kept; resume all ranks with: {resume_command(out)}"
+        else:
+            hint = "no run state was saved yet: run the same command again"
+        self.args = (f"rank {rank} of {world}: another rank died or stopped answering ({first[:300]}); {hint}",)
+        self.out, self.epoch, self.step = out, 0, 0
 
 
 class StopRequested(Exception):

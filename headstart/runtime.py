@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
+from .distributed import SINGLE, Group, threads_per_rank
 from .engine import MIN_IMAGES, OpenVINOModel, openvino_available
 from .preprocessing import Preprocessing, normalize
 
@@ -75,6 +76,7 @@ class Runtime:
     # precision int8: a frozen backbone's features come from an int8 copy (NNCF's quantization,
     # calibrated on training images; OpenVINO); what trains still runs in `precision`
     int8_features: bool = False
+    group: Group = SINGLE  # the data-parallel group this process trains in (distributed.py)
 
     def autocast(self) -> ContextManager:
         if self.precision == "fp32":
@@ -150,8 +152,9 @@ class Runtime:
 
     def describe(self) -> str:
         where = f"cpu ({cpu_class()})" if self.device.type == "cpu" else self.device.type
+        ranks = f", {self.group.world} ranks" if self.group.active else ""
         return (f"{where} {self.precision} channels_last"
-                f"{' compiled' if self.compile else ''}, {torch.get_num_threads()} threads"
+                f"{' compiled' if self.compile else ''}, {torch.get_num_threads()} threads{ranks}"
                 f"{self._engine_note()}{', int8 features (NNCF)' if self.int8_features else ''}")
 
     def _engine_note(self) -> str:
@@ -172,9 +175,10 @@ class _ForwardFeatures(nn.Module):
 
 
 def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: int | None = None,
-                    compile: bool = False, engine: str = "auto") -> Runtime:
+                    compile: bool = False, engine: str = "auto", group: Group = SINGLE) -> Runtime:
     """Choose device, precision, memory format and inference engine ('auto' = the fastest that is
-    numerically safe)."""
+    numerically safe). In a data-parallel `group`: this rank's GPU, and the node's cores shared
+    among its ranks unless `threads` says otherwise."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     int8 = precision == "int8"
@@ -190,6 +194,8 @@ def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: i
         raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if group.active and device.startswith("cuda"):
+        device = group.device
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -199,6 +205,8 @@ def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: i
                          "CUDA GPUs)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+    if threads is None and group.active:
+        threads = threads_per_rank(group)
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be 1 or more, got {threads!r}")
@@ -225,4 +233,4 @@ def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: i
         usable = dev.type == "cpu" and precision in ("fp32", "bf16") and not compile
         engine = "openvino" if usable and openvino_available() else "torch"
     return Runtime(dev, precision, compile=compile, engine=engine, min_images=MIN_IMAGES if int8 else min_images,
-                   int8_features=int8)
+                   int8_features=int8, group=group)

@@ -5,6 +5,7 @@
     strategy = info.build(model, splits, ...)   # cheap: what trains, the data loaders
     baseline = strategy.start(saved)            # its tensors from a run state; or features, a head
                                                 # fitted on them (epoch 0), a plan: what it needs first
+    strategy.distribute()                       # data-parallel runs only: DDP, or rank 0 trains alone
     stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, ...)
     per epoch:  strategy.train_epoch(...) -> strategy.validate(...) -> metrics
                 a new best: strategy.on_best(checkpoints, meta)
@@ -160,6 +161,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, stepp
     progress = progress or EpochProgress()
     start = time.perf_counter() - progress.seconds
     total = progress.steps + len(loader)
+    group = runtime.group  # data-parallel: `loader` gives this rank's share of each global batch
     it = iter(loader)
     while True:
         t = time.perf_counter()
@@ -169,20 +171,28 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, stepp
             break
         if batch.failed and on_failed:
             on_failed(batch.failed)
-        if not len(batch):
+        if not len(batch) and not group.active:
             continue
-        x = runtime.inputs(batch.images, pre)  # (N, 3, S, S) float, channels_last
+        images = batch.images if len(batch) else torch.empty(0, 3, pre.train_crop, pre.train_crop, dtype=torch.uint8)
+        x = runtime.inputs(images, pre)  # (N, 3, S, S) float, channels_last; N = 0 where a rank's share is empty
         y = batch.labels.to(runtime.device)
         with runtime.autocast():
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=weight)
-        _check_finite(loss, epoch, progress.steps + 1, stepper, pre.train_crop)
-        stepper.step(loss)
-        progress.add(float(loss.detach()), int((logits.argmax(1) == y).sum()), len(batch))
+        # The mean loss of the global batch: each rank's summed (class-weighted) loss over the batch's
+        # total weight, times the world size, which DistributedDataParallel's average divides out.
+        loss_sum = F.cross_entropy(logits.float(), y, weight=weight, reduction="sum")
+        count = float(weight[y].sum()) if weight is not None else float(len(y))
+        correct = int((logits.argmax(1) == y).sum())
+        count, summed, correct, n = group.sum([count, float(loss_sum.detach()), correct, len(y)])
+        if not n:  # every image of the global batch failed to decode: no step
+            continue
+        _check_finite(torch.tensor(summed), epoch, progress.steps + 1, stepper, pre.train_crop)
+        stepper.step(loss_sum * (group.world / count))
+        progress.add(summed / count, int(correct), int(n))
         progress.seconds = time.perf_counter() - start  # current, for a run state saved mid-epoch
         if callback:
             callback.on_step("train", epoch, progress.steps, total, progress.loss_sum / progress.images)
-        if stop and stop():
+        if stop and group.any(stop()):
             progress.interrupted = True
             break
     progress.seconds = time.perf_counter() - start
@@ -264,6 +274,11 @@ class Strategy:
                 raise ValueError(f"run state does not fit the model: {e}") from e
         return None
 
+    def distribute(self) -> bool:
+        """After `start`, in a data-parallel run (runtime.group): make the epochs data-parallel.
+        False: rank 0 trains alone, and the other ranks are done (their part was in `start`)."""
+        return False
+
     def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
         raise NotImplementedError
 
@@ -298,16 +313,18 @@ class Strategy:
 
     def _image_loaders(self) -> None:
         c = self.config
+        g = self.runtime.group  # each rank reads its share of every batch (one process: all of it)
         self.train_loader = make_loader(ImageDataset(self.splits.train, self.pre.train_transform(), seed=c.seed),
-                                        batch_size=c.batch_size, shuffle=True, workers=c.workers, seed=c.seed)
+                                        batch_size=c.batch_size, shuffle=True, workers=c.workers, seed=c.seed,
+                                        rank=g.rank, world=g.world)
         self.val_loader = make_loader(ImageDataset(self.splits.val, self.pre.eval_transform(), seed=c.seed),
                                       batch_size=max(c.batch_size, INFERENCE_BATCH_SIZE), shuffle=False,
-                                      workers=c.workers)
+                                      workers=c.workers, rank=g.rank, world=g.world)
         self.steps_per_epoch = len(self.train_loader)
 
     def _train_images(self, forward: nn.Module, epoch: int, stepper: Stepper, progress: EpochProgress,
                       stop: Stop) -> EpochProgress:
-        self.train_loader.sampler.set_epoch(epoch, start=progress.steps * self.config.batch_size)
+        self.train_loader.batch_sampler.set_epoch(epoch, start=progress.steps)
         return train_one_epoch(forward, self.train_loader, stepper, self.runtime, self.pre, epoch=epoch,
                                callback=self.callback, on_failed=functools.partial(self._failed, self.splits.train),
                                progress=progress, stop=stop, weight=self.weight)
@@ -317,8 +334,10 @@ class Strategy:
             self.model, images=len(self.splits.val), keep_graph=False)  # the weights change every epoch
         inf = run_inference(model, self.val_loader, self.runtime, self.pre,
                             on_batch=lambda s, n: self.callback.on_step("val", epoch, s, n, None))
-        self._failed(self.splits.val, inf.failed)
-        return inf
+        indices, (outputs, labels), failed = self.runtime.group.gather_rows(inf.indices, [inf.outputs, inf.labels],
+                                                                            inf.failed)
+        self._failed(self.splits.val, failed)
+        return Inference(outputs, labels, indices, failed)
 
     def _image_validation_seconds(self, step_seconds: float, trained: float) -> float:
         """Validation from a step's time, by FLOP: a step costs (1 + 2 * trained) forward passes per
@@ -376,6 +395,10 @@ class ImageEpochs(Strategy):
 
     def set_mode(self) -> None:
         set_train_mode(self.model)
+
+    def distribute(self) -> bool:
+        self.forward = self.runtime.group.wrap(self.forward)  # BatchNorm over the global batch, DDP's gradients
+        return True
 
     def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
         self.set_mode()
@@ -605,7 +628,7 @@ def time_training_steps(model: nn.Module, loader: torch.utils.data.DataLoader, r
         trial = copy.deepcopy(model)
         frozen = freeze_below(trial, first)
         stepper = Stepper.build([p for p in trial.parameters() if p.requires_grad], config, 1, runtime)
-        loader.sampler.set_epoch(0)
+        loader.batch_sampler.set_epoch(0)
         batches = itertools.cycle(loader)
         times = []
         for _ in range(1 + steps):
@@ -696,7 +719,9 @@ class Auto(Partial):
             estimate = epochs * next(c.epoch_seconds for c in candidates if c.train_from == name)
         else:
             name, epochs, reason, estimate = self.stage_names[0], self.config.epochs, "no budget: every layer", 0.0
-        self.plan = Plan(name, epochs, reason, candidates, estimate)
+        # Every rank timed the candidates; all follow rank 0's plan.
+        self.plan = self.runtime.group.broadcast(Plan(name, epochs, reason, candidates, estimate))
+        name, epochs, reason, candidates = self.plan.train_from, self.plan.epochs, self.plan.reason, self.plan.candidates
         self.train_from(name)
         rows = "".join(f"\n  from {c.train_from:<10} {c.step_seconds:8.3f} s/step   {_duration(c.epoch_seconds):>9} "
                        "an epoch" for c in candidates)

@@ -8,6 +8,7 @@ strategy in strategies.py: train, validate, record, keep the best, save the stat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,13 +24,14 @@ from .check import unreadable_files
 from .checkpoint import RunCheckpoints
 from .clock import Clock, Estimate, parse_duration
 from .data import DatasetSplits, scan_dataset
+from .distributed import SINGLE, Group, is_rank_failure, join
 from .inference import Inference, infer
 from .metrics import Metrics, compute_metrics
 from .models import create_model, get_model_info
 from .preprocessing import Preprocessing
 from .runfolder import (check_dataset_unchanged, claim_run_folder, clear_temporaries, write_dataset_listing,
                         write_metrics_csv, write_run_files)
-from .runstate import (STATE_FILE, EpochProgress, EpochRecord, RunState, StopOnSignal, StopRequested,
+from .runstate import (STATE_FILE, EpochProgress, EpochRecord, RankLost, RunState, StopOnSignal, StopRequested,
                        TrainingDiverged, TrainingInterrupted,
                        read_run_state, write_run_state)
 from .runtime import ENGINES, PRECISIONS, Runtime, resolve_runtime
@@ -111,6 +113,9 @@ class TrainConfig:
     bad_files: str = option("skip", "files that cannot be read as images: skip them (each named once) or stop "
                                     "before training", choices=BAD_FILES)
     balance: bool = option(False, "weight the loss by inverse class frequency (for imbalanced classes)")
+    timeout: float = option(300.0, "data-parallel runs (torchrun, --nproc): how long a rank waits for the others "
+                                   "(e.g. 90s, 10m) before it ends the run with an error", minimum=1,
+                            parse=parse_duration)
 
     def __post_init__(self) -> None:
         if self.weights == "none":
@@ -154,7 +159,7 @@ class RunResult:
     best_epoch: int
     best_val_acc: float
     history: list[EpochRecord]
-    best_metrics: Metrics
+    best_metrics: Metrics | None  # None on a rank of a data-parallel run that left the training to rank 0
     skipped: dict[str, str]  # path -> reason, files that could not be decoded
     files: dict[str, Path] = field(default_factory=dict)
     wall_time: float = 0.0
@@ -174,14 +179,18 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     the strategy starts from a result of its own): validate, write a row of metrics.csv and the run
     state that `resume=True` continues from (bit-identical to an uninterrupted run on the CPU); the
     best epoch's checkpoint as the strategy keeps it, the last at the end (or at an interrupt).
-    `started`: when the run began (perf_counter), for the estimate and `config.budget`."""
-    out.mkdir(parents=True, exist_ok=True)
-    clear_temporaries(out)
-    saved = read_run_state(out / STATE_FILE) if resume else None
+    `started`: when the run began (perf_counter), for the estimate and `config.budget`.
+    In a data-parallel run (`runtime.group`, distributed.py) every rank calls this; rank 0 alone
+    reads and writes `out`."""
+    group = runtime.group
+    if group.main:
+        out.mkdir(parents=True, exist_ok=True)
+        clear_temporaries(out)
+    saved = group.broadcast(read_run_state(out / STATE_FILE) if resume and group.main else None)
     state = saved.state if saved else RunState()
     state.skipped = {**(skipped or {}), **state.skipped}
     clock = Clock(callback or Callback(), started=(started or time.perf_counter()) - state.elapsed)
-    books = _Books(out, model, splits, config, preprocessing, state, clock, run_meta or {})
+    books = _Books(out, model, splits, config, preprocessing, state, clock, run_meta or {}, writes=group.main)
     with StopOnSignal() as stop:
         strategy = get_strategy(config.strategy).build(model, splits, config=config, preprocessing=preprocessing,
                                                        runtime=runtime, callback=clock, skip=state.skip,
@@ -191,8 +200,11 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
         except StopRequested:
             raise TrainingInterrupted(out, state.epoch, 0, while_="the strategy prepared (features, the head fitted "
                                                                   "on them, its plan)") from None
+        parallel = group.active and strategy.distribute()
+        if group.active and not parallel and not group.main:
+            return _result(out, state, books, clock, strategy)  # rank 0 trains alone from here
         stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, runtime)
-        books.keep(strategy, stepper)
+        books.keep(strategy, stepper, group.world if parallel else 1)
         if saved:
             stepper.restore(saved)  # the optimizer, schedule, scaler, and the torch RNG: nothing draws from it after
             step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
@@ -200,26 +212,42 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
         clock.watch(strategy)
         if baseline is not None:
             books.end_epoch(0, *baseline, seconds=time.perf_counter() - clock.started, lr=stepper.lr)
-        for epoch in range(state.epoch + 1, strategy.epochs + 1):
-            if clock.over_budget(config.budget, state.history):
-                break
-            started_epoch, lr = time.perf_counter() - state.progress.seconds, stepper.lr
-            progress = strategy.train_epoch(epoch, stepper, progress=state.progress,
-                                            stop=lambda: stop() or books.save_if_due())
-            if progress.interrupted:
-                progress.interrupted, state.progress = False, progress
-                books.save_state()
-                books.close()
-                raise TrainingInterrupted(out, epoch, progress.steps)
-            books.end_epoch(epoch, progress, strategy.validate(epoch), time.perf_counter() - started_epoch, lr)
-            if stop() and epoch < strategy.epochs:
-                books.close()
-                raise TrainingInterrupted(out, epoch, strategy.steps_per_epoch)
+        ranks = group if parallel else SINGLE  # the ranks that train the epochs together
+        try:
+            for epoch in range(state.epoch + 1, strategy.epochs + 1):
+                if ranks.broadcast(clock.over_budget(config.budget, state.history)):
+                    break
+                started_epoch, lr = time.perf_counter() - state.progress.seconds, stepper.lr
+                progress = strategy.train_epoch(epoch, stepper, progress=state.progress,
+                                                stop=lambda: stop() or books.save_if_due())
+                if progress.interrupted:
+                    progress.interrupted, state.progress = False, progress
+                    books.save_state()
+                    books.close()
+                    raise TrainingInterrupted(out, epoch, progress.steps)
+                inf = strategy.validate(epoch)
+                for found in ranks.gather(dict(state.skipped))[1:]:  # files that failed on the other ranks
+                    for path, reason in found.items():
+                        state.skip(path, reason)
+                books.end_epoch(epoch, progress, inf, time.perf_counter() - started_epoch, lr)
+                if ranks.any(stop()) and epoch < strategy.epochs:
+                    books.close()
+                    raise TrainingInterrupted(out, epoch, strategy.steps_per_epoch)
+        except RuntimeError as e:
+            if not (ranks.active and is_rank_failure(e)):
+                raise
+            raise RankLost(out, group.rank, group.world, str(e), books.saved_at_where, main=group.main) from None
     books.close()
-    strategy.finish(books.checkpoints)  # the pictures and the caller get the best epoch's model
+    if group.main:
+        strategy.finish(books.checkpoints)  # the pictures and the caller get the best epoch's model
+    return _result(out, state, books, clock, strategy)
+
+
+def _result(out: Path, state: RunState, books: "_Books", clock: Clock, strategy: Strategy) -> RunResult:
     return RunResult(out=out, best_checkpoint=out / "best.safetensors", last_checkpoint=out / "last.safetensors",
                      best_epoch=state.best_epoch, best_val_acc=state.best_acc, history=state.history,
-                     best_metrics=Metrics.from_dict(state.best_metrics), skipped=state.skipped,
+                     best_metrics=Metrics.from_dict(state.best_metrics) if state.best_metrics else None,
+                     skipped=state.skipped,
                      files={"metrics": out / "metrics.csv", "state": out / STATE_FILE},
                      val_inference=books.best_val, estimate=clock.estimate, chosen=strategy.chosen())
 
@@ -229,24 +257,32 @@ class _Books:
     and metrics.csv, written at each epoch's end (and, within an epoch, every `save_every` s)."""
 
     def __init__(self, out: Path, model: nn.Module, splits: DatasetSplits, config: TrainConfig,
-                 preprocessing: Preprocessing, state: RunState, clock: Clock, run_meta: dict[str, Any]) -> None:
+                 preprocessing: Preprocessing, state: RunState, clock: Clock, run_meta: dict[str, Any], *,
+                 writes: bool = True) -> None:
         self.out, self.splits, self.config = out, splits, config
         self.pre, self.state, self.clock, self.run_meta = preprocessing, state, clock, run_meta
+        self.writes = writes  # False on the ranks of a data-parallel run but rank 0: they keep the books unwritten
         self.checkpoints = RunCheckpoints(out, model, classes=splits.classes, preprocessing=preprocessing,
-                                          meta={"config": asdict(config), "counts": splits.counts()})
+                                          meta={"config": asdict(config), "counts": splits.counts()}, writes=writes)
         self.best_val: Inference | None = None  # the best epoch's validation logits, for the pictures
         self.saved_at = time.perf_counter()
+        self.saved_at_where: str | None = None  # where the run state on disk stands (for RankLost's message)
+        if (out / STATE_FILE).exists() and state.epoch:
+            self.saved_at_where = _where(state)
 
-    def keep(self, strategy: Strategy, stepper: Stepper) -> None:
-        self.strategy, self.stepper = strategy, stepper
+    def keep(self, strategy: Strategy, stepper: Stepper, ranks: int) -> None:
+        self.strategy, self.stepper, self.ranks = strategy, stepper, ranks
 
     def save_state(self) -> None:
-        tensors, extra, meta = self.strategy.run_state()
         self.state.elapsed = time.perf_counter() - self.clock.started
+        self.saved_at = time.perf_counter()
+        if not self.writes:
+            return
+        tensors, extra, meta = self.strategy.run_state()
         write_run_state(self.out / STATE_FILE, model=tensors, extra=extra, optimizer=self.stepper.optimizer,
                         meta={**self.run_meta, "config": asdict(self.config), **self.stepper.state_meta(),
                               "state": self.state.to_dict(), **meta})
-        self.saved_at = time.perf_counter()
+        self.saved_at, self.saved_at_where = time.perf_counter(), _where(self.state)
 
     def save_if_due(self) -> bool:
         """After a step: the run state saved mid-epoch if `save_every` s have gone by since the last
@@ -262,7 +298,7 @@ class _Books:
         if not math.isfinite(metrics.loss) and metrics.n:
             raise TrainingDiverged(epoch, None, metrics.loss, lr, self.pre.train_crop)
         record = _record(epoch, self.strategy.epochs, progress, metrics, seconds, lr,
-                         time.perf_counter() - self.clock.started)
+                         time.perf_counter() - self.clock.started, ranks=self.ranks, batch=self.config.batch_size)
         if metrics.accuracy > state.best_acc:
             meta = {"epoch": epoch, "metrics": asdict(record)}
             state.best_acc, state.best_epoch, state.best_metrics = metrics.accuracy, epoch, metrics.to_dict()
@@ -271,7 +307,8 @@ class _Books:
         state.epoch, state.progress = epoch, EpochProgress()
         state.history.append(record)
         self.save_state()
-        write_metrics_csv(self.out / "metrics.csv", state.history)
+        if self.writes:
+            write_metrics_csv(self.out / "metrics.csv", state.history)
         self.clock.on_epoch_end(record)
 
     def close(self) -> None:
@@ -281,14 +318,21 @@ class _Books:
         self.strategy.save(self.checkpoints)
 
 
+def _where(state: RunState) -> str:
+    if state.progress.steps:
+        return f"epoch {state.epoch + 1}, step {state.progress.steps}"
+    return f"the end of epoch {state.epoch}"
+
+
 def _record(epoch: int, epochs: int, progress: EpochProgress, metrics: Metrics, seconds: float,
-            lr: float, elapsed: float) -> EpochRecord:
+            lr: float, elapsed: float, *, ranks: int, batch: int) -> EpochRecord:
     return EpochRecord(
         epoch=epoch, epochs=epochs, train_loss=progress.loss, train_acc=progress.accuracy,
         val_loss=metrics.loss, val_acc=metrics.accuracy, val_balanced_acc=metrics.balanced_accuracy,
         epoch_time=seconds, step_time=progress.seconds / max(progress.steps, 1),
         images_per_s=progress.images / max(progress.seconds, 1e-9),
-        data_wait=progress.wait_seconds / max(progress.seconds, 1e-9), lr=lr, elapsed=elapsed)
+        data_wait=progress.wait_seconds / max(progress.seconds, 1e-9), lr=lr, elapsed=elapsed, ranks=ranks,
+        global_batch=batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,21 +346,26 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     that holds another run is refused unless `overwrite`; see runfolder.claim_run_folder.
     """
     started = time.perf_counter()
-    with claim_run_folder(Path(out), data=data, resume=resume, overwrite=overwrite):
-        return _train(data, Path(out), config or TrainConfig(), callback or Callback(), resume, started)
+    config = config or TrainConfig()
+    group = join(timeout=config.timeout, device=config.device)  # one process alone, or a rank of torchrun's
+    out = group.broadcast(out)  # rank 0's (a default folder is chosen by what exists when each rank looks)
+    held = claim_run_folder(Path(out), data=data, resume=resume, overwrite=overwrite) if group.main else \
+        contextlib.nullcontext()
+    with held:
+        return _train(data, Path(out), config, callback or Callback(), resume, started, group)
 
 
 def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callback: Callback, resume: bool,
-           started: float) -> RunResult:
+           started: float, group: Group) -> RunResult:
     splits = scan_dataset(data, val_split=config.val_split, seed=config.seed)
-    if resume:
+    if resume and group.main:
         check_dataset_unchanged(out, splits)
-    else:
+    elif group.main:
         write_dataset_listing(out, splits)
     bad = _drop_unreadable(splits, fail=config.bad_files == "fail")
     strategy = get_strategy(config.strategy)
     runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
-                              compile=config.compile and strategy.compiles, engine=config.engine)
+                              compile=config.compile and strategy.compiles, engine=config.engine, group=group)
     chose_arch: dict[str, Any] = {}
     if config.arch == "auto":  # the backbone whose features a head fits best; the run then reads them back
         arch, scores = choose_backbone(splits, config=config, runtime=runtime, callback=callback)
@@ -324,7 +373,8 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
     info = get_model_info(config.arch)
     pre = info.preprocessing.with_sizes(config.image_size, config.train_size)
     if resume and strategy.holds_weights:  # every weight comes from the run state
-        arch_kwargs = read_run_state(out / STATE_FILE, tensors=False).meta.get("arch_kwargs", {})
+        arch_kwargs = group.broadcast(read_run_state(out / STATE_FILE, tensors=False).meta.get("arch_kwargs", {})
+                                      if group.main else None)
         model = create_model(config.arch, num_classes=len(splits.classes), **arch_kwargs)
     else:
         torch.manual_seed(config.seed)  # the new head's initialisation
@@ -335,6 +385,8 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
     result = fit(model, splits, config=config, preprocessing=pre, runtime=runtime, out=out, callback=callback,
                  resume=resume, run_meta={"data": str(Path(data).resolve()), "arch_kwargs": model.arch_kwargs},
                  skipped=bad, started=started)
+    if not group.main:  # rank 0 writes the run's files
+        return result
     # The best model on the validation set (computed again after a resume): pictures, summary, report.
     inf = result.val_inference or infer(model, splits.val, runtime=runtime, pre=pre, workers=config.workers)
     result.wall_time = time.perf_counter() - started
@@ -371,7 +423,7 @@ def _drop_unreadable(splits: DatasetSplits, *, fail: bool) -> dict[str, str]:
     return bad
 
 
-RESUME_OPTIONS = ("epochs", "budget", "workers", "threads")  # what may change when a run resumes
+RESUME_OPTIONS = ("epochs", "budget", "workers", "threads", "timeout")  # what may change when a run resumes
 
 
 def resume(run: str | os.PathLike[str], *, callback: Callback | None = None, **changes: Any) -> RunResult:
@@ -379,10 +431,11 @@ def resume(run: str | os.PathLike[str], *, callback: Callback | None = None, **c
     `changes` may give it more epochs (or another budget, workers, threads: RESUME_OPTIONS). Any
     other option defines the run, and changing it is refused (ValueError naming the ones that may)."""
     state = Path(run) / STATE_FILE
-    if not state.exists() and Path(run).is_dir():
+    group = join(timeout=parse_duration(changes.get("timeout", TrainConfig.timeout)))
+    if group.main and not state.exists() and Path(run).is_dir():
         raise FileNotFoundError(f"{run} has no run state (state.safetensors) to resume: the run stopped before it "
                                 "first saved one. Start it again, without --resume")
-    meta = read_run_state(state, tensors=False).meta
+    meta = group.broadcast(read_run_state(state, tensors=False).meta if group.main else None)  # rank 0's
     refused = sorted(set(changes) - set(RESUME_OPTIONS))
     if refused:
         flags = ", ".join("--" + n.replace("_", "-") for n in refused)

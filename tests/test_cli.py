@@ -70,7 +70,7 @@ def test_train_options_are_trainconfigs_fields_with_their_defaults_and_choices(c
             assert f"argument {flag}: invalid choice: 'no-such-value'" in err, err
             assert all(repr(c) in err or c in err for c in f.metadata["choices"]), (flag, err)
     # A flag for each field, and no training flag that is not one (besides the run's own).
-    flags = set(re.findall(r"^  (--[a-z-]+)", help_text, flags=re.M)) - {"--help", "--out", "--resume", "--overwrite"}
+    flags = set(re.findall(r"^  (--[a-z-]+)", help_text, flags=re.M)) - {"--help", "--out", "--resume", "--overwrite", "--nproc"}
     assert flags == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)}
 
 

@@ -208,7 +208,7 @@ def test_loader_is_independent_of_worker_count(dataset: Path) -> None:
     def first_epoch(workers: int) -> torch.Tensor:
         loader = make_loader(ImageDataset(splits.train, pre.train_transform(), seed=5), batch_size=5,
                              shuffle=True, workers=workers, seed=5)
-        loader.sampler.set_epoch(1)
+        loader.batch_sampler.set_epoch(1)
         return torch.cat([b.images for b in loader])
 
     assert torch.equal(first_epoch(0), first_epoch(2))

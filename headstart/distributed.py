@@ -1,0 +1,269 @@
+"""Data-parallel training on torch.distributed, as torchrun launches it.
+
+    torchrun --nproc-per-node 2 -m headstart train DATA ...    # or: headstart train DATA --nproc 2
+
+torchrun starts one process (a rank) per --nproc-per-node on each node, with RANK, WORLD_SIZE,
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; `join` makes them one `Group`
+(gloo on CPUs, nccl on CUDA, one GPU per rank). A run then does what one process would, within
+fp32 rounding:
+- the images: one seeded order per epoch, cut into global batches of --batch-size; rank r reads
+  every world-th image of each (data.EpochBatches), and augmentation is seeded per (seed, epoch,
+  image), so no image depends on the rank or the data-loader worker that reads it;
+- the step: each rank's loss is its images' summed loss over the whole batch's count, times the
+  world size (DistributedDataParallel averages the gradients over ranks): one process's step on
+  the global batch;
+- BatchNorm: the layers that train normalise with the statistics of the global batch
+  (`SyncBatchNorm`), as one process does;
+- validation and the frozen backbone's features: each rank runs its share, gathered in order;
+- decisions (a Ctrl-C, the budget, auto's plan) are the group's: rank 0's, or any rank's stop.
+Only rank 0 touches the run folder (checkpoints, run state, metrics.csv, pictures, report) and
+prints; on --resume it reads the run state and sends it to the others.
+
+A rank that dies makes the others' next collective fail at once (its sockets close), one that hangs
+after `timeout` seconds (--timeout); they end with `RankLost`, which says how to resume.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence, TypeVar
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in a data-parallel run; the default is one process alone, whose
+    collectives return their input."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1  # ranks on this node
+    device: str = "cpu"  # where collectives' tensors live (nccl: this rank's GPU)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes the run folder and prints."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Each value summed over the ranks (float64)."""
+        if not self.active:
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on one (a stop asked for on any rank stops them all)."""
+        return self.sum([float(flag)])[0] > 0 if self.active else bool(flag)
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's `obj`, on every rank (pickled over the group: tensors, dataclasses, JSON)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, device=torch.device(self.device))
+        return box[0]
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def gather_rows(self, indices: torch.Tensor, tensors: Sequence[torch.Tensor],
+                    failed: list[tuple[int, str]]) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, str]]]:
+        """Every rank's rows of `tensors` (row i belongs to dataset position indices[i]), on every
+        rank, in the order of their positions (one process's order), with every rank's `failed`."""
+        if not self.active:
+            return indices, list(tensors), failed
+        parts = [p for p in self.gather((indices.cpu(), [t.cpu() for t in tensors], failed))]
+        failed = sorted({tuple(f) for p in parts for f in p[2]})
+        parts = [p for p in parts if len(p[0])]
+        if not parts:
+            return indices, list(tensors), failed
+        found = torch.cat([p[0] for p in parts])
+        order = found.argsort()
+        rows = [torch.cat([p[1][k] for p in parts])[order] for k in range(len(tensors))]
+        return found[order], rows, failed
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """`module` as DistributedDataParallel, its BatchNorm layers synchronised over the group;
+        DDP's constructor sends rank 0's parameters and buffers to every rank."""
+        if not self.active:
+            return module
+        sync_batchnorm(module)
+        ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False,
+                                                   gradient_as_bucket_view=True)
+
+
+SINGLE = Group()
+_joined: Group | None = None
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    """This process's rank as its launcher set it (0 when alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def join(*, timeout: float, device: str = "auto") -> Group:
+    """This process's Group: alone, or (under torchrun) the group of WORLD_SIZE ranks, joined once
+    per process with gloo (CPU) or nccl (`device` cuda). `timeout`: seconds a collective waits for
+    the other ranks before it fails."""
+    global _joined
+    if not launched():
+        return SINGLE
+    if _joined is not None:
+        return _joined
+    env = os.environ
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    where = f"cuda:{local_rank}" if cuda else "cpu"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                             timeout=datetime.timedelta(seconds=timeout))
+    _joined = Group(rank, world, local_rank, local_world, where)
+    log.info("rank %d of %d (local %d of %d) on %s", rank, world, local_rank, local_world, where)
+    return _joined
+
+
+def threads_per_rank(group: Group) -> int:
+    """The cores of this node shared among its ranks (torchrun sets OMP_NUM_THREADS=1 otherwise)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // group.local_world)
+
+
+def is_rank_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another rank died or stopped answering."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        m in text for m in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm over the global batch (torch's SyncBatchNorm runs on GPUs only).
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks, differentiable: each rank's output depends on every rank's input, so the
+    gradient of an input is the sum over the ranks of the outputs' gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose batch statistics, in training, are those of every rank's images together:
+    two all-reduces in the forward (the sum, with the count; then the squared deviations: the
+    variance in two passes, as torch's own BatchNorm), two in the backward (autograd's of the
+    all-reduce). The same parameters and buffers as BatchNorm2d, so checkpoints do not change."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.distributed.is_initialized()):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        xf = x.float()  # (N, C, H, W); N may be 0 on a rank whose share of the batch is empty
+        count = torch.tensor([xf.numel() / max(xf.shape[1], 1)], dtype=torch.float32, device=x.device)
+        sums = all_reduce(torch.cat([xf.sum((0, 2, 3)), count]))
+        n = sums[-1].detach()
+        mean = sums[:-1] / n
+        centred = xf - mean.view(1, -1, 1, 1)
+        var = all_reduce((centred * centred).sum((0, 2, 3))) / n
+        y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp(min=1)), alpha=m)
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d of `module` made a SyncBatchNorm in place. The class is swapped rather
+    than the module replaced: the backbones' stage lists hold these very modules."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SyncBatchNorm
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching, and what to tell a person.
+
+LAUNCHED_NPROC = "HEADSTART_NPROC"  # set by `launch` for its ranks: the resume command repeats it
+
+
+def resume_command(out: os.PathLike[str] | str) -> str:
+    """The command that resumes the run in `out` the way this process was started."""
+    if not launched():
+        return f"headstart train --resume {out}"
+    if os.environ.get(LAUNCHED_NPROC):
+        return f"headstart train --resume {out} --nproc {os.environ[LAUNCHED_NPROC]}"
+    return (f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '?')} ... -m headstart train "
+            f"--resume {out} (the same torchrun options on every node)")
+
+
+def launch(args: Sequence[str], *, nproc: int) -> int:
+    """Run `headstart ARGS` as `nproc` ranks on this machine under torchrun (its elastic agent, in
+    this process: a free port on 127.0.0.1, gloo or nccl) and wait for them. Returns the exit
+    code: 0, or the first failed rank's (its own message is on stderr); the failure is logged."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if nproc < 1:
+        raise ValueError(f"nproc must be at least 1, got {nproc}")
+    os.environ[LAUNCHED_NPROC] = str(nproc)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(Group(local_world=nproc))))
+    torchrun = get_args_parser().parse_args(
+        ["--nproc-per-node", str(nproc), "--standalone", "--no-python", "--", *_self_command(), *args])
+    try:
+        run(torchrun)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        log.warning("rank %d (pid %d) ended with exit code %d%s", rank, failure.pid, failure.exitcode,
+                    f" ({failure.signal_name()})" if failure.exitcode < 0 else "")
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    return 0
+
+
+def _self_command() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", __package__]

@@ -1,0 +1,199 @@
+"""Data-parallel training: 2 CPU ranks on 127.0.0.1 with gloo, against one process.
+
+What "the same" means here: the global batch (--batch-size) and the seed are the same, the step is
+one process's step on that batch (distributed.py), so the ranks end with bit-identical weights and
+these agree with one process's within fp32 rounding, grown by training: TOL below. One step's
+gradients agree to 3e-8 (relative 1e-6); after 3 epochs of 5 steps the largest difference seen was
+3.6e-7 (finetune) and 3.5e-5 (gradual, whose head, fitted by L-BFGS on features that differ in the
+7th digit, has weights of 2 to 5 and makes the steps larger). Precision fp32: bf16 rounds the same
+additions in another order to differences of 1e-3.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from headstart.data import EpochBatches
+from headstart.formats.safetensors import read_safetensors
+
+from .conftest import make_dataset
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+SIDE = Path(__file__).with_name("distributed_side.py")
+TINY = ["--arch", "tiny", "--weights", "none", "--image-size", "32", "--batch-size", "6", "--workers", "0",
+        "--precision", "fp32", "--threads", "1"]
+
+
+def headstart(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "headstart", *args], capture_output=True, text=True, timeout=300,
+                          **kw)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                           *args], capture_output=True, text=True, timeout=300)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(path)[0]
+
+
+def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **(tol or {"rtol": 0, "atol": 0}), msg=lambda m: f"{k}: {m}")
+
+
+def run_files(run: Path) -> set[str]:
+    return {p.name for p in run.iterdir()}
+
+
+def test_batches_of_the_ranks_are_one_process_batches() -> None:
+    """Each rank takes every world-th image of each global batch: together, every image once per
+    epoch, in one process's order; every rank has as many batches (some may be empty)."""
+    one = EpochBatches(23, batch_size=6, shuffle=True, seed=3)
+    one.set_epoch(2)
+    ranks = [EpochBatches(23, batch_size=6, shuffle=True, seed=3, rank=r, world=3) for r in range(3)]
+    for r in ranks:
+        r.set_epoch(2)
+    per_rank = [list(r) for r in ranks]
+    assert all(len(b) == len(one) == 4 for b in per_rank)
+    for step, batch in enumerate(one):
+        together = sorted(i for r in per_rank for i in r[step])
+        assert together == sorted(batch)
+    assert sorted(i for b in one for i, _ in b) == list(range(23))
+    resumed = EpochBatches(23, batch_size=6, shuffle=True, seed=3, rank=1, world=3)
+    resumed.set_epoch(2, start=2)
+    assert list(resumed) == per_rank[1][2:]
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "gradual"])
+def test_two_ranks_hold_the_weights_of_one_process(tmp_path: Path, strategy: str) -> None:
+    data = make_dataset(tmp_path / "data", per_class={"train": 13, "val": 5})  # 26 images: 5 steps of 6
+    single, multi, dump = tmp_path / "one", tmp_path / "two", tmp_path / "dump"
+    dump.mkdir()
+    args = [str(data), "--strategy", strategy, "--epochs", "3", *TINY]
+    done = headstart("train", *args, "--out", str(single))
+    assert done.returncode == 0, done.stderr
+    two = torchrun(str(SIDE), str(dump), "train", *args, "--out", str(multi))
+    assert two.returncode == 0, two.stderr
+    assert_weights_close(weights(dump / "rank1.safetensors"), weights(multi / "last.safetensors"))  # bit-identical
+    assert_weights_close(weights(multi / "last.safetensors"), weights(single / "last.safetensors"), **TOL)
+    assert run_files(multi) == run_files(single)
+    # Only rank 0 prints; the epoch line says the world size and the global batch.
+    assert two.stdout.count("best val acc") == 1 and two.stdout.count("epoch 3/3") == 1, two.stdout
+    assert "2 ranks, global batch 6" in two.stdout
+    csv = (multi / "metrics.csv").read_text()
+    assert csv.splitlines()[0].endswith("ranks,global_batch") and csv.splitlines()[-1].endswith(",2,6")
+
+
+def test_frozen_features_are_gathered_as_one_process_computes_them(tmp_path: Path) -> None:
+    """The frozen strategy: each rank computes its share of the features, all ranks get them all (in
+    one process's order), and rank 0 trains the head once; the other ranks are done after the features."""
+    data = make_dataset(tmp_path / "data", per_class={"train": 13, "val": 5})
+    homes = {n: tmp_path / f"home{n}" for n in (1, 2)}
+    args = [str(data), "--strategy", "frozen", "--epochs", "3", *TINY]
+    one = headstart("train", *args, "--out", str(tmp_path / "one"), env={**os.environ, "HEADSTART_HOME": str(homes[1])})
+    assert one.returncode == 0, one.stderr
+    two = headstart("train", *args, "--out", str(tmp_path / "two"), "--nproc", "2",
+                    env={**os.environ, "HEADSTART_HOME": str(homes[2])})
+    assert two.returncode == 0, two.stderr
+    caches = {n: sorted((h / "features").glob("*.safetensors")) for n, h in homes.items()}
+    assert len(caches[1]) == 2 and [p.name for p in caches[1]] == [p.name for p in caches[2]]  # train, val
+    for a, b in zip(caches[1], caches[2]):
+        ta, tb = weights(a), weights(b)
+        assert torch.equal(ta["indices"], tb["indices"]) and torch.equal(ta["labels"], tb["labels"])
+        torch.testing.assert_close(ta["features"], tb["features"], rtol=1e-6, atol=1e-6)
+    assert_weights_close(weights(tmp_path / "two" / "last.safetensors"), weights(tmp_path / "one" / "last.safetensors"),
+                         **TOL)
+
+
+def _rank_pid(rank: int, marker: str, timeout: float = 60) -> int:
+    """The pid of the process that torchrun started as `rank` for the run whose command line holds `marker`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                env = (proc / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if marker.encode() in cmd and f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"".join(env):
+                return int(proc.name)
+        time.sleep(0.2)
+    raise AssertionError(f"no rank {rank} process for {marker}")
+
+
+def test_a_killed_rank_ends_the_run_with_a_message_and_resume_finishes_it(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", per_class={"train": 40, "val": 5})  # 14 steps an epoch
+    run = tmp_path / "run"
+    args = [str(data), "--strategy", "finetune", "--epochs", "30", *TINY, "--batch-size", "6", "--timeout", "20s"]
+    p = subprocess.Popen([sys.executable, "-m", "headstart", "train", *args, "--out", str(run), "--nproc", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = _rank_pid(1, str(run))
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.csv").exists() or len((run / "metrics.csv").read_text().splitlines()) < 3:
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)  # mid-epoch: an epoch is most of the time
+        killed = time.monotonic()
+        out, err = p.communicate(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        p.kill()
+    assert p.returncode != 0
+    assert took < 20, took  # the other rank's next collective fails at once (sockets closed), within the timeout
+    assert "rank 0 of 2: another rank died or stopped answering" in err, err
+    assert f"resume all ranks with: headstart train --resume {run} --nproc 2" in err, err
+    done_before = len((run / "metrics.csv").read_text().splitlines()) - 1
+    assert 2 <= done_before < 30
+    resumed = headstart("train", "--resume", str(run), "--nproc", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run} after epoch" in resumed.stdout
+    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 31))
+    # The resumed run ends where one uninterrupted process does (the state is an epoch's end or a step's).
+    single = headstart("train", *args, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    assert_weights_close(weights(run / "last.safetensors"), weights(tmp_path / "one" / "last.safetensors"), **TOL)
+
+
+def test_a_rank_that_hangs_ends_the_others_after_the_timeout(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", per_class={"train": 40, "val": 5})
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "headstart", "train", str(data), "--strategy", "finetune", "--epochs",
+                          "100", *TINY, "--timeout", "5s", "--out", str(run), "--nproc", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank0, rank1 = _rank_pid(0, str(run)), _rank_pid(1, str(run))
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.csv").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        os.kill(rank1, signal.SIGSTOP)  # alive, answering nothing
+        stopped = time.monotonic()
+        while _alive(rank0) and time.monotonic() - stopped < 60:
+            time.sleep(0.1)
+        took = time.monotonic() - stopped
+    finally:
+        os.kill(rank1, signal.SIGKILL)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert 4 < took < 30, took  # the 5 s timeout, and not much longer
+    assert "rank 0 of 2: another rank died or stopped answering (" in err and "Timed out" in err, err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
