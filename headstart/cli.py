@@ -691,8 +691,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return args.func(args)
-        except TrainingInterrupted as e:  # RankLost too: every rank says it
-            say(f"\n{e}", file=sys.stderr)
+        except TrainingInterrupted as e:  # a data-parallel run's ranks stop together: rank 0 says so
+            if isinstance(e, RankLost) or not int(os.environ.get("RANK", "0")):  # (a lost rank: each one)
+                say(f"\n{e}", file=sys.stderr)
             return 1 if isinstance(e, RankLost) else 130
     except (OSError, ValueError, TypeError) as e:  # FileNotFoundError, PermissionError, ConnectionError too
         say(f"error: {e}", file=sys.stderr)

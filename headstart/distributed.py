@@ -243,7 +243,9 @@ def resume_command(out: os.PathLike[str] | str) -> str:
 def launch(args: Sequence[str], *, nproc: int) -> int:
     """Run `headstart ARGS` as `nproc` ranks on this machine under torchrun (its elastic agent, in
     this process: a free port on 127.0.0.1, gloo or nccl) and wait for them. Returns the exit
-    code: 0, or the first failed rank's (its own message is on stderr); the failure is logged."""
+    code: 0, or the first failed rank's (its own message is on stderr; the failure is logged), or
+    128 + the signal after a Ctrl-C or SIGTERM (each rank then saves and stops at the same step)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -255,6 +257,8 @@ def launch(args: Sequence[str], *, nproc: int) -> int:
         ["--nproc-per-node", str(nproc), "--standalone", "--no-python", "--", *_self_command(), *args])
     try:
         run(torchrun)
+    except SignalException as e:  # Ctrl-C or SIGTERM: the agent passed it on to the ranks and waited for them
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         log.warning("rank %d (pid %d) ended with exit code %d%s", rank, failure.pid, failure.exitcode,

@@ -197,3 +197,21 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def test_ctrl_c_stops_every_rank_at_the_same_step_and_rank_0_says_how_to_resume(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", per_class={"train": 40, "val": 5})
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "headstart", "train", str(data), "--strategy", "finetune", "--epochs",
+                          "100", *TINY, "--out", str(run), "--nproc", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.csv").exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)  # torchrun's agent passes it on to the ranks
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.count("interrupted in epoch") == 1, err  # rank 0's message, once
+    assert f"the run state is saved. Resume with: headstart train --resume {run} --nproc 2" in err, err
+    assert "Traceback" not in err, err
