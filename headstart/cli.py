@@ -293,12 +293,52 @@ def cmd_check(a: argparse.Namespace) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         say(f"\nfindings written to {a.json}")
+    if a.labels:
+        from .limits import find_label_issues
+
+        rows = find_label_issues(a.data, arch=a.arch, val_split=a.val_split, workers=a.workers)
+        say("\n" + _format_label_issues(rows, a.labels_shown))
+        if a.csv:
+            with open(a.csv, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["rank", "path", "split", "given", "suggested", "label_quality", "suspect"])
+                for i, r in enumerate(rows, 1):
+                    w.writerow([i, r.path, r.split, r.given, r.suggested, f"{r.quality:.6f}", int(r.suspect)])
+            say(f"every image's label quality written to {a.csv}")
+    elif a.csv:
+        raise ValueError("--csv writes the label check's ranking: add --labels")
     blocking = report.blocking(a.allow.split(",") if a.allow else ())  # (a kind that no check reports: ValueError)
     if blocking:
         kinds = sorted({f.kind for f in blocking})
         say(f"\ntraining on this data would be wrong ({', '.join(kinds)}); fix it, or pass "
               f"--allow {','.join(kinds)} to accept it", file=sys.stderr)
         return 1
+    return 0
+
+
+def _format_label_issues(rows: Sequence[Any], shown: int) -> str:
+    suspects = [r for r in rows if r.suspect]
+    lines = [f"labels: {len(suspects)} of {len(rows)} images are likely mislabelled (another class is confidently "
+             "more likely, by a linear head on the backbone's features that never saw the image)"]
+    if suspects:
+        width = max(len(r.given) for r in suspects[:shown])
+        lines.append(f"  {'quality':>7}  {'given':<{width}}  suggested    file")
+        for r in suspects[:shown]:
+            lines.append(f"  {r.quality:7.3f}  {r.given:<{width}}  {r.suggested:<11}  {r.path}")
+        if len(suspects) > shown:
+            lines.append(f"  ... {len(suspects) - shown} more (--csv FILE writes every image's label quality)")
+    return "\n".join(lines)
+
+
+def cmd_similar(a: argparse.Namespace) -> int:
+    from .limits import find_similar
+
+    for result in find_similar(a.checkpoint, a.images, data=a.data, k=a.k, workers=a.workers):
+        say(result.path)
+        if result.error:
+            say(f"  error: {result.error}")
+        for n in result.nearest:
+            say(f"  {n.similarity:.3f}  {n.label:<12}  {n.path}")
     return 0
 
 
@@ -425,7 +465,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="comma-separated kinds of error to accept, e.g. leakage,class-missing")
     p.add_argument("--image-size", type=int, default=224, help="crop size, for the tiny-image check (default: 224)")
     p.add_argument("--val-split", type=float, default=None)
+    p.add_argument("--labels", action="store_true",
+                   help="also rank the images whose label is likely wrong (confident learning on a pretrained "
+                        "backbone's features: one backbone pass per image, kept in the feature cache)")
+    p.add_argument("--arch", default="resnet50", help="--labels: the backbone (default: resnet50)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="--labels: write every image's label quality")
+    p.add_argument("--labels-shown", type=int, default=20, metavar="N", help="--labels: suspects listed (default: 20)")
+    p.add_argument("--workers", type=int, default=2, help="--labels: data-loading worker processes (default: 2)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("similar", help="the training images nearest to each image, by the model's backbone features",
+                       description="For each IMAGE (files or folders), the K training images of DATA most similar by "
+                                   "the checkpoint's backbone features (cosine): why a model sees an image as it does.")
+    p.add_argument("checkpoint", help="a run's best.safetensors")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--in", dest="data", required=True, metavar="DATA",
+                   help="the training images: a dataset (its train/ folder) or a folder of images")
+    p.add_argument("-k", type=int, default=5, help="images per query (default: 5)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
+    p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("report", help="re-render a run's report.html, or compare several runs",
                        description="Render RUN/report.html from a run folder's files; with two or more runs, "
@@ -643,7 +701,7 @@ def _exit_at_once(signum: int, frame: object) -> None:
     os._exit(130)
 
 
-_HEAVY = {"train": ("training",), "demo": ("training",), "predict": ("prediction",), "evaluate": ("evaluation",),
+_HEAVY = {"train": ("training",), "demo": ("training",), "similar": ("limits",), "predict": ("prediction",), "evaluate": ("evaluation",),
           "export": ("export",), "serve": ("serve",)}  # the commands that run a network: their modules
 
 

@@ -68,14 +68,14 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def save_titled_grid(path: str | Path, images: torch.Tensor, titles: Sequence[str], colors: Sequence[str],
-                     *, empty: str = "nothing to show") -> Path:
+                     *, empty: str = "nothing to show", cols: int = 6) -> Path:
     """Images with a title each; a picture saying `empty` when there are none."""
     if len(images) == 0:
         fig, ax = plt.subplots(figsize=(5, 1.2))
         ax.axis("off")
         ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=12)
         return _save(fig, path)
-    return _save(_grid(images, titles, colors), path)
+    return _save(_grid(images, titles, colors, cols=cols), path)
 
 
 def save_batch_grid(path: str | Path, images: torch.Tensor, labels: Sequence[int], classes: Sequence[str]) -> Path:

@@ -180,6 +180,19 @@ def _top_losses_note(run: Path) -> str:
     return _table(["file", "true", "predicted", "p(predicted)", "loss"], rows, left=3)
 
 
+def _labels(s: dict[str, Any], folder: Path) -> str:
+    found = s.get("label_issues")
+    if not found:
+        return ("<p class='sub'>The label check runs on the pretrained backbone's features, which this strategy "
+                f"did not compute: <code>headstart check {_text(str(s['data']))} --labels</code> runs it.</p>")
+    rows = [[r["path"], r["given"], r["suggested"], f"{r['quality']:.3f}"] for r in found["top"]]
+    note = (f"<p class='sub'>{found['suspects']} of {found['checked']} training images: another class is "
+            "confidently more likely by a linear head on the backbone's features that never saw the image "
+            "(label quality: its probability of the given label). Every image: label_issues.csv.</p>")
+    table = _table(["file", "given", "suggested", "label quality"], rows, left=3) if rows else ""
+    return _img(folder / "label_issues.png", "likely mislabelled training images") + note + table
+
+
 def render_report(run: str | os.PathLike[str]) -> str:
     """The HTML of one run's report."""
     s = load_run(run)
@@ -194,6 +207,10 @@ def render_report(run: str | os.PathLike[str]) -> str:
         "<h2>Per-class metrics and confusion matrix (best epoch)</h2>", _per_class(s),
         "<h2>Most confidently wrong (top losses)</h2>", _img(folder / "top_losses.png", "top losses"),
         _top_losses_note(folder),
+        *(["<h2>Top losses and their nearest training images</h2>",
+            _img(folder / "top_losses_nearest.png", "top losses beside their nearest training images")]
+          if (folder / "top_losses_nearest.png").is_file() else []),
+        "<h2>Likely mislabelled training images</h2>", _labels(s, folder),
         "<h2>Predictions (blue right, red wrong)</h2>", _img(folder / "predictions.png", "prediction grid"),
         "<h2>Timing</h2>", _plan(s), _timing(s),
         "<h2>Configuration</h2>", _config(s),

@@ -43,7 +43,7 @@ DATASET_FILE = "dataset.json"
 # What a run writes; --overwrite removes these (and nothing else a user put into the folder).
 RUN_FILES = ("best.safetensors", "best.json", "last.safetensors", "last.json", "state.safetensors", "metrics.csv",
              "summary.json", "predictions.csv", "predictions.png", "top_losses.png", "curves.png", "report.html",
-             DATASET_FILE)
+             "label_issues.csv", "label_issues.png", "top_losses_nearest.png", DATASET_FILE)
 
 
 def holds_run(folder: Path) -> bool:
@@ -153,6 +153,7 @@ def check_dataset_unchanged(out: Path, splits: DatasetSplits) -> None:
 def write_dataset_listing(out: Path, splits: DatasetSplits) -> None:
     with atomic_write(out / DATASET_FILE, "w") as f:
         json.dump(dataset_listing(splits), f)
+from .features import Features
 from .inference import Inference
 from .preprocessing import Preprocessing
 from .report import write_report
@@ -210,12 +211,80 @@ def write_val_pictures(out: Path, inf: Inference, splits: DatasetSplits, pre: Pr
     return files
 
 
+def write_label_pictures(out: Path, features: tuple[Features, Features], inf: Inference, splits: DatasetSplits,
+                         pre: Preprocessing, *, shown: int = 12, neighbours: int = 3) -> tuple[dict[str, Path], dict]:
+    """From the pretrained backbone's features (limits.py): label_issues.csv (every training image's
+    label quality, most suspect first), label_issues.png (the suspects, given and suggested label)
+    and top_losses_nearest.png (each of the most confidently wrong validation images beside its
+    nearest training images). Returns ({name: path}, what summary.json says of them)."""
+    from . import plots
+    from .limits import label_issues, nearest
+
+    train, val = features
+    first = torch.zeros(len(train.indices), dtype=torch.bool)  # view 0: each image's first row
+    seen: set[int] = set()
+    for row, index in enumerate(train.indices.tolist()):
+        if index not in seen:
+            seen.add(index)
+            first[row] = True
+    x, y, where = train.features[first], train.labels[first], train.indices[first]
+    ranked = label_issues(x, y, len(splits.classes))
+    classes = splits.classes
+    with atomic_write(out / "label_issues.csv", "w") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "path", "given", "suggested", "label_quality", "suspect"])
+        for k, r in enumerate(ranked, 1):
+            w.writerow([k, str(splits.train[int(where[r.index])].path), classes[r.given], classes[r.suggested],
+                        f"{r.quality:.6f}", int(r.suspect)])
+
+    def images(samples: list) -> torch.Tensor:
+        ds = ImageDataset(samples, pre.eval_transform())
+        return collate([ds[k] for k in range(len(ds))]).images
+
+    suspects = [r for r in ranked if r.suspect][:shown]
+    files = {"label_issues_csv": out / "label_issues.csv"}
+    files["label_issues"] = plots.save_titled_grid(
+        out / "label_issues.png", images([splits.train[int(where[r.index])] for r in suspects]),
+        [f"given: {classes[r.given]}\nsuggested: {classes[r.suggested]} ({r.quality:.2f})" for r in suspects],
+        ["red"] * len(suspects), empty="no training label looks wrong")
+    # The most confidently wrong validation images (as top_losses.png), each with its nearest training images.
+    pred = inf.outputs.argmax(1)
+    losses = F.cross_entropy(inf.outputs.float(), inf.labels, reduction="none")
+    wrong = sorted((i for i in range(len(pred)) if int(pred[i]) != int(inf.labels[i])), key=lambda i: -float(losses[i]))
+    row_of = {int(index): row for row, index in enumerate(val.indices.tolist())}
+    wrong = [i for i in wrong if int(inf.indices[i]) in row_of][:6]
+    samples, titles, colours = [], [], []
+    if wrong:
+        q = val.features[[row_of[int(inf.indices[i])] for i in wrong]]
+        sims, idx = nearest(q, x, k=neighbours)
+        for i, srow, irow in zip(wrong, sims.tolist(), idx.tolist()):
+            samples.append(splits.val[int(inf.indices[i])])
+            titles.append(f"true: {classes[int(inf.labels[i])]}\npredicted: {classes[int(pred[i])]}")
+            colours.append("red")
+            for sim, j in zip(srow, irow):
+                samples.append(splits.train[int(where[j])])
+                titles.append(f"train: {classes[int(y[j])]}\nsimilarity {sim:.2f}")
+                colours.append("black")
+    files["top_losses_nearest"] = plots.save_titled_grid(
+        out / "top_losses_nearest.png", images(samples), titles, colours, cols=neighbours + 1,
+        empty="no validation image is misclassified")
+    return files, {"checked": len(ranked), "suspects": sum(r.suspect for r in ranked),
+                   "top": [{"path": str(splits.train[int(where[r.index])].path), "given": classes[r.given],
+                            "suggested": classes[r.suggested], "quality": r.quality} for r in suspects]}
+
+
 def write_run_files(out: Path, *, inf: Inference, splits: DatasetSplits, pre: Preprocessing,
-                    history: Sequence[EpochRecord], summary: dict[str, Any]) -> dict[str, Path]:
-    """The pictures, curves, summary.json and report.html of a finished run; {name: path}."""
+                    history: Sequence[EpochRecord], summary: dict[str, Any],
+                    features: tuple[Features, Features] | None = None) -> dict[str, Path]:
+    """The pictures, curves, summary.json and report.html of a finished run; {name: path}. With
+    the pretrained backbone's `features` (strategies that computed them), the label check and the
+    top losses' nearest training images too."""
     from . import plots
 
     files = write_val_pictures(out, inf, splits, pre)
+    if features is not None:
+        more, summary["label_issues"] = write_label_pictures(out, features, inf, splits, pre)
+        files.update(more)
     files["curves"] = plots.save_curves(out / "curves.png", [asdict(r) for r in history])
     files["summary"] = out / "summary.json"
     with atomic_write(files["summary"], "w") as f:

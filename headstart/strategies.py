@@ -244,6 +244,9 @@ class Strategy:
     by __init__ or by `start`."""
 
     steps_per_epoch: int = 0
+    # (train, val) features of the pretrained backbone, where `start` computed them (view 0 first):
+    # the run's label check and the report's nearest training images use them
+    features: "tuple[Features, Features] | None" = None
 
     def __init__(self, model: nn.Module, splits: DatasetSplits, *, config: "TrainConfig",
                  preprocessing: Preprocessing, runtime: Runtime, callback: "Callback",
@@ -484,6 +487,7 @@ class HeadOnFeatures(HeadOnly):
             fingerprint=self.fingerprint, stop=self.stop)
         self._failed(self.splits.train, self.train_features.failed)
         self._failed(self.splits.val, self.val_features.failed)
+        self.features = (self.train_features, self.val_features)
         device = self.runtime.device
         self.train_x, self.train_y = self.train_features.features.to(device), self.train_features.labels.to(device)
         self.val_x = self.val_features.features.to(device)
@@ -605,6 +609,7 @@ def head_on_features(s: Strategy) -> tuple[HeadFit, Baseline]:
                                  callback=s.callback, fingerprint=fingerprint, stop=s.stop)
     s._failed(s.splits.train, train.failed)
     s._failed(s.splits.val, val.failed)
+    s.features = (train, val)
     fit = fit_head(train.features, train.labels, len(s.splits.classes), groups=train.indices,
                    class_weight=s.weight.cpu() if s.weight is not None else None, seed=s.config.seed)
     cv = ", ".join(f"{l2:g}: {loss:.3f}" for l2, loss in sorted(fit.cv_loss.items()))

@@ -24,6 +24,7 @@ from .check import unreadable_files
 from .checkpoint import RunCheckpoints
 from .clock import Clock, Estimate, parse_duration
 from .data import DatasetSplits, scan_dataset
+from .features import Features
 from .distributed import SINGLE, Group, is_rank_failure, join
 from .inference import Inference, infer
 from .metrics import Metrics, compute_metrics
@@ -166,6 +167,7 @@ class RunResult:
     val_inference: Inference | None = None  # the best epoch's validation logits (None after a resume)
     estimate: Estimate | None = None  # said after the first few steps of this process
     chosen: dict[str, Any] = field(default_factory=dict)  # what the strategy chose, and why (auto's plan)
+    features: tuple[Features, Features] | None = None  # (train, val) of the pretrained backbone, where computed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +251,8 @@ def _result(out: Path, state: RunState, books: "_Books", clock: Clock, strategy:
                      best_metrics=Metrics.from_dict(state.best_metrics) if state.best_metrics else None,
                      skipped=state.skipped,
                      files={"metrics": out / "metrics.csv", "state": out / STATE_FILE},
-                     val_inference=books.best_val, estimate=clock.estimate, chosen=strategy.chosen())
+                     val_inference=books.best_val, estimate=clock.estimate, chosen=strategy.chosen(),
+                     features=strategy.features)
 
 
 class _Books:
@@ -401,7 +404,7 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
     }
     try:
         result.files.update(write_run_files(out, inf=inf, splits=splits, pre=pre, history=result.history,
-                                            summary=summary))
+                                            summary=summary, features=result.features))
     except KeyboardInterrupt:  # the model and the run state are saved: a resume draws them again
         raise TrainingInterrupted(out, result.best_epoch, 0, while_="writing the pictures, summary.json and the "
                                                                     "report (every epoch is saved)") from None

@@ -15,7 +15,7 @@ from headstart.demo import run_demo
 from headstart.training import TrainConfig
 
 COMMANDS = ["train", "evaluate", "predict", "check", "report", "show", "demo", "weights", "models", "convert", "export",
-            "serve"]
+            "serve", "similar"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

@@ -1,0 +1,202 @@
+"""Your labels and your model's reach, from the backbone features of the images (features.py).
+
+- Likely mislabelled images (confident learning): out-of-fold probabilities of a linear head
+  (linear.py, k-fold over the images), each image's label quality p(given label); an image is a
+  suspect when another class's probability reaches that class's own threshold (the mean
+  probability of the class over the images labelled with it), suggested as that class.
+  `find_label_issues` is `headstart check DATA --labels`.
+- Similar images: the training images nearest by the cosine similarity of their features;
+  `find_similar` is `headstart similar CKPT IMAGE... --in DATA`.
+
+Costs: one backbone pass per image (kept in the disk feature cache: a second call reads them
+back), then matrix products and L-BFGS fits on (N, F) features: seconds for thousands of images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import Sample, collect_files, scan_dataset
+from .features import Features, extract_features
+from .inference import INFERENCE_BATCH_SIZE
+from .linear import FOLDS, _folds, _solve, fit_head
+from .models import create_model, get_model_info, open_model
+from .preprocessing import Preprocessing
+from .runtime import Runtime, resolve_runtime
+from .weights import weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nearest training images.
+
+def nearest(query: torch.Tensor, reference: torch.Tensor, *, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine similarities (Q, k), row indices (Q, k)) of the `k` rows of `reference` (R, F)
+    nearest to each row of `query` (Q, F), most similar first. Cost: 2*Q*R*F FLOP."""
+    sims = F.normalize(query.float(), dim=1) @ F.normalize(reference.float(), dim=1).T
+    return sims.topk(min(k, reference.shape[0]), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Likely mislabelled images.
+
+@dataclass
+class LabelIssue:
+    index: int  # the image's position in the samples given
+    given: int
+    suggested: int  # the class the out-of-fold probabilities favour (given, where none does)
+    quality: float  # out-of-fold probability of the given label: low is suspect
+    suspect: bool  # another class reaches its own confidence threshold
+
+
+def out_of_fold_probabilities(features: torch.Tensor, labels: torch.Tensor, classes: int, *, folds: int = FOLDS,
+                              seed: int = 0) -> torch.Tensor:
+    """(N, C) probabilities of each image from a linear head fitted without it: the L2 penalty
+    chosen by cross-validation on all images (linear.fit_head), then one fit per fold."""
+    y = labels.long()
+    l2 = fit_head(features, y, classes, seed=seed).l2
+    x = features.double()
+    fold = _folds(y, torch.arange(len(y)), folds, seed)
+    probs = torch.full((len(y), classes), 1.0 / classes, dtype=torch.float64)
+    for k in range(folds):
+        train, held = fold != k, fold == k
+        if not held.any() or len(y[train].unique()) < 2:
+            continue
+        mu, sigma = x[train].mean(0), x[train].std(0).clamp(min=1e-6)
+        W, b = _solve((x[train] - mu) / sigma, y[train], classes, l2, None, None, 300)
+        probs[held] = (((x[held] - mu) / sigma) @ W.T + b).softmax(1)
+    return probs.float()
+
+
+def label_issues(features: torch.Tensor, labels: torch.Tensor, classes: int, *, folds: int = FOLDS,
+                 seed: int = 0) -> list[LabelIssue]:
+    """Every image, most suspect first: suspects (confident learning's off-diagonal) before the
+    rest, each group by label quality, lowest first."""
+    p = out_of_fold_probabilities(features, labels, classes, folds=folds, seed=seed)
+    y = labels.long()
+    thresholds = torch.stack([p[y == c, c].mean() if (y == c).any() else torch.tensor(1.0) for c in range(classes)])
+    above = p >= thresholds  # (N, C): classes each image is confidently in
+    above[torch.arange(len(y)), y] = False
+    out = []
+    for i in range(len(y)):
+        others = above[i].nonzero().flatten()
+        suggested = int(others[p[i, others].argmax()]) if len(others) else int(p[i].argmax())
+        out.append(LabelIssue(i, int(y[i]), suggested, float(p[i, y[i]]), bool(len(others))))
+    return sorted(out, key=lambda r: (not r.suspect, r.quality))
+
+
+def suspects_found(ranked: Sequence[LabelIssue], flipped: set[int], top: int) -> tuple[float, float]:
+    """(precision, recall) of the first `top` of a ranking against the images known to be flipped."""
+    head = {r.index for r in ranked[:top]}
+    hit = len(head & flipped)
+    return hit / max(len(head), 1), hit / max(len(flipped), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands' library calls.
+
+@dataclass
+class LabelRow:
+    """An image of `find_label_issues`' ranking."""
+
+    path: str
+    split: str  # train | val
+    given: str
+    suggested: str
+    quality: float  # out-of-fold probability of the given label
+    suspect: bool
+
+
+def _features(model: torch.nn.Module, samples: Sequence[Sample], *, arch: str, pre: Preprocessing, runtime: Runtime,
+              images: int, workers: int, on_batch: Callable[[int, int], None] | None = None) -> Features:
+    """Backbone features of `samples` (view 0), through the disk feature cache that training uses
+    (the same key: a run's frozen or auto strategy reads them back, and the other way round)."""
+    fingerprint = weights_fingerprint(model, exclude=f"{get_model_info(arch).classifier}.")
+    return extract_features(model, samples, runtime=runtime, pre=pre, cache_key=fingerprint, images=images,
+                            batch_size=INFERENCE_BATCH_SIZE, workers=workers, on_batch=on_batch)
+
+
+def find_label_issues(data: str | os.PathLike[str], *, arch: str = "resnet50", weights: str = "imagenet",
+                      val_split: float | None = None, folds: int = FOLDS, seed: int = 0, device: str = "auto",
+                      precision: str = "auto", threads: int | None = None, workers: int = 2,
+                      on_batch: Callable[[int, int], None] | None = None) -> list[LabelRow]:
+    """Every decodable image of `data` (its train/ and val/ pooled), most suspect first: the
+    suspects (another class is confidently more likely) by label quality, then the rest. Needs a
+    pretrained backbone (`weights`, ImageNet by default): its features are what the labels are
+    checked against."""
+    if weights in (None, "none"):
+        raise ValueError("checking labels needs a pretrained backbone: its features are what the labels are checked "
+                         "against; drop --weights none (ImageNet weights are the default)")
+    splits = scan_dataset(data, val_split=val_split, seed=seed)
+    runtime = resolve_runtime(device=device, precision=precision, threads=threads)
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes=len(splits.classes), weights=weights)
+    runtime.prepare(model)
+    images = len(splits.train) + len(splits.val)
+    pre = get_model_info(arch).preprocessing
+    parts = [(name, samples, _features(model, samples, arch=arch, pre=pre, runtime=runtime, images=images,
+                                       workers=workers, on_batch=on_batch))
+             for name, samples in (("train", splits.train), ("val", splits.val))]
+    rows = [(name, samples[int(i)]) for name, samples, f in parts for i in f.indices]
+    features = torch.cat([f.features for _, _, f in parts])
+    labels = torch.cat([f.labels for _, _, f in parts])
+    ranked = label_issues(features, labels, len(splits.classes), folds=folds, seed=seed)
+    names = splits.classes
+    return [LabelRow(str(rows[r.index][1].path), rows[r.index][0], names[r.given], names[r.suggested], r.quality,
+                     r.suspect) for r in ranked]
+
+
+@dataclass
+class SimilarImage:
+    path: str
+    label: str
+    similarity: float  # cosine similarity of the backbone features, 1 = the same
+
+
+@dataclass
+class SimilarImages:
+    path: str  # the query image
+    nearest: list[SimilarImage]  # most similar first; empty when the image could not be read
+    error: str | None = None
+
+
+def find_similar(checkpoint: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *,
+                 data: str | os.PathLike[str], k: int = 5, device: str = "auto", precision: str = "auto",
+                 threads: int | None = None, workers: int = 2, arch: str | None = None) -> list[SimilarImages]:
+    """For each image under `images`, the `k` training images of `data` (its train/ folder, or the
+    folder itself) nearest by the checkpoint's backbone features (cosine), from the disk feature
+    cache when they are there."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    ckpt = open_model(checkpoint, arch=arch)
+    root = Path(data)
+    splits = scan_dataset(root, val_split=None) if (root / "train").is_dir() else None
+    train = splits.train if splits else [Sample(p, 0) for p in collect_files([root])]
+    names = splits.classes if splits else None
+    files = collect_files(images)
+    runtime = resolve_runtime(device=device, precision=precision, threads=threads)
+    arch = ckpt.meta.get("arch", arch or "resnet50")
+    runtime.prepare(ckpt.model)
+    images = len(train) + len(files)  # (picks the engine, as training's count does: the cache is shared)
+    ref = _features(ckpt.model, train, arch=arch, pre=ckpt.preprocessing, runtime=runtime, images=images,
+                    workers=workers)
+    query = _features(ckpt.model, [Sample(p, -1) for p in files], arch=arch, pre=ckpt.preprocessing, runtime=runtime,
+                      images=images, workers=workers)
+    if not len(ref.labels):
+        raise ValueError(f"no readable training images under {root}")
+    sims, idx = nearest(query.features, ref.features, k=k)
+    out = {int(q): SimilarImages(str(files[int(q)]), [
+        SimilarImage(str(train[int(ref.indices[j])].path),
+                     names[train[int(ref.indices[j])].label] if names else Path(train[int(ref.indices[j])].path).parent.name,
+                     float(s)) for s, j in zip(srow, irow)]) for q, srow, irow in zip(query.indices, sims, idx)}
+    for q, reason in query.failed:
+        out[q] = SimilarImages(str(files[q]), [], f"not a readable image ({reason})")
+    return [out[i] for i in sorted(out)]
