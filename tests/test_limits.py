@@ -92,7 +92,7 @@ def _flipped_hymenoptera(root: Path, fraction: float, seed: int) -> tuple[Path, 
 @pytest.mark.slow
 def test_five_percent_flipped_labels_are_found(real_weights_home: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """Issue 18: with 5% of hymenoptera's training labels flipped, at least 80% of them are among
-    the first 2 x (number flipped) of the ranking (measured: 11 of 12, precision 0.46)."""
+    the first 2 x (number flipped) of the ranking (measured: 12 of 12)."""
     if not HYMENOPTERA.is_dir():
         pytest.skip("../shared/datasets/hymenoptera is not here")
     monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
