@@ -736,7 +736,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parse_args(argv)
             args.argv = list(sys.argv[1:] if argv is None else argv)
             level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-            if int(os.environ.get("RANK", "0")):  # a data-parallel run's other ranks: only rank 0 speaks
+            from .distributed import rank
+
+            if rank():  # a data-parallel run's other ranks: only rank 0 speaks
                 level = logging.DEBUG if args.verbose >= 2 else logging.ERROR
             log.handlers[:] = [_TqdmHandler()]
             log.setLevel(level)
@@ -750,9 +752,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.func(args)
         except TrainingInterrupted as e:  # a data-parallel run's ranks stop together: rank 0 says so
-            if isinstance(e, RankLost) or not int(os.environ.get("RANK", "0")):  # (a lost rank: each one)
+            if isinstance(e, RankLost) or not rank():  # (a lost rank: each one)
                 say(f"\n{e}", file=sys.stderr)
             return 1 if isinstance(e, RankLost) else 130
+    except RuntimeError as e:  # a data-parallel run's collective that failed outside the epochs (features, plan)
+        from .distributed import is_rank_failure, launched, rank
+
+        if not (launched() and is_rank_failure(e)):
+            raise
+        say(f"rank {rank()}: another rank died or stopped answering ({str(e).strip().splitlines()[0][:300]})",
+            file=sys.stderr)
+        return 1
     except (OSError, ValueError, TypeError) as e:  # FileNotFoundError, PermissionError, ConnectionError too
         say(f"error: {e}", file=sys.stderr)
         return 2

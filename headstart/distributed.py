@@ -26,6 +26,7 @@ after `timeout` seconds (--timeout); they end with `RankLost`, which says how to
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class Group:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1  # ranks on this node
-    device: str = "cpu"  # where collectives' tensors live (nccl: this rank's GPU)
+    device: str = "cpu"  # where Group's own collectives' tensors live (gloo; DDP's and SyncBatchNorm's: the model's)
 
     @property
     def main(self) -> bool:
@@ -56,6 +57,7 @@ class Group:
 
     @property
     def active(self) -> bool:
+        """More than one rank: collectives talk to the others."""
         return self.world > 1
 
     def sum(self, values: Sequence[float]) -> list[float]:
@@ -102,15 +104,24 @@ class Group:
         rows = [torch.cat([p[1][k] for p in parts])[order] for k in range(len(tensors))]
         return found[order], rows, failed
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """`module` as DistributedDataParallel, its BatchNorm layers synchronised over the group;
-        DDP's constructor sends rank 0's parameters and buffers to every rank."""
+    def wrap(self, module: nn.Module, *, sync: bool = True) -> nn.Module:
+        """`module` as DistributedDataParallel, its BatchNorm layers synchronised over the group
+        (`sync`; else each rank's use its own images and DDP sends rank 0's buffers before each
+        forward); DDP's constructor sends rank 0's parameters and buffers to every rank."""
         if not self.active:
             return module
+        if not sync:
+            return nn.parallel.DistributedDataParallel(module, gradient_as_bucket_view=True, device_ids=(
+                [next(module.parameters()).device.index] if next(module.parameters()).device.type == "cuda" else None))
         sync_batchnorm(module)
-        ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False,
-                                                   gradient_as_bucket_view=True)
+        device = next(module.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel
+        # Buffers are the same on every rank (SyncBatchNorm's statistics): no broadcast before each forward
+        # (torch 2.13 renamed the option; older ones know the old name only).
+        quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                 else {"broadcast_buffers": False})
+        return ddp(module, device_ids=ids, gradient_as_bucket_view=True, **quiet)
 
 
 SINGLE = Group()
@@ -124,7 +135,7 @@ def launched() -> bool:
 
 def rank() -> int:
     """This process's rank as its launcher set it (0 when alone)."""
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def join(*, timeout: float, device: str = "auto") -> Group:
@@ -141,13 +152,16 @@ def join(*, timeout: float, device: str = "auto") -> Group:
     local_rank, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"rank {rank} is local rank {local_rank} but this machine has {torch.cuda.device_count()} "
+                             "GPU(s): one GPU per rank; pass --nproc (--nproc-per-node) of at most that many")
         torch.cuda.set_device(local_rank)
-    where = f"cuda:{local_rank}" if cuda else "cpu"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo",
+    if not torch.distributed.is_initialized():  # gloo for CPU tensors (our own small collectives), nccl for CUDA ones
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
                                              timeout=datetime.timedelta(seconds=timeout))
-    _joined = Group(rank, world, local_rank, local_world, where)
-    log.info("rank %d of %d (local %d of %d) on %s", rank, world, local_rank, local_world, where)
+    _joined = Group(rank, world, local_rank, local_world, "cpu")
+    log.info("rank %d of %d (local %d of %d)%s", rank, world, local_rank, local_world,
+             f" on cuda:{local_rank}" if cuda else "")
     return _joined
 
 
@@ -169,50 +183,75 @@ def is_rank_failure(e: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------
 # BatchNorm over the global batch (torch's SyncBatchNorm runs on GPUs only).
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the ranks, differentiable: each rank's output depends on every rank's input, so the
-    gradient of an input is the sum over the ranks of the outputs' gradients."""
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """BatchNorm over the group's whole batch, forward and backward by hand: one all-reduce of the
+    per-channel (count, sum, sum of squared deviations) forward, one of (sum dy, sum dy * (x - mean))
+    backward; the normalisation itself is eval-mode batch_norm with the global statistics (one
+    fused pass, bf16 in and out where the activations are bf16). `weight` and `bias` get this
+    rank's share of their gradient, which DistributedDataParallel then sums over the ranks."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        return x
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        c = x.shape[1]
+        xf = x.float()  # (N, C, H, W); N may be 0 on a rank whose share of the batch is empty
+        n = xf.numel() // max(c, 1)
+        if n:
+            var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        else:
+            var, mean = xf.new_zeros(c), xf.new_zeros(c)
+        # Per rank: n * mean and M2 + n * mean^2 (M2 = n * var): summed, they give the global mean and M2.
+        stats = torch.cat([mean * n, (var + mean * mean) * n, xf.new_tensor([float(n)])])
+        torch.distributed.all_reduce(stats)
+        total = stats[-1]
+        mean = stats[:c] / total.clamp(min=1)
+        var = (stats[c:2 * c] / total.clamp(min=1) - mean * mean).clamp(min=0)
+        invstd = torch.rsqrt(var + eps)
+        y = torch.nn.functional.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, var, total)
+        ctx.total = float(total)
+        return y, mean, var, total
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        torch.distributed.all_reduce(grad)
-        return grad
+    def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        c = x.shape[1]
+        dyf, centred = dy.float(), x.float() - mean.view(1, -1, 1, 1)
+        sums = torch.cat([dyf.sum((0, 2, 3)), (dyf * centred).sum((0, 2, 3))])
+        local_dy, local_dy_centred = sums[:c].clone(), sums[c:].clone()
+        torch.distributed.all_reduce(sums)
+        n = max(ctx.total, 1.0)
+        mean_dy, mean_dy_centred = sums[:c] / n, sums[c:] / n
+        scale = (invstd * weight.float()).view(1, -1, 1, 1)
+        dx = (dyf - mean_dy.view(1, -1, 1, 1) - centred * (invstd * invstd * mean_dy_centred).view(1, -1, 1, 1)) * scale
+        return dx.to(x.dtype), (local_dy_centred * invstd).to(weight.dtype), local_dy.to(weight.dtype), None
 
 
 class SyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose batch statistics, in training, are those of every rank's images together:
-    two all-reduces in the forward (the sum, with the count; then the squared deviations: the
-    variance in two passes, as torch's own BatchNorm), two in the backward (autograd's of the
-    all-reduce). The same parameters and buffers as BatchNorm2d, so checkpoints do not change."""
+    """BatchNorm2d whose batch statistics, in training, are those of every rank's images together
+    (`_SyncBatchNormFunction`): a step is then one process's step on the global batch. The same
+    parameters and buffers as BatchNorm2d, so checkpoints do not change."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.distributed.is_initialized()):
+        if not (self.training and torch.distributed.is_initialized() and self.affine):
             return super().forward(x)
-        all_reduce = _AllReduceSum.apply
-        xf = x.float()  # (N, C, H, W); N may be 0 on a rank whose share of the batch is empty
-        count = torch.tensor([xf.numel() / max(xf.shape[1], 1)], dtype=torch.float32, device=x.device)
-        sums = all_reduce(torch.cat([xf.sum((0, 2, 3)), count]))
-        n = sums[-1].detach()
-        mean = sums[:-1] / n
-        centred = xf - mean.view(1, -1, 1, 1)
-        var = all_reduce((centred * centred).sum((0, 2, 3))) / n
-        y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
-        if self.affine:
-            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        if self.track_running_stats:
+        y, mean, var, n = _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats and float(n) > 0:  # (n = 0: every image of the global batch failed)
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp(min=1)), alpha=m)
-        return y.to(x.dtype)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var * (n / (n - 1).clamp(min=1)), alpha=m)
+        return y
+
+
+def plain_batchnorm(module: nn.Module) -> nn.Module:
+    """SyncBatchNorm layers made BatchNorm2d again, in place (inference copies: BatchNorm folding
+    and tracing want the standard module)."""
+    for m in module.modules():
+        if type(m) is SyncBatchNorm:
+            m.__class__ = nn.BatchNorm2d
+    return module
 
 
 def sync_batchnorm(module: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
-from .distributed import SINGLE, Group, threads_per_rank
+from .distributed import SINGLE, Group, plain_batchnorm, threads_per_rank
 from .engine import MIN_IMAGES, OpenVINOModel, openvino_available
 from .preprocessing import Preprocessing, normalize
 
@@ -107,7 +107,7 @@ class Runtime:
         (validation in training), so OpenVINO's converted graph is not kept on disk. With
         `int8_features`, a features copy given `calibration` (a function returning inputs as
         `inputs` makes them, one image each) is quantized to int8 on them, whatever `images`."""
-        m = copy.deepcopy(model).eval()
+        m = plain_batchnorm(copy.deepcopy(model).eval())  # (a data-parallel run's SyncBatchNorm layers)
         if features:
             m = _ForwardFeatures(m)
         for p in m.parameters():
@@ -195,7 +195,7 @@ def resolve_runtime(*, device: str = "auto", precision: str = "auto", threads: i
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if group.active and device.startswith("cuda"):
-        device = group.device
+        device = f"cuda:{group.local_rank}"  # one GPU per rank
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

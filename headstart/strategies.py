@@ -400,7 +400,8 @@ class ImageEpochs(Strategy):
         set_train_mode(self.model)
 
     def distribute(self) -> bool:
-        self.forward = self.runtime.group.wrap(self.forward)  # BatchNorm over the global batch, DDP's gradients
+        # DDP's gradients; with --sync-batchnorm, BatchNorm over the global batch
+        self.forward = self.runtime.group.wrap(self.forward, sync=self.config.sync_batchnorm)
         return True
 
     def train_epoch(self, epoch: int, stepper: Stepper, *, progress: EpochProgress, stop: Stop) -> EpochProgress:
@@ -717,8 +718,9 @@ class Auto(Partial):
         for name in self._candidate_stages() if self.config.budget is not None else []:
             candidates.append(self._time_candidate(name))
             left = self._seconds_left()
-            if left < min(3, self.config.epochs) * candidates[-1].epoch_seconds:
-                break  # the deeper candidates cost more
+            # the deeper candidates cost more; rank 0 decides (the timing steps hold collectives)
+            if self.runtime.group.broadcast(left < min(3, self.config.epochs) * candidates[-1].epoch_seconds):
+                break
         if candidates:
             name, epochs, reason = choose_plan(candidates, seconds_left=self._seconds_left(), epochs=self.config.epochs)
             estimate = epochs * next(c.epoch_seconds for c in candidates if c.train_from == name)

@@ -114,6 +114,9 @@ class TrainConfig:
     bad_files: str = option("skip", "files that cannot be read as images: skip them (each named once) or stop "
                                     "before training", choices=BAD_FILES)
     balance: bool = option(False, "weight the loss by inverse class frequency (for imbalanced classes)")
+    sync_batchnorm: bool = option(False, "data-parallel runs: the BatchNorm layers that train use the statistics of "
+                                         "the whole global batch, so the run gives one process's results (else each "
+                                         "rank's own share, DDP's default: faster, no exchange per layer)")
     timeout: float = option(300.0, "data-parallel runs (torchrun, --nproc): how long a rank waits for the others "
                                    "(e.g. 90s, 10m) before it ends the run with an error", minimum=1,
                             parse=parse_duration)
@@ -270,7 +273,7 @@ class _Books:
         self.best_val: Inference | None = None  # the best epoch's validation logits, for the pictures
         self.saved_at = time.perf_counter()
         self.saved_at_where: str | None = None  # where the run state on disk stands (for RankLost's message)
-        if (out / STATE_FILE).exists() and state.epoch:
+        if (out / STATE_FILE).exists() and (state.epoch or state.progress.steps):
             self.saved_at_where = _where(state)
 
     def keep(self, strategy: Strategy, stepper: Stepper, ranks: int) -> None:
@@ -366,6 +369,12 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
     elif group.main:
         write_dataset_listing(out, splits)
     bad = _drop_unreadable(splits, fail=config.bad_files == "fail")
+    if group.active:  # every rank must read the same images in the same order
+        seen = group.gather((splits.classes, [str(s.path) for s in splits.train], [str(s.path) for s in splits.val]))
+        if any(other != seen[0] for other in seen[1:]):
+            differ = [r for r, other in enumerate(seen) if other != seen[0]]
+            raise ValueError(f"rank(s) {differ} see other files in {data} than rank 0 (classes, or the readable "
+                             "images of a split): every rank needs the same dataset at the same path")
     strategy = get_strategy(config.strategy)
     runtime = resolve_runtime(device=config.device, precision=config.precision, threads=config.threads,
                               compile=config.compile and strategy.compiles, engine=config.engine, group=group)

@@ -154,6 +154,8 @@ def _fusable(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None)
         return False  # traced graphs want the standard modules (BatchNorm folding, export)
     if not (bn.training and bn.affine and bn.track_running_stats and bn.running_mean is not None):
         return False
+    if type(bn) is not nn.BatchNorm2d:  # a subclass has statistics of its own (distributed.SyncBatchNorm)
+        return False
     ok = (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and x.numel() > 0
           and x.shape[0] * x.shape[2] * x.shape[3] > 1  # PyTorch raises for a single value per channel
           and x.is_contiguous(memory_format=_CL)
