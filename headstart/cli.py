@@ -422,7 +422,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                "where that holds a run; beside the dataset, never inside it)")
     p.add_argument("--resume", default=None, metavar="RUN",
                    help="continue the run in folder RUN from its last saved state, with its data and options (more "
-                        "--epochs, another --budget, --workers or --threads may be given)")
+                        "--epochs, another --budget, --workers, --threads or --timeout may be given; a data-parallel run: "
+                        "with --nproc again, or under torchrun)")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes on this machine, launched with torchrun (the same "

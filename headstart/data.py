@@ -261,7 +261,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ImageDataset(torch.utils.data.Dataset):
     """Samples -> (uint8 image (3, S, S) or None, label, index).
 
-    Indexed by (index, epoch) pairs (see `EpochSampler`) so that augmentation depends only on the
+    Indexed by (index, epoch) pairs (see `EpochBatches`) so that augmentation depends only on the
     seed, the epoch and the sample. A file that cannot be decoded gives None, never an exception:
     the batch drops it and reports it (`Batch.failed`).
     """
