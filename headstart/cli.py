@@ -702,8 +702,8 @@ def _exit_at_once(signum: int, frame: object) -> None:
     os._exit(130)
 
 
-_HEAVY = {"train": ("training",), "demo": ("training",), "similar": ("limits",), "predict": ("prediction",), "evaluate": ("evaluation",),
-          "export": ("export",), "serve": ("serve",)}  # the commands that run a network: their modules
+_HEAVY = {"train": ("training",), "demo": ("training",), "similar": ("limits",), "predict": ("prediction",),
+          "evaluate": ("evaluation",), "export": ("export",), "serve": ("serve",)}  # the commands that run a network: their modules
 
 
 def _import_what_runs(command: str | None) -> None:

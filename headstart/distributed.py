@@ -48,7 +48,7 @@ class Group:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1  # ranks on this node
-    device: str = "cpu"  # where Group's own collectives' tensors live (gloo; DDP's and SyncBatchNorm's: the model's)
+    # (Group's own collectives send CPU tensors, over gloo; DDP's and SyncBatchNorm's live where the model does)
 
     @property
     def main(self) -> bool:
@@ -64,7 +64,7 @@ class Group:
         """Each value summed over the ranks (float64)."""
         if not self.active:
             return [float(v) for v in values]
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t = torch.tensor(values, dtype=torch.float64)
         torch.distributed.all_reduce(t)
         return t.tolist()
 
@@ -77,7 +77,7 @@ class Group:
         if not self.active:
             return obj
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0, device=torch.device(self.device))
+        torch.distributed.broadcast_object_list(box, src=0, device=torch.device("cpu"))
         return box[0]
 
     def gather(self, obj: T) -> list[T]:
@@ -94,7 +94,7 @@ class Group:
         rank, in the order of their positions (one process's order), with every rank's `failed`."""
         if not self.active:
             return indices, list(tensors), failed
-        parts = [p for p in self.gather((indices.cpu(), [t.cpu() for t in tensors], failed))]
+        parts = self.gather((indices.cpu(), [t.cpu() for t in tensors], failed))
         failed = sorted({tuple(f) for p in parts for f in p[2]})
         parts = [p for p in parts if len(p[0])]
         if not parts:
@@ -110,18 +110,17 @@ class Group:
         forward); DDP's constructor sends rank 0's parameters and buffers to every rank."""
         if not self.active:
             return module
-        if not sync:
-            return nn.parallel.DistributedDataParallel(module, gradient_as_bucket_view=True, device_ids=(
-                [next(module.parameters()).device.index] if next(module.parameters()).device.type == "cuda" else None))
-        sync_batchnorm(module)
         device = next(module.parameters()).device
-        ids = [device.index] if device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel
-        # Buffers are the same on every rank (SyncBatchNorm's statistics): no broadcast before each forward
-        # (torch 2.13 renamed the option; older ones know the old name only).
-        quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                 else {"broadcast_buffers": False})
-        return ddp(module, device_ids=ids, gradient_as_bucket_view=True, **quiet)
+        options: dict[str, Any] = {}
+        if sync:
+            sync_batchnorm(module)
+            # Buffers are the same on every rank (SyncBatchNorm's statistics): no broadcast before each
+            # forward (torch 2.13 renamed the option; older ones know the old name only).
+            options = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else {"broadcast_buffers": False})
+        return ddp(module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+                   **options)
 
 
 SINGLE = Group()
@@ -159,7 +158,7 @@ def join(*, timeout: float, device: str = "auto") -> Group:
     if not torch.distributed.is_initialized():  # gloo for CPU tensors (our own small collectives), nccl for CUDA ones
         torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
                                              timeout=datetime.timedelta(seconds=timeout))
-    _joined = Group(rank, world, local_rank, local_world, "cpu")
+    _joined = Group(rank, world, local_rank, local_world)
     log.info("rank %d of %d (local %d of %d)%s", rank, world, local_rank, local_world,
              f" on cuda:{local_rank}" if cuda else "")
     return _joined

@@ -85,7 +85,7 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
     """
     images = len(samples) if images is None else images
     group = runtime.group  # data-parallel: each rank computes its share, and every rank gets them all
-    path, found = None, None
+    path = None
     if cache_key is not None:
         key = hashlib.sha256(json.dumps({
             "weights": cache_key, "preprocessing": pre.to_dict(), "view": view,
@@ -95,9 +95,7 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
         }, sort_keys=True).encode()).hexdigest()[:32]
         path = cache_dir() / "features" / f"{key}.safetensors"
         found = _read_cached(path)
-        if group.any(found is None):  # a rank without them (another node's cache): every rank computes
-            found = None
-        if found is not None:
+        if not group.any(found is None):  # (a rank without them, another node's cache: every rank computes)
             log.info("features of %d images (view %d) from %s", len(samples), view, path)
             return found
     transform = pre.eval_transform() if view == 0 else pre.train_transform()

@@ -93,13 +93,6 @@ def label_issues(features: torch.Tensor, labels: torch.Tensor, classes: int, *, 
     return sorted(out, key=lambda r: (not r.suspect, r.quality))
 
 
-def suspects_found(ranked: Sequence[LabelIssue], flipped: set[int], top: int) -> tuple[float, float]:
-    """(precision, recall) of the first `top` of a ranking against the images known to be flipped."""
-    head = {r.index for r in ranked[:top]}
-    hit = len(head & flipped)
-    return hit / max(len(head), 1), hit / max(len(flipped), 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # The commands' library calls.
 

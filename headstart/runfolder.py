@@ -221,13 +221,8 @@ def write_label_pictures(out: Path, features: tuple[Features, Features], inf: In
     from .limits import label_issues, nearest
 
     train, val = features
-    first = torch.zeros(len(train.indices), dtype=torch.bool)  # view 0: each image's first row
-    seen: set[int] = set()
-    for row, index in enumerate(train.indices.tolist()):
-        if index not in seen:
-            seen.add(index)
-            first[row] = True
-    x, y, where = train.features[first], train.labels[first], train.indices[first]
+    first = int(train.indices.unique().numel())  # view 0's rows come first, one per decodable image
+    x, y, where = train.features[:first], train.labels[:first], train.indices[:first]
     ranked = label_issues(x, y, len(splits.classes))
     classes = splits.classes
     with atomic_write(out / "label_issues.csv", "w") as f:

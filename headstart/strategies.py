@@ -186,7 +186,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, stepp
         count, summed, correct, n = group.sum([count, float(loss_sum.detach()), correct, len(y)])
         if not n:  # every image of the global batch failed to decode: no step
             continue
-        _check_finite(torch.tensor(summed), epoch, progress.steps + 1, stepper, pre.train_crop)
+        _check_finite(summed, epoch, progress.steps + 1, stepper, pre.train_crop)
         stepper.step(loss_sum * (group.world / count))
         progress.add(summed / count, int(correct), int(n))
         progress.seconds = time.perf_counter() - start  # current, for a run state saved mid-epoch
@@ -199,9 +199,9 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, stepp
     return progress
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int, stepper: Stepper, image_size: int | None) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(epoch, step, float(loss.detach()), stepper.lr, image_size)
+def _check_finite(loss: float, epoch: int, step: int, stepper: Stepper, image_size: int | None) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(epoch, step, loss, stepper.lr, image_size)
 
 
 def train_head_one_epoch(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, stepper: Stepper, *,
@@ -220,9 +220,10 @@ def train_head_one_epoch(head: nn.Module, features: torch.Tensor, labels: torch.
     for rows in batches[progress.steps:]:
         logits = head(features[rows])
         loss = F.cross_entropy(logits, labels[rows], weight=weight)
-        _check_finite(loss, epoch, progress.steps + 1, stepper, None)
+        value = float(loss.detach())
+        _check_finite(value, epoch, progress.steps + 1, stepper, None)
         stepper.step(loss)
-        progress.add(float(loss.detach()), int((logits.argmax(1) == labels[rows]).sum()), len(rows))
+        progress.add(value, int((logits.argmax(1) == labels[rows]).sum()), len(rows))
         progress.seconds = time.perf_counter() - start
         if callback:
             callback.on_step("train", epoch, progress.steps, len(batches), progress.loss_sum / progress.images)
@@ -483,15 +484,15 @@ class HeadOnFeatures(HeadOnly):
 
     def start(self, saved: SavedRun | None) -> Baseline | None:
         super().start(saved)  # the fingerprint is checked before any feature is computed
-        self.train_features, self.val_features = cached_features(
+        self.features = cached_features(
             self.model, self.splits, config=self.config, pre=self.pre, runtime=self.runtime, callback=self.callback,
             fingerprint=self.fingerprint, stop=self.stop)
-        self._failed(self.splits.train, self.train_features.failed)
-        self._failed(self.splits.val, self.val_features.failed)
-        self.features = (self.train_features, self.val_features)
+        train, val = self.features
+        self._failed(self.splits.train, train.failed)
+        self._failed(self.splits.val, val.failed)
         device = self.runtime.device
-        self.train_x, self.train_y = self.train_features.features.to(device), self.train_features.labels.to(device)
-        self.val_x = self.val_features.features.to(device)
+        self.train_x, self.train_y = train.features.to(device), train.labels.to(device)
+        self.val_x = val.features.to(device)
         self.steps_per_epoch = math.ceil(len(self.train_y) / self.config.batch_size)
         return None
 
@@ -504,7 +505,7 @@ class HeadOnFeatures(HeadOnly):
         self.head.eval()
         with torch.no_grad():
             logits = self.head(self.val_x).float().cpu()
-        v = self.val_features
+        v = self.features[1]
         return Inference(logits, v.labels, v.indices, v.failed)
 
 

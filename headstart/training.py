@@ -281,14 +281,13 @@ class _Books:
 
     def save_state(self) -> None:
         self.state.elapsed = time.perf_counter() - self.clock.started
+        if self.writes:
+            tensors, extra, meta = self.strategy.run_state()
+            write_run_state(self.out / STATE_FILE, model=tensors, extra=extra, optimizer=self.stepper.optimizer,
+                            meta={**self.run_meta, "config": asdict(self.config), **self.stepper.state_meta(),
+                                  "state": self.state.to_dict(), **meta})
+            self.saved_at_where = _where(self.state)
         self.saved_at = time.perf_counter()
-        if not self.writes:
-            return
-        tensors, extra, meta = self.strategy.run_state()
-        write_run_state(self.out / STATE_FILE, model=tensors, extra=extra, optimizer=self.stepper.optimizer,
-                        meta={**self.run_meta, "config": asdict(self.config), **self.stepper.state_meta(),
-                              "state": self.state.to_dict(), **meta})
-        self.saved_at, self.saved_at_where = time.perf_counter(), _where(self.state)
 
     def save_if_due(self) -> bool:
         """After a step: the run state saved mid-epoch if `save_every` s have gone by since the last

@@ -12,7 +12,7 @@ import torch
 
 from headstart.checkpoint import save_checkpoint
 from headstart.cli import main
-from headstart.limits import find_label_issues, find_similar, label_issues, nearest, suspects_found
+from headstart.limits import find_label_issues, find_similar, label_issues, nearest
 from headstart.models import create_model, get_model_info
 
 from .conftest import CLASS_COLOURS, HYMENOPTERA, colour_image, make_dataset
@@ -29,7 +29,6 @@ def test_label_issues_rank_a_flipped_label_first() -> None:
     assert {r.index for r in ranked[:2]} == {3, 40} and all(r.suspect for r in ranked[:2])
     assert {r.index: r.suggested for r in ranked[:2]} == {3: 0, 40: 1}
     assert sum(r.suspect for r in ranked) == 2 and ranked[0].quality < 0.5
-    assert suspects_found(ranked, {3, 40}, 2) == (1.0, 1.0)
 
 
 def test_nearest_is_cosine_similarity() -> None:
