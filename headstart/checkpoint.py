@@ -25,6 +25,7 @@ from .preprocessing import Preprocessing
 
 FORMAT = "headstart-checkpoint"
 FORMAT_VERSION = 1
+EXTRA_PREFIX = "limits."  # tensors that travel with the weights but are not the model's (confidence.py)
 OWN_KEYS = ("format", "format_version", "arch", "arch_kwargs", "classes", "preprocessing", "versions")  # set here
 _FIX = ("Pass a run's best.safetensors or last.safetensors (written by `headstart train`); plain weights go to "
         "`headstart train --weights`")
@@ -67,6 +68,18 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, classes: 
     return weights_path
 
 
+def add_to_checkpoint(path: str | os.PathLike[str], *, tensors: StateDict | None = None, **meta: Any) -> Path:
+    """Rewrite a checkpoint with more `tensors` (names outside the model's state dict, e.g.
+    "limits.reference") and more metadata entries; returns the .safetensors path."""
+    weights_path, json_path = checkpoint_paths(path)
+    found, doc = read_checkpoint(weights_path)
+    doc = {**doc, **meta}
+    write_tagged(weights_path, {**found, **(tensors or {})}, doc)
+    with atomic_write(json_path, "w") as f:
+        f.write(json.dumps(doc, indent=2, default=str) + "\n")
+    return weights_path
+
+
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     """Whether `path` names a headstart checkpoint (rather than a plain weights file)."""
     return tagged_format(checkpoint_paths(path)[0]) == FORMAT
@@ -95,4 +108,5 @@ class RunCheckpoints:
                                tensors=tensors, **{**self.meta, **meta})
 
     def read(self, name: str) -> StateDict:
-        return read_checkpoint(self.folder / name)[0]
+        """The model's state dict as checkpoint `name` holds it (without its "limits." tensors)."""
+        return {k: v for k, v in read_checkpoint(self.folder / name)[0].items() if not k.startswith(EXTRA_PREFIX)}

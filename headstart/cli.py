@@ -189,7 +189,7 @@ def _without(argv: Sequence[str], flag: str) -> list[str]:
 
 def _format_metrics(m: Any) -> str:
     lines = [f"images: {m.n}   accuracy: {m.accuracy:.4f}   balanced accuracy: {m.balanced_accuracy:.4f}   "
-             f"loss: {m.loss:.4f}", ""]
+             f"loss: {m.loss:.4f}" + (f"   ECE: {m.ece:.4f}" if m.ece is not None else ""), ""]
     width = max(8, *(len(c.name) for c in m.per_class))
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")
     for c in m.per_class:
@@ -241,16 +241,17 @@ def cmd_predict(a: argparse.Namespace) -> int:
     checkpoint = _model_file(a, None if named else a.checkpoint)
     preds = predict(checkpoint, paths, top_k=a.top_k, batch_size=a.batch_size, workers=a.workers,
                     precision=a.precision, device=a.device, threads=a.threads, compile=a.compile,
-                    engine=a.engine, arch=a.arch, classes=a.classes)
+                    engine=a.engine, arch=a.arch, classes=a.classes, reject=a.reject)
     if a.format == "json":
         say(json.dumps([asdict(p) for p in preds], indent=2))
     elif a.format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["path", "class", "probability", "top_k", "error"])
+        w.writerow(["path", "class", "probability", "top_k", "familiarity", "error"])
         for p in preds:
             w.writerow([p.path, p.label or "", f"{p.probability:.6f}",
-                        ";".join(f"{c}:{q:.6f}" for c, q in p.top_k), p.error or ""])
+                        ";".join(f"{c}:{q:.6f}" for c, q in p.top_k),
+                        "" if p.familiarity is None else f"{p.familiarity:.4f}", p.error or ""])
         say(buf.getvalue(), end="")
     else:
         width = max([len(p.path) for p in preds] + [4])
@@ -259,7 +260,11 @@ def cmd_predict(a: argparse.Namespace) -> int:
                 say(f"{p.path:<{width}}  ERROR {p.error}")
             else:
                 top = ", ".join(f"{c} {q:.3f}" for c, q in p.top_k)
-                say(f"{p.path:<{width}}  {p.label:<12} {p.probability:.3f}   top-{len(p.top_k)}: {top}")
+                known = "" if p.familiarity is None else f"   familiarity {p.familiarity:.3f}"
+                if p.unknown:
+                    say(f"{p.path:<{width}}  {'unknown':<12} {'':5}   nearest: {top}{known}")
+                else:
+                    say(f"{p.path:<{width}}  {p.label:<12} {p.probability:.3f}   top-{len(p.top_k)}: {top}{known}")
     bad = sum(1 for p in preds if p.error)
     if bad:
         say(f"{bad} of {len(preds)} file(s) could not be read as images", file=sys.stderr)
@@ -450,6 +455,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_weights_file(p)
     p.add_argument("--top-k", type=int, default=5, help="default: 5")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="default: table")
+    p.add_argument("--reject", default="auto", metavar="off|auto|VALUE",
+                   help="call an image `unknown` when it looks unlike the training data: its familiarity (the share "
+                        "of validation images that look less familiar) is under VALUE; auto: the checkpoint's "
+                        "threshold, fitted to reject 5%% of its validation images (default: auto)")
     p.add_argument("--model", default=None, metavar="FILE",
                    help="instead of a checkpoint: a model written by `headstart export` (.onnx, OpenVINO .xml)")
     if full("predict"):

@@ -26,6 +26,7 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
     know is an error. `checkpoint` may also be a weights file with its head (a MindSpore .ckpt...):
     its classes are then `classes` if given, else the class folders in sorted order. A file written by
     `headstart export` runs on its own runtime; precision="int8" quantizes the checkpoint (NNCF).
+    The loss and calibration error are of the probabilities at the checkpoint's temperature.
     """
     folder = Path(data)
     if (folder / "val").is_dir():
@@ -36,10 +37,11 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
              else int8_if_faster(checkpoint, arch=arch, classes=classes)
              if precision == "auto" and engine != "torch" and device in ("auto", "cpu") else None)
     if model is not None:  # run by OpenVINO or onnxruntime
-        names = model.classes
+        names, temperature = model.classes, model.temperature
     else:
         ckpt = open_model(checkpoint, arch=arch, classes=classes, default_classes=present)
         names = ckpt.classes
+        temperature = float((ckpt.meta.get("calibration") or {}).get("temperature", 1.0))
     unknown = sorted(set(present) - set(names))
     if unknown:
         raise ValueError(f"class folder(s) {unknown} in {folder} are not classes of the checkpoint {names}")
@@ -52,6 +54,6 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
         inf = infer(ckpt.model, samples, runtime=runtime, pre=ckpt.preprocessing, batch_size=batch_size,
                     workers=workers)
         outputs, labels, failed = inf.outputs, inf.labels, inf.failed
-    metrics = compute_metrics(outputs, labels, names)
+    metrics = compute_metrics(outputs / temperature, labels, names)  # probabilities at the checkpoint's temperature
     metrics.skipped = [str(samples[i].path) for i, _ in failed]
     return metrics

@@ -51,16 +51,16 @@ PARITY_IMAGES = 256  # at most this many images checked
 class _WithPreprocessing(nn.Module):
     """uint8 (N, S, S, 3) -> (logits, probabilities), normalisation inside."""
 
-    def __init__(self, model: nn.Module, pre: Preprocessing) -> None:
+    def __init__(self, model: nn.Module, pre: Preprocessing, temperature: float = 1.0) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.temperature = model, temperature  # probabilities at the checkpoint's temperature
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
         logits = self.model(x)
-        return logits, F.softmax(logits, dim=1)
+        return logits, F.softmax(logits / self.temperature, dim=1)
 
 
 @dataclass
@@ -121,6 +121,7 @@ def export(checkpoint: str | os.PathLike[str], *, format: str = "onnx", out: str
     if precision == "int8" and format != "openvino":
         raise ValueError("int8 is written as OpenVINO IR: add --format openvino")
     loaded = open_model(checkpoint, arch=arch, classes=classes)
+    temperature = float((loaded.meta.get("calibration") or {}).get("temperature", 1.0))
     src = Path(checkpoint)
     suffix = ".onnx" if format == "onnx" else ".int8.xml" if precision == "int8" else ".xml"
     out = Path(out) if out else src.with_suffix(suffix)
@@ -128,11 +129,13 @@ def export(checkpoint: str | os.PathLike[str], *, format: str = "onnx", out: str
     samples, where = _parity_images(src, images, splits)
     metadata = json.dumps({"classes": loaded.classes, "preprocessing": loaded.preprocessing.to_dict(),
                            "arch": loaded.meta.get("arch"), "arch_kwargs": loaded.meta.get("arch_kwargs", {}),
-                           "precision": precision, "source": str(src), "headstart": _version()})
+                           "precision": precision, "source": str(src), "headstart": _version(),
+                           "temperature": temperature})
     # The reference: headstart's inference copy (conv and BatchNorm folded) in fp32, which is also
     # what is exported.
     runtime = resolve_runtime(precision="fp32", engine="torch")
-    net = _WithPreprocessing(runtime.inference_model(loaded.model, images=1).float(), loaded.preprocessing).eval()
+    net = _WithPreprocessing(runtime.inference_model(loaded.model, images=1).float(), loaded.preprocessing,
+                             temperature).eval()
     size = loaded.preprocessing.image_size
     example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
     if format == "onnx":
@@ -214,6 +217,7 @@ class ExportedModel:
     preprocessing: Preprocessing
     run: Callable[[np.ndarray], np.ndarray]
     precision: str = "fp32"  # of its weights and activations: fp32 or int8
+    temperature: float = 1.0  # the checkpoint's: probabilities are softmax(logits / temperature)
 
 
 def is_exported(path: str | os.PathLike[str]) -> bool:
@@ -255,7 +259,7 @@ def open_exported(path: str | os.PathLike[str]) -> ExportedModel:
         raise ValueError(f"{path} has no 'headstart' metadata: it was not written by `headstart export`")
     meta = json.loads(raw)
     return ExportedModel(path, list(meta["classes"]), Preprocessing.from_dict(meta["preprocessing"]), run,
-                         meta.get("precision", "fp32"))
+                         meta.get("precision", "fp32"), float(meta.get("temperature", 1.0)))
 
 
 def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.PathLike[str]] = (),

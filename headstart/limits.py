@@ -7,6 +7,9 @@
   `find_label_issues` is `headstart check DATA --labels`.
 - Similar images: the training images nearest by the cosine similarity of their features;
   `find_similar` is `headstart similar CKPT IMAGE... --in DATA`.
+- Calibrated confidence and "none of these" (confidence.py's math): `fit_limits`, at the end of
+  every run, fits the temperature and the unknown-image test on the validation split with the
+  trained model's own features; `outputs` gives prediction the features and logits in one pass.
 
 Costs: one backbone pass per image (kept in the disk feature cache: a second call reads them
 back), then matrix products and L-BFGS fits on (N, F) features: seconds for thousands of images.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,11 +27,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import Sample, collect_files, scan_dataset
+from . import confidence
+from .data import DatasetSplits, Sample, collect_files, scan_dataset
 from .features import Features, extract_features
 from .inference import INFERENCE_BATCH_SIZE
 from .linear import FOLDS, _folds, _solve, fit_head
-from .models import create_model, get_model_info, open_model
+from .models import create_model, get_head, get_model_info, open_model
 from .preprocessing import Preprocessing
 from .runtime import Runtime, resolve_runtime
 from .weights import weights_fingerprint
@@ -193,3 +198,87 @@ def find_similar(checkpoint: str | os.PathLike[str], images: Sequence[str | os.P
     for q, reason in query.failed:
         out[q] = SimilarImages(str(files[q]), [], f"not a readable image ({reason})")
     return [out[i] for i in sorted(out)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrated confidence and unknown images.
+
+def outputs(model: torch.nn.Module, samples: Sequence[Sample], *, runtime: Runtime, pre: Preprocessing,
+            images: int | None = None, batch_size: int = INFERENCE_BATCH_SIZE, workers: int = 2, cache: bool = False,
+            backbone: Callable[[], torch.nn.Module] | None = None,
+            on_batch: Callable[[int, int], None] | None = None) -> tuple[Features, torch.Tensor]:
+    """(pooled features, logits (N, C) float32) of `samples` in one backbone pass: the features
+    through `runtime`'s inference copy (or `backbone()`'s, see extract_features), the classifier
+    applied to them in float32. `cache`: through the disk feature cache (keyed by the backbone's
+    weights: a pretrained backbone's are there)."""
+    arch = getattr(model, "arch", "resnet50")
+    images = len(samples) if images is None else images
+    fingerprint = weights_fingerprint(model, exclude=f"{get_model_info(arch).classifier}.") if cache else None
+    feats = extract_features(model, samples, runtime=runtime, pre=pre, cache_key=fingerprint, images=images,
+                             batch_size=batch_size, workers=workers, backbone=backbone, on_batch=on_batch)
+    head = get_head(model, get_model_info(arch).classifier)
+    with torch.no_grad():
+        logits = head(feats.features.to(next(head.parameters()).device)).float().cpu() if len(feats.labels) \
+            else torch.empty(0, head.out_features)
+    return feats, logits
+
+
+@dataclass
+class ModelLimits:
+    """What `fit_limits` measured on the validation split, and what the checkpoint keeps of it."""
+
+    temperature: float
+    ece_before: float  # confidence.calibration_error of the raw probabilities
+    ece_after: float  # ... of the probabilities at `temperature`
+    reliability_before: list[confidence.Bin]
+    reliability_after: list[confidence.Bin]
+    rejection: confidence.Rejection
+    reference: torch.Tensor  # (R, F) float16 unit training features (confidence.reference_features)
+    val_images: int
+    seconds: float = 0.0
+
+    def checkpoint_meta(self) -> dict[str, object]:
+        """The entries `add_to_checkpoint` writes: "calibration" and "unknown"."""
+        return {"calibration": {"temperature": self.temperature, "ece_before": self.ece_before,
+                                "ece_after": self.ece_after, "bins": confidence.BINS, "val_images": self.val_images},
+                "unknown": self.rejection.to_dict()}
+
+    def summary(self) -> dict[str, object]:
+        """summary.json's entries (the rejection without its sorted score lists)."""
+        meta = self.checkpoint_meta()
+        r = self.rejection
+        return {"calibration": {**meta["calibration"],
+                                "reliability": [[b.low, b.high, b.count, b.confidence, b.accuracy]
+                                                for b in self.reliability_after]},
+                "unknown": {"threshold": r.threshold, "false_rejection": r.false_rejection,
+                            "reference_images": len(self.reference), "seconds": self.seconds}}
+
+
+def fit_limits(model: torch.nn.Module, splits: DatasetSplits, *, runtime: Runtime, pre: Preprocessing,
+               workers: int = 2, false_rejection: float = confidence.FALSE_REJECTION) -> ModelLimits | None:
+    """Temperature and unknown-image test of a trained `model` (in eval mode, left as it is), fitted
+    on `splits.val` against the features of `splits.train` (view 0); None without validation images.
+    Cost: one backbone pass over train and val (from the feature cache where the backbone is the
+    pretrained one), then milliseconds."""
+    start = time.perf_counter()
+    images = len(splits.train) + len(splits.val)
+    copy: list[torch.nn.Module] = []  # one inference copy for both splits, made only where a split is not cached
+
+    def backbone() -> torch.nn.Module:  # (its weights are this run's: no OpenVINO graph kept on disk)
+        copy or copy.append(runtime.inference_model(model, features=True, images=images, keep_graph=False))
+        return copy[0]
+
+    train, _ = outputs(model, splits.train, runtime=runtime, pre=pre, images=images, workers=workers, cache=True,
+                       backbone=backbone)
+    val, logits = outputs(model, splits.val, runtime=runtime, pre=pre, images=images, workers=workers, cache=True,
+                          backbone=backbone)
+    if not len(val.labels):
+        return None
+    t = confidence.fit_temperature(logits, val.labels)
+    raw, scaled = logits.softmax(1), (logits / t).softmax(1)
+    reference = confidence.reference_features(train.features)
+    rejection = confidence.fit_rejection(confidence.nearest_similarity(val.features, reference),
+                                         confidence.energy(logits, t), false_rejection=false_rejection)
+    return ModelLimits(t, confidence.calibration_error(raw, val.labels), confidence.calibration_error(scaled, val.labels),
+                       confidence.reliability(raw, val.labels), confidence.reliability(scaled, val.labels),
+                       rejection, reference, len(val.labels), time.perf_counter() - start)

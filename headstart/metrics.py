@@ -1,5 +1,5 @@
 """The metrics of a classifier's predictions: accuracy, balanced accuracy, loss, per-class
-precision/recall/F1 and the confusion matrix."""
+precision/recall/F1, the confusion matrix and the expected calibration error."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .confidence import calibration_error
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Metrics:
     confusion: list[list[int]]  # confusion[true][pred]
     n: int
     skipped: list[str] = field(default_factory=list)  # files that could not be decoded
+    ece: float | None = None  # expected calibration error of the softmax (confidence.calibration_error)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,4 +70,5 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[st
         per_class=per_class,
         confusion=cm.tolist(),
         n=n,
+        ece=calibration_error(logits.float().softmax(1), labels),
     )

@@ -109,6 +109,24 @@ def save_curves(path: str | Path, history: Sequence[dict[str, Any]]) -> Path:
     return _save(fig, path)
 
 
+def save_reliability(path: str | Path, before: Sequence[Any], after: Sequence[Any], *, temperature: float,
+                     ece: tuple[float, float]) -> Path:
+    """The reliability diagram: each bin's accuracy against its mean top probability (confidence.Bin),
+    before and after temperature scaling; the diagonal is a calibrated model."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
+    for bins, style, name in ((before, "o-", f"before (ECE {ece[0]:.3f})"),
+                              (after, "s-", f"after, T={temperature:.2f} (ECE {ece[1]:.3f})")):
+        used = [b for b in bins if b.count]
+        ax.plot([b.confidence for b in used], [b.accuracy for b in used], style, label=name, ms=4)
+    ax.set(xlabel="confidence (top probability)", ylabel="accuracy", title="reliability (validation)",
+           xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def show_batch(data: str | Path, *, out: str | Path, batch_size: int = 18, seed: int = 0, image_size: int = 224,
                val_split: float | None = None) -> Path:
     """Draw one shuffled, augmented training batch of a dataset with its labels (what the model sees);

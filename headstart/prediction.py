@@ -1,4 +1,5 @@
-"""Prediction with a trained checkpoint: its class names and its eval preprocessing, nothing retyped."""
+"""Prediction with a trained checkpoint: its class names, its eval preprocessing, its temperature
+(calibrated probabilities) and its unknown-image test (confidence.py), nothing retyped."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import torch
 
 from .data import Sample, collect_files  # noqa: F401  (collect_files: part of this module's API too)
 from .export import exported_logits, int8_if_faster, int8_model, is_exported, open_exported
+from .checkpoint import is_checkpoint, read_checkpoint
+from .confidence import REFERENCE, Rejection, energy, nearest_similarity
 from .inference import INFERENCE_BATCH_SIZE, infer
-from .models import open_model
+from .limits import outputs
+from .models import LoadedModel, open_model
 from .runtime import resolve_runtime
 
 
@@ -23,12 +27,14 @@ class Prediction:
     probability: float
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    familiarity: float | None = None  # share of validation images less familiar (None: no unknown-image test)
+    unknown: bool = False  # familiarity under the threshold: `label` is "unknown", top_k still the classes'
 
 
 def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], *, top_k: int = 5,
             batch_size: int = INFERENCE_BATCH_SIZE, workers: int = 2, precision: str = "auto", device: str = "auto",
             threads: int | None = None, compile: bool = False, engine: str = "auto", arch: str | None = None,
-            classes: str | list[str] | None = None,
+            classes: str | list[str] | None = None, reject: str | float = "auto",
             on_batch: Callable[[int, int], None] | None = None) -> list[Prediction]:
     """Class, probability and top-k for every image under `paths`; unreadable files get an `error`.
 
@@ -36,42 +42,100 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
     `arch` and `classes` as in `models.open_model`), or a file written by `headstart export`
     (.onnx, OpenVINO .xml), run by its own runtime with the classes and preprocessing it holds.
     precision="int8": the checkpoint quantized by NNCF (see `export.int8_model`), run by OpenVINO;
-    "auto" uses that int8 model where `export.int8_if_faster` says so."""
+    "auto" uses that int8 model where `export.int8_if_faster` says so.
+
+    Probabilities are at the checkpoint's temperature (fitted on validation by `train`). `reject`:
+    "auto" calls an image `unknown` below the checkpoint's familiarity threshold (rejecting about 5%
+    of its validation images), a number in (0, 1) is such a threshold, "off" never does; a
+    checkpoint from before this test, a weights file or an export has none ("auto" is then "off")."""
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
+    threshold_given = _threshold(reject)
     paths = list(paths)
     # the model first: a wrong checkpoint path is reported before the image folders are walked
     if precision == "int8":  # quantized once (NNCF), then run by OpenVINO
         exported = int8_model(checkpoint, images=paths, arch=arch, classes=classes)
     elif is_exported(checkpoint):
         exported = open_exported(checkpoint)
-    elif precision == "auto" and engine != "torch" and device in ("auto", "cpu"):
+    elif precision == "auto" and engine != "torch" and device in ("auto", "cpu") and \
+            (reject == "off" or not _tests_unknown(checkpoint)):
         # an int8 model made before, where it passed its gate and ran faster (CPUs without bf16)
         exported = int8_if_faster(checkpoint, arch=arch, classes=classes)
     else:
         exported = None
     ckpt = None if exported else open_model(checkpoint, arch=arch, classes=classes)
+    rejection = _rejection(ckpt)
+    if threshold_given is not None and rejection is None:
+        raise ValueError(f"--reject {reject} needs a checkpoint with an unknown-image test; {checkpoint} has none "
+                         "(a run's best.safetensors written by this headstart's `train` has one). Use --reject off")
     files = collect_files(paths)
     samples = [Sample(p, -1) for p in files]
+    familiarity = None
     if exported is not None:
         out, order, failed = exported_logits(exported, samples, batch_size=batch_size, workers=workers)
-        names, logits, indices = exported.classes, torch.from_numpy(out), order
+        names, logits, indices, temperature = exported.classes, torch.from_numpy(out), order, exported.temperature
     else:
         runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile, engine=engine)
-        inf = infer(ckpt.model, samples, runtime=runtime, pre=ckpt.preprocessing, batch_size=batch_size,
-                    workers=workers, on_batch=on_batch)
-        names, logits, indices, failed = ckpt.classes, inf.outputs, inf.indices.tolist(), inf.failed
-    return _predictions(files, names, logits, indices, failed, min(top_k, len(names)))
+        names, temperature = ckpt.classes, _temperature(ckpt.meta)
+        if rejection is not None and reject != "off":  # features and logits in one pass
+            feats, logits = outputs(ckpt.model, samples, runtime=runtime, pre=ckpt.preprocessing,
+                                    batch_size=batch_size, workers=workers, on_batch=on_batch)
+            indices, failed = feats.indices.tolist(), feats.failed
+            familiarity = rejection.familiarity(nearest_similarity(feats.features, ckpt.extra[REFERENCE]),
+                                                energy(logits, temperature))
+        else:
+            inf = infer(ckpt.model, samples, runtime=runtime, pre=ckpt.preprocessing, batch_size=batch_size,
+                        workers=workers, on_batch=on_batch)
+            logits, indices, failed = inf.outputs, inf.indices.tolist(), inf.failed
+    threshold = threshold_given if threshold_given is not None else rejection.threshold if familiarity is not None \
+        else None
+    return _predictions(files, names, logits / temperature, indices, failed, min(top_k, len(names)),
+                        familiarity=familiarity, threshold=threshold)
+
+
+def _threshold(reject: str | float) -> float | None:
+    """`reject` as a familiarity threshold: None for "auto" (the checkpoint's) and "off"."""
+    if reject in ("auto", "off"):
+        return None
+    try:
+        value = float(reject)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 < value < 1:
+        raise ValueError(f"reject must be off, auto or a familiarity threshold between 0 and 1 (e.g. 0.05: about 5% "
+                         f"of the validation images called unknown), got {reject!r}")
+    return value
+
+
+def _tests_unknown(checkpoint: str | os.PathLike[str]) -> bool:
+    """Whether `checkpoint` is a headstart checkpoint with an unknown-image test (its header read)."""
+    return is_checkpoint(checkpoint) and "unknown" in read_checkpoint(checkpoint, tensors=False)[1]
+
+
+def _temperature(meta: dict) -> float:
+    return float((meta.get("calibration") or {}).get("temperature", 1.0))
+
+
+def _rejection(ckpt: LoadedModel | None) -> Rejection | None:
+    """The checkpoint's unknown-image test, where it has one (and its training features)."""
+    if ckpt is None or "unknown" not in ckpt.meta or REFERENCE not in ckpt.extra:
+        return None
+    return Rejection.from_dict(ckpt.meta["unknown"])
 
 
 def _predictions(files: list[Path], classes: list[str], logits: torch.Tensor, indices: list[int],
-                 failed: list[tuple[int, str]], k: int) -> list[Prediction]:
-    """A Prediction per file, in the order of `files`: top-k of the softmax, or the decoding error."""
+                 failed: list[tuple[int, str]], k: int, *, familiarity: torch.Tensor | None = None,
+                 threshold: float | None = None) -> list[Prediction]:
+    """A Prediction per file, in the order of `files`: top-k of the softmax (and the familiarity,
+    "unknown" under `threshold`), or the decoding error."""
     results = {index: Prediction(str(files[index]), None, 0.0, [], f"not a readable image ({reason})")
                for index, reason in failed}
     if len(indices):
         values, best = logits.float().softmax(1).topk(k, dim=1)
-        for index, v, i in zip(indices, values.tolist(), best.tolist()):
+        known = familiarity.tolist() if familiarity is not None else [None] * len(indices)
+        for index, v, i, f in zip(indices, values.tolist(), best.tolist(), known):
             top = [(classes[j], p) for j, p in zip(i, v)]
-            results[index] = Prediction(str(files[index]), top[0][0], top[0][1], top)
+            unknown = f is not None and threshold is not None and f < threshold
+            results[index] = Prediction(str(files[index]), "unknown" if unknown else top[0][0], top[0][1], top,
+                                        familiarity=f, unknown=unknown)
     return [results[index] for index in sorted(results)]

@@ -193,6 +193,23 @@ def _labels(s: dict[str, Any], folder: Path) -> str:
     return _img(folder / "label_issues.png", "likely mislabelled training images") + note + table
 
 
+def _confidence(s: dict[str, Any], folder: Path) -> str:
+    cal, unknown = s.get("calibration"), s.get("unknown")
+    if not cal:
+        return "<p class='sub'>Not fitted: the run has no validation images.</p>"
+    note = (f"<p class='sub'>Temperature scaling: every logit divided by T = {cal['temperature']:.3f}, fitted on the "
+            f"{cal['val_images']} validation images (accuracy unchanged); expected calibration error "
+            f"({cal['bins']} bins) {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after. best.safetensors "
+            "keeps T: predict, evaluate, serve and export apply it.</p>")
+    if unknown:
+        note += (f"<p class='sub'>None of these: <code>predict</code> calls an image <b>unknown</b> when its "
+                 f"familiarity (how its nearest-training-image similarity and its logits' energy rank among the "
+                 f"validation images') is under {unknown['threshold']:g}; that rejects "
+                 f"{unknown['false_rejection']:.1%} of the validation images (<code>--reject off|auto|VALUE</code>). "
+                 f"Reference: the features of {unknown['reference_images']} training images.</p>")
+    return _img(folder / "reliability.png", "reliability diagram before and after temperature scaling") + note
+
+
 def render_report(run: str | os.PathLike[str]) -> str:
     """The HTML of one run's report."""
     s = load_run(run)
@@ -211,6 +228,7 @@ def render_report(run: str | os.PathLike[str]) -> str:
             _img(folder / "top_losses_nearest.png", "top losses beside their nearest training images")]
           if (folder / "top_losses_nearest.png").is_file() else []),
         "<h2>Likely mislabelled training images</h2>", _labels(s, folder),
+        "<h2>Confidence and unknown images</h2>", _confidence(s, folder),
         "<h2>Predictions (blue right, red wrong)</h2>", _img(folder / "predictions.png", "prediction grid"),
         "<h2>Timing</h2>", _plan(s), _timing(s),
         "<h2>Configuration</h2>", _config(s),

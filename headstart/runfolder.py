@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,9 @@ from .preprocessing import Preprocessing
 from .report import write_report
 from .runstate import EpochRecord
 
+if TYPE_CHECKING:
+    from .limits import ModelLimits
+
 
 def clear_temporaries(folder: Path) -> None:
     """Remove the temporary files a process killed in the middle of an atomic write left."""
@@ -270,7 +273,8 @@ def write_label_pictures(out: Path, features: tuple[Features, Features], inf: In
 
 def write_run_files(out: Path, *, inf: Inference, splits: DatasetSplits, pre: Preprocessing,
                     history: Sequence[EpochRecord], summary: dict[str, Any],
-                    features: tuple[Features, Features] | None = None) -> dict[str, Path]:
+                    features: tuple[Features, Features] | None = None,
+                    limits: ModelLimits | None = None) -> dict[str, Path]:
     """The pictures, curves, summary.json and report.html of a finished run; {name: path}. With
     the pretrained backbone's `features` (strategies that computed them), the label check and the
     top losses' nearest training images too."""
@@ -280,6 +284,10 @@ def write_run_files(out: Path, *, inf: Inference, splits: DatasetSplits, pre: Pr
     if features is not None:
         more, summary["label_issues"] = write_label_pictures(out, features, inf, splits, pre)
         files.update(more)
+    if limits is not None:
+        files["reliability"] = plots.save_reliability(out / "reliability.png", limits.reliability_before,
+                                                      limits.reliability_after, temperature=limits.temperature,
+                                                      ece=(limits.ece_before, limits.ece_after))
     files["curves"] = plots.save_curves(out / "curves.png", [asdict(r) for r in history])
     files["summary"] = out / "summary.json"
     with atomic_write(files["summary"], "w") as f:

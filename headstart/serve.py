@@ -3,7 +3,9 @@
     POST /predict   one or several images: a multipart form (any field names), or the raw bytes of one
                     image with an image/* (or application/octet-stream) content type
                     -> {"predictions": [{"file", "label", "probability", "top_k": [{"class",
-                       "probability"}...]}...], "seconds": s, "batch": n}
+                       "probability"}...]}...], "seconds": s, "batch": n}; probabilities at the
+                    checkpoint's temperature; with its unknown-image test also "familiarity" and
+                    "unknown" (the label is then "unknown")
     GET  /health    {"status": "ok"}
     GET  /model     architecture, classes, preprocessing, engine
     GET  /          a page: choose or drop images, see each with its top-k as bars and the time taken
@@ -47,7 +49,8 @@ from PIL import Image
 
 from .data import IMAGE_ERRORS
 from .export import ExportedModel, int8_if_faster, int8_model, is_exported, open_exported
-from .models import open_model
+from .confidence import REFERENCE, Rejection, energy, nearest_similarity
+from .models import get_head, get_model_info, open_model
 from .preprocessing import to_rgb
 from .runtime import resolve_runtime
 
@@ -89,15 +92,22 @@ class Predictor:
             else open_exported(checkpoint) if is_exported(checkpoint)
             else int8_if_faster(checkpoint, arch=arch, classes=classes) if precision == "auto" and engine != "torch"
             else None)
+        self.rejection: Rejection | None = None  # the checkpoint's unknown-image test, where it has one
         if self.exported is not None:
+            self.temperature = self.exported.temperature
             self.classes, self.pre = self.exported.classes, self.exported.preprocessing
             self.meta = {"arch": None, "file": str(self.exported.path), "precision": self.exported.precision}
             self.engine = f"{self.exported.path.suffix[1:]} file, {self.exported.precision}"
         else:
             loaded = open_model(checkpoint, arch=arch, classes=classes)
             self.runtime = resolve_runtime(precision=precision, engine=engine, threads=threads)
-            self.model = self.runtime.inference_model(loaded.model)  # many images to come: OpenVINO where it pays
             self.classes, self.pre, self.meta = loaded.classes, loaded.preprocessing, loaded.meta
+            self.temperature = float((loaded.meta.get("calibration") or {}).get("temperature", 1.0))
+            if "unknown" in loaded.meta and REFERENCE in loaded.extra:  # features, then the head: both in one pass
+                self.rejection, self.reference = Rejection.from_dict(loaded.meta["unknown"]), loaded.extra[REFERENCE]
+                self.head = get_head(loaded.model, get_model_info(loaded.meta["arch"]).classifier)
+            # many images to come: OpenVINO where it pays
+            self.model = self.runtime.inference_model(loaded.model, features=self.rejection is not None)
             self.engine = self.runtime.describe()
         self.transform = self.pre.eval_transform()
         self.top_k, self.max_batch, self.max_wait = min(top_k, len(self.classes)), max_batch, max_wait
@@ -108,7 +118,9 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         return {"arch": self.meta.get("arch"), "classes": self.classes, "preprocessing": self.pre.to_dict(),
-                "engine": self.engine, "top_k": self.top_k, "max_batch": self.max_batch}
+                "engine": self.engine, "top_k": self.top_k, "max_batch": self.max_batch,
+                "temperature": self.temperature,
+                "unknown_below": self.rejection.threshold if self.rejection is not None else None}
 
     def decode(self, data: bytes, name: str) -> torch.Tensor:
         """An upload's bytes -> uint8 (3, S, S) through the checkpoint's eval transform; BadInput."""
@@ -155,11 +167,18 @@ class Predictor:
                     logits = torch.from_numpy(self.exported.run(images.permute(0, 2, 3, 1).contiguous().numpy()))
                 else:
                     x = self.runtime.inputs(images, self.pre)
-                    [(_, logits)] = list(self.runtime.outputs(self.model, [(None, x)]))
-                probs = logits.float().softmax(1)
+                    [(_, out)] = list(self.runtime.outputs(self.model, [(None, x)]))
+                    if self.rejection is not None:  # out: pooled features
+                        with torch.no_grad():
+                            logits = self.head(out.float())
+                        familiar = self.rejection.familiarity(nearest_similarity(out, self.reference),
+                                                              energy(logits, self.temperature)).tolist()
+                    else:
+                        logits = out
+                probs = (logits.float() / self.temperature).softmax(1)
                 self.batches += 1
-                for j, p in zip(jobs, probs):
-                    j.done.set_result((p, len(jobs)))
+                for n, (j, p) in enumerate(zip(jobs, probs)):
+                    j.done.set_result(((p, familiar[n] if self.rejection is not None else None), len(jobs)))
             except Exception as e:  # the model failed: every waiting request hears it
                 for j in jobs:
                     if not j.done.done():
@@ -169,10 +188,18 @@ class Predictor:
         self.jobs.put(None)
         self.worker.join(timeout=10)
 
-    def answer(self, probs: torch.Tensor, name: str) -> dict[str, Any]:
+    def answer(self, result: tuple[torch.Tensor, float | None], name: str) -> dict[str, Any]:
+        """An image's answer: top-k at the checkpoint's temperature; with an unknown-image test, its
+        familiarity, and "unknown" as the label under the checkpoint's threshold."""
+        probs, familiarity = result
         values, indices = probs.topk(self.top_k)
         top = [{"class": self.classes[i], "probability": round(float(v), 6)} for v, i in zip(values, indices.tolist())]
-        return {"file": name, "label": top[0]["class"], "probability": top[0]["probability"], "top_k": top}
+        out = {"file": name, "label": top[0]["class"], "probability": top[0]["probability"], "top_k": top}
+        if familiarity is not None:
+            unknown = familiarity < self.rejection.threshold
+            out.update(label="unknown" if unknown else out["label"], unknown=unknown,
+                       familiarity=round(familiarity, 4))
+        return out
 
 
 def uploads(content_type: str, body: bytes) -> list[tuple[str, bytes]]:

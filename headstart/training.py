@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from .check import unreadable_files
-from .checkpoint import RunCheckpoints
+from . import confidence
+from .checkpoint import RunCheckpoints, add_to_checkpoint
 from .clock import Clock, Estimate, parse_duration
 from .data import DatasetSplits, scan_dataset
 from .features import Features
 from .distributed import SINGLE, Group, is_rank_failure, join
 from .inference import Inference, infer
+from .limits import ModelLimits, fit_limits
 from .metrics import Metrics, compute_metrics
 from .models import create_model, get_model_info
 from .preprocessing import Preprocessing
@@ -171,6 +173,7 @@ class RunResult:
     estimate: Estimate | None = None  # said after the first few steps of this process
     chosen: dict[str, Any] = field(default_factory=dict)  # what the strategy chose, and why (auto's plan)
     features: tuple[Features, Features] | None = None  # (train, val) of the pretrained backbone, where computed
+    limits: ModelLimits | None = None  # temperature and unknown-image test, fitted on validation after training
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +403,20 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
         return result
     # The best model on the validation set (computed again after a resume): pictures, summary, report.
     inf = result.val_inference or infer(model, splits.val, runtime=runtime, pre=pre, workers=config.workers)
+    # Its limits: temperature and unknown-image test fitted on validation, kept in best.safetensors.
+    alone = replace(runtime, group=SINGLE)  # (rank 0 alone from here)
+    try:
+        result.limits = fit_limits(model, splits, runtime=alone, pre=pre, workers=config.workers)
+    except KeyboardInterrupt:  # every epoch is saved: a resume fits them again
+        raise TrainingInterrupted(out, result.best_epoch, 0, while_="fitting the temperature and the unknown-image "
+                                                                    "test (every epoch is saved)") from None
+    if result.limits is not None:
+        add_to_checkpoint(result.best_checkpoint, tensors={confidence.REFERENCE: result.limits.reference},
+                          **result.limits.checkpoint_meta())
+        callback.on_message(f"calibration: temperature {result.limits.temperature:.3f}, validation ECE "
+                            f"{result.limits.ece_before:.4f} -> {result.limits.ece_after:.4f}; unknown below "
+                            f"familiarity {result.limits.rejection.threshold:g} "
+                            f"({result.limits.rejection.false_rejection:.1%} of validation images)")
     result.wall_time = time.perf_counter() - started
     summary = {
         "data": str(data), "out": str(out), "classes": splits.classes, "counts": counts,
@@ -408,11 +425,12 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
         "best_metrics": result.best_metrics.to_dict(), "history": [asdict(r) for r in result.history],
         "skipped_files": result.skipped, "wall_time_s": result.wall_time,
         "estimate": asdict(result.estimate) if result.estimate else None, **result.chosen, **chose_arch,
+        **(result.limits.summary() if result.limits else {}),
         "checkpoints": {"best": str(result.best_checkpoint), "last": str(result.last_checkpoint)},
     }
     try:
         result.files.update(write_run_files(out, inf=inf, splits=splits, pre=pre, history=result.history,
-                                            summary=summary, features=result.features))
+                                            summary=summary, features=result.features, limits=result.limits))
     except KeyboardInterrupt:  # the model and the run state are saved: a resume draws them again
         raise TrainingInterrupted(out, result.best_epoch, 0, while_="writing the pictures, summary.json and the "
                                                                     "report (every epoch is saved)") from None

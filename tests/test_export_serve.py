@@ -48,8 +48,8 @@ def test_an_export_gives_headstarts_answers(run, tmp_path: Path, fmt: str) -> No
     assert result.parity.max_logit_diff <= 1e-3
     model = open_exported(out)
     assert model.classes == ["blue", "red"] and model.preprocessing.image_size == 32
-    ours = predict(ckpt, [data / "val"], workers=0, precision="fp32", engine="torch")
-    theirs = predict(out, [data / "val"], workers=0)
+    ours = predict(ckpt, [data / "val"], workers=0, precision="fp32", engine="torch", reject="off")  # (exports: no
+    theirs = predict(out, [data / "val"], workers=0)  # unknown-image test)
     assert [p.label for p in theirs] == [p.label for p in ours]
     assert max(abs(a.probability - b.probability) for a, b in zip(ours, theirs)) < 1e-4
 
@@ -135,8 +135,8 @@ def test_int8_is_quantized_checked_on_validation_and_run_by_predict_evaluate_and
     server = Predictor(ckpt, precision="int8")
     try:
         image = server.decode((data / "val" / "red" / "red_0.png").read_bytes(), "red_0.png")
-        probs, batch = server.submit(image).result(timeout=30)
-        assert batch == 1 and server.describe()["engine"] == "xml file, int8"
+        (probs, familiarity), batch = server.submit(image).result(timeout=30)
+        assert batch == 1 and server.describe()["engine"] == "xml file, int8" and familiarity is None
         assert server.classes[int(probs.argmax())] == next(pr.label for pr in preds if pr.path.endswith("red_0.png"))
     finally:
         server.close()
@@ -162,10 +162,12 @@ def test_precision_auto_uses_an_int8_model_made_before_only_without_bf16_and_whe
         monkeypatch.setattr(rt, "cpu_has_bf16", lambda: bf16)
         side.write_text(json.dumps({**record, "int8_img_s": int8_img_s, "default_img_s": 10.0}))
         opened.clear()
-        predict(ckpt, [data / "val"], workers=0)
+        predict(ckpt, [data / "val"], workers=0, reject="off")
         return opened == [made.path]
 
     assert used(bf16=False, int8_img_s=20.0)
+    opened.clear()  # the unknown-image test needs the features: --reject auto keeps the checkpoint's own network
+    assert predict(ckpt, [data / "val"], workers=0)[0].familiarity is not None and opened == []
     assert not used(bf16=False, int8_img_s=5.0)  # slower than the default precision
     assert not used(bf16=True, int8_img_s=20.0)  # bf16 is there: auto keeps it
     opened.clear()

@@ -16,6 +16,7 @@ from .conftest import CHROME_FLAGS, chromium, rendered_dom
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 SECTIONS = ["Dataset", "Curves", "Per-class metrics and confusion matrix", "Most confidently wrong",
+            "Confidence and unknown images",
             "Predictions (blue right, red wrong)", "Timing", "Configuration"]
 
 
@@ -38,7 +39,7 @@ def test_train_writes_a_self_contained_report(runs) -> None:
         assert f"<h2>{section}" in html, section
     assert "broken.jpg" in html  # the skipped file is listed
     images = re.findall(r'<img [^>]*src="([^"]+)"', html)
-    assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 4 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing outside the file
     assert (runs[0] / "predictions.csv").read_text().startswith("path,true,predicted,probability,loss")
 
@@ -57,7 +58,7 @@ def test_report_command_rerenders_and_compares(runs, tmp_path: Path, capsys) -> 
 def test_report_renders_in_headless_chromium(runs, tmp_path: Path) -> None:
     page = runs[0] / "report.html"
     dom = rendered_dom(page, tmp_path / "profile")
-    assert 'data-images-ok="true"' in dom and 'data-images="3"' in dom, dom[:500]
+    assert 'data-images-ok="true"' in dom and 'data-images="4"' in dom, dom[:500]
     for section in SECTIONS:
         assert section in dom
     ARTIFACTS.mkdir(exist_ok=True)

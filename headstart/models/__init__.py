@@ -150,6 +150,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     meta: dict[str, Any]  # a checkpoint's metadata; for other weights: arch, arch_kwargs, source, skipped_tensors
     path: Path
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # a checkpoint's other tensors ("limits.reference")
 
 
 def open_model(source: str | os.PathLike[str], *, arch: str | None = None, classes: str | list[str] | None = None,
@@ -189,7 +190,7 @@ def open_model(source: str | os.PathLike[str], *, arch: str | None = None, class
     meta = loaded.meta or {"arch": arch, "arch_kwargs": model.arch_kwargs, "source": spec,
                            "skipped_tensors": loaded.skipped}
     return LoadedModel(model.eval(), list(names), loaded.preprocessing or info.preprocessing, meta,
-                       checkpoint_paths(spec)[0] if loaded.is_checkpoint else Path(spec))
+                       checkpoint_paths(spec)[0] if loaded.is_checkpoint else Path(spec), dict(loaded.extra))
 
 
 def meta_model(name: str, **kwargs: Any) -> nn.Module:

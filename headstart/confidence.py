@@ -1,0 +1,170 @@
+"""How far a trained model's answers can be trusted: calibrated probabilities and "none of these".
+
+Both are fitted on the validation split after training (training.py) and travel in the checkpoint
+(its metadata, and the training images' features as the tensor `limits.reference`); prediction,
+evaluation, the service and exports apply them. Pure tensor math: no files, no networks.
+
+- Temperature scaling: one scalar T > 0 that divides every logit, chosen to minimise the
+  validation cross-entropy. The ranking of the classes, hence accuracy, is unchanged; only the
+  probabilities move (T > 1: less confident). Judged by the expected calibration error (ECE,
+  15 equal-width bins of the top probability).
+- Unknown images: two signs that an image is unlike the training data, each turned into a
+  p-value against the validation images (the share of them that score lower):
+    similarity: cosine similarity of the image's pooled features to its nearest training image
+    energy:     T * logsumexp(logits / T), high where some class answers strongly
+  Their product, turned into a p-value against the validation images the same way, is the
+  image's `familiarity` in [0, 1]: the share of validation images that look less familiar than it.
+  An image is `unknown` below a threshold; familiarity 0.05 rejects about 5% of the validation
+  images (the false-rejection rate), whatever the model. Costs: one (Q, F) x (F, R) product.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+BINS = 15  # the ECE's bins of the top probability, equal width over [0, 1]
+FALSE_REJECTION = 0.05  # the default share of validation images that `reject="auto"` calls unknown
+REFERENCE = "limits.reference"  # the checkpoint tensor: (R, F) training features, unit length, float16
+REFERENCE_IMAGES = 4096  # at most this many training images are kept for the nearest-neighbour test
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration.
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T > 0 that minimises mean cross-entropy of `logits / T` (N, C) against `labels` (N,):
+    a 1-D convex problem in log T, solved by L-BFGS (milliseconds), kept in [0.05, 20].
+
+    1.0 where the images cannot tell: fewer than 2, or none misclassified (the cross-entropy then
+    falls without end as T -> 0: a validation split without errors says nothing of how sure the
+    model should be)."""
+    if len(labels) < 2 or bool((logits.argmax(1) == labels).all()):
+        return 1.0
+    x, y = logits.double(), labels.long()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    return min(max(t, 0.05), 20.0) if math.isfinite(t) else 1.0
+
+
+@dataclass
+class Bin:
+    low: float
+    high: float
+    count: int
+    confidence: float  # mean top probability of the bin's images
+    accuracy: float  # share of them whose top class is right
+
+
+def reliability(probabilities: torch.Tensor, labels: torch.Tensor, *, bins: int = BINS) -> list[Bin]:
+    """The reliability diagram's bins: images by their top probability, each bin's mean
+    confidence against its accuracy (a calibrated model has them equal)."""
+    top, pred = probabilities.float().max(1)
+    right = (pred == labels).float()
+    where = (top * bins).long().clamp(max=bins - 1)
+    out = []
+    for b in range(bins):
+        inside = where == b
+        n = int(inside.sum())
+        out.append(Bin(b / bins, (b + 1) / bins, n, float(top[inside].mean()) if n else 0.0,
+                       float(right[inside].mean()) if n else 0.0))
+    return out
+
+
+def calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, *, bins: int = BINS) -> float:
+    """Expected calibration error: sum over bins of |accuracy - confidence| weighted by the bin's
+    share of the images (0 is perfect; nan for no images)."""
+    n = len(labels)
+    if n == 0:
+        return float("nan")
+    return sum(b.count / n * abs(b.accuracy - b.confidence) for b in reliability(probabilities, labels, bins=bins))
+
+
+# ---------------------------------------------------------------------------------------------
+# Unknown images.
+
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(N,) T * logsumexp(logits / T): high where the model answers strongly."""
+    return temperature * torch.logsumexp(logits.float() / temperature, dim=1)
+
+
+def nearest_similarity(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(N,) cosine similarity of each row of `features` (N, F) to its nearest row of `reference`
+    (R, F, unit length)."""
+    if len(reference) == 0:
+        return torch.zeros(len(features))
+    return (F.normalize(features.float(), dim=1) @ reference.float().T).max(1).values
+
+
+def _p_value(sorted_reference: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(1 + the number of `sorted_reference` (ascending, float64) at or below each score) / (n + 1);
+    below the lowest, 1 / (n + 1) times a normal tail (the reference's mean and spread) relative to
+    the lowest, so that an image far below every validation image counts as far below them."""
+    n = len(sorted_reference)
+    below = torch.searchsorted(sorted_reference.contiguous(), scores.contiguous(), right=True)
+    p = (below.double() + 1) / (n + 1)
+    if n > 1:
+        mean, spread = sorted_reference.mean(), sorted_reference.std().clamp(min=1e-12)
+        tail = torch.special.log_ndtr((scores - mean) / spread) - torch.special.log_ndtr((sorted_reference[0] - mean) / spread)
+        p = torch.where(below == 0, tail.clamp(max=0).exp() / (n + 1), p)
+    return p
+
+
+@dataclass
+class Rejection:
+    """What `familiarity` needs besides the training features: the validation images' scores."""
+
+    similarity: list[float]  # ascending: each validation image's nearest_similarity
+    energy: list[float]  # ascending: each validation image's energy (at the model's temperature)
+    combined: list[float]  # ascending: the product of the two p-values, per validation image
+    threshold: float  # the familiarity below which `reject="auto"` says unknown
+    false_rejection: float  # the share of validation images under the threshold (as measured)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Rejection":
+        return cls(**{k: d[k] for k in ("similarity", "energy", "combined", "threshold", "false_rejection")})
+
+    def familiarity(self, similarity: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+        """(N,) float64: the share of validation images less familiar than each image (see the module's text)."""
+        product = (_p_value(torch.tensor(self.similarity, dtype=torch.float64), similarity.double())
+                   * _p_value(torch.tensor(self.energy, dtype=torch.float64), energies.double()))
+        combined = torch.tensor(self.combined, dtype=torch.float64)
+        below = torch.searchsorted(combined.contiguous(), product.contiguous(), right=False)
+        return below.double().div(max(len(combined), 1))
+
+
+def fit_rejection(similarity: torch.Tensor, energies: torch.Tensor, *,
+                  false_rejection: float = FALSE_REJECTION) -> Rejection:
+    """The validation images' scores (N,) each, kept sorted, and the threshold that rejects at most
+    `false_rejection` of them."""
+    if not 0 <= false_rejection < 1:
+        raise ValueError(f"false_rejection must be in [0, 1), got {false_rejection}")
+    s, e = similarity.double().sort().values, energies.double().sort().values
+    combined = (_p_value(s, similarity.double()) * _p_value(e, energies.double())).sort().values
+    out = Rejection(s.tolist(), e.tolist(), combined.tolist(), false_rejection, 0.0)
+    out.false_rejection = float((out.familiarity(similarity, energies) < false_rejection).double().mean()) \
+        if len(similarity) else 0.0
+    return out
+
+
+def reference_features(features: torch.Tensor, *, limit: int = REFERENCE_IMAGES) -> torch.Tensor:
+    """(R, F) float16 unit rows of `features` (N, F): all of them, or `limit` spread evenly."""
+    if len(features) > limit:
+        features = features[torch.linspace(0, len(features) - 1, limit).round().long()]
+    return F.normalize(features.float(), dim=1).half()
