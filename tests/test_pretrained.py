@@ -69,7 +69,7 @@ def test_one_frozen_epoch_on_hymenoptera(real_weights_home: Path, tmp_path: Path
     # Its report opens in a real browser with every section and every picture.
     dom = rendered_dom(tmp_path / "run" / "report.html", tmp_path / "profile")
     # (the frozen strategy computed the backbone's features: the label check and the top losses' neighbours too)
-    assert 'data-images-ok="true"' in dom and 'data-images="5"' in dom
+    assert 'data-images-ok="true"' in dom and 'data-images="6"' in dom
     for section in [*SECTIONS, "Likely mislabelled training images", "Top losses and their nearest training images"]:
         assert section in dom, section
 
