@@ -247,11 +247,11 @@ def cmd_predict(a: argparse.Namespace) -> int:
     elif a.format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["path", "class", "probability", "top_k", "familiarity", "error"])
+        w.writerow(["path", "class", "probability", "top_k", "error", "familiarity", "unknown"])
         for p in preds:
             w.writerow([p.path, p.label or "", f"{p.probability:.6f}",
-                        ";".join(f"{c}:{q:.6f}" for c, q in p.top_k),
-                        "" if p.familiarity is None else f"{p.familiarity:.4f}", p.error or ""])
+                        ";".join(f"{c}:{q:.6f}" for c, q in p.top_k), p.error or "",
+                        "" if p.familiarity is None else f"{p.familiarity:.4f}", int(p.unknown)])
         say(buf.getvalue(), end="")
     else:
         width = max([len(p.path) for p in preds] + [4])

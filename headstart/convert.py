@@ -67,6 +67,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str
     if fmt == "headstart":  # OUT.safetensors + OUT.json; a checkpoint's training metadata carried over
         carried = {k: v for k, v in ckpt.meta.items() if k not in OWN_KEYS} if ckpt.meta.get("format") else {}
         dst = save_checkpoint(dst, ckpt.model, classes=ckpt.classes, preprocessing=ckpt.preprocessing,
+                              tensors={**ckpt.model.state_dict(), **ckpt.extra} if carried else None,
                               **{**carried, "converted_from": str(src)})
     elif fmt == "safetensors":
         save_weights(dst, LoadedWeights(dict(sd), kwargs, ckpt.classes, source=str(src)))

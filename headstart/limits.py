@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import confidence
+from .checkpoint import is_checkpoint, read_checkpoint
 from .data import DatasetSplits, Sample, collect_files, scan_dataset
 from .features import Features, extract_features
 from .inference import INFERENCE_BATCH_SIZE
@@ -223,6 +224,11 @@ def outputs(model: torch.nn.Module, samples: Sequence[Sample], *, runtime: Runti
     return feats, logits
 
 
+def tests_unknown(checkpoint: str | os.PathLike[str]) -> bool:
+    """Whether `checkpoint` is a headstart checkpoint with an unknown-image test (its header read)."""
+    return is_checkpoint(checkpoint) and "unknown" in read_checkpoint(checkpoint, tensors=False)[1]
+
+
 @dataclass
 class ModelLimits:
     """What `fit_limits` measured on the validation split, and what the checkpoint keeps of it."""
@@ -232,7 +238,7 @@ class ModelLimits:
     ece_after: float  # ... of the probabilities at `temperature`
     reliability_before: list[confidence.Bin]
     reliability_after: list[confidence.Bin]
-    rejection: confidence.Rejection
+    rejection: confidence.Rejection | None  # None below confidence.MIN_VALIDATION validation images
     reference: torch.Tensor  # (R, F) float16 unit training features (confidence.reference_features)
     val_images: int
     seconds: float = 0.0
@@ -241,7 +247,7 @@ class ModelLimits:
         """The entries `add_to_checkpoint` writes: "calibration" and "unknown"."""
         return {"calibration": {"temperature": self.temperature, "ece_before": self.ece_before,
                                 "ece_after": self.ece_after, "bins": confidence.BINS, "val_images": self.val_images},
-                "unknown": self.rejection.to_dict()}
+                **({"unknown": self.rejection.to_dict()} if self.rejection else {})}
 
     def summary(self) -> dict[str, object]:
         """summary.json's entries (the rejection without its sorted score lists)."""
@@ -251,7 +257,7 @@ class ModelLimits:
                                 "reliability": [[b.low, b.high, b.count, b.confidence, b.accuracy]
                                                 for b in self.reliability_after]},
                 "unknown": {"threshold": r.threshold, "false_rejection": r.false_rejection,
-                            "reference_images": len(self.reference), "seconds": self.seconds}}
+                            "reference_images": len(self.reference), "seconds": self.seconds} if r else None}
 
 
 def fit_limits(model: torch.nn.Module, splits: DatasetSplits, *, runtime: Runtime, pre: Preprocessing,
@@ -278,7 +284,8 @@ def fit_limits(model: torch.nn.Module, splits: DatasetSplits, *, runtime: Runtim
     raw, scaled = logits.softmax(1), (logits / t).softmax(1)
     reference = confidence.reference_features(train.features)
     rejection = confidence.fit_rejection(confidence.nearest_similarity(val.features, reference),
-                                         confidence.energy(logits, t), false_rejection=false_rejection)
+                                         confidence.energy(logits, t), false_rejection=false_rejection) \
+        if len(val.labels) >= confidence.MIN_VALIDATION else None
     return ModelLimits(t, confidence.calibration_error(raw, val.labels), confidence.calibration_error(scaled, val.labels),
                        confidence.reliability(raw, val.labels), confidence.reliability(scaled, val.labels),
                        rejection, reference, len(val.labels), time.perf_counter() - start)

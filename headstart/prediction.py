@@ -12,10 +12,9 @@ import torch
 
 from .data import Sample, collect_files  # noqa: F401  (collect_files: part of this module's API too)
 from .export import exported_logits, int8_if_faster, int8_model, is_exported, open_exported
-from .checkpoint import is_checkpoint, read_checkpoint
 from .confidence import REFERENCE, Rejection, energy, nearest_similarity
 from .inference import INFERENCE_BATCH_SIZE, infer
-from .limits import outputs
+from .limits import outputs, tests_unknown
 from .models import LoadedModel, open_model
 from .runtime import resolve_runtime
 
@@ -58,7 +57,7 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
     elif is_exported(checkpoint):
         exported = open_exported(checkpoint)
     elif precision == "auto" and engine != "torch" and device in ("auto", "cpu") and \
-            (reject == "off" or not _tests_unknown(checkpoint)):
+            (reject == "off" or not tests_unknown(checkpoint)):
         # an int8 model made before, where it passed its gate and ran faster (CPUs without bf16)
         exported = int8_if_faster(checkpoint, arch=arch, classes=classes)
     else:
@@ -105,11 +104,6 @@ def _threshold(reject: str | float) -> float | None:
         raise ValueError(f"reject must be off, auto or a familiarity threshold between 0 and 1 (e.g. 0.05: about 5% "
                          f"of the validation images called unknown), got {reject!r}")
     return value
-
-
-def _tests_unknown(checkpoint: str | os.PathLike[str]) -> bool:
-    """Whether `checkpoint` is a headstart checkpoint with an unknown-image test (its header read)."""
-    return is_checkpoint(checkpoint) and "unknown" in read_checkpoint(checkpoint, tensors=False)[1]
 
 
 def _temperature(meta: dict) -> float:

@@ -196,10 +196,11 @@ def _labels(s: dict[str, Any], folder: Path) -> str:
 def _confidence(s: dict[str, Any], folder: Path) -> str:
     cal, unknown = s.get("calibration"), s.get("unknown")
     if not cal:
-        return "<p class='sub'>Not fitted: the run has no validation images.</p>"
+        return ("<p class='sub'>Not fitted: the run has no validation images, or was written by a headstart "
+                "from before temperature scaling.</p>")
     note = (f"<p class='sub'>Temperature scaling: every logit divided by T = {cal['temperature']:.3f}, fitted on the "
-            f"{cal['val_images']} validation images (accuracy unchanged); expected calibration error "
-            f"({cal['bins']} bins) {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after. best.safetensors "
+            f"{cal['val_images']} validation images (accuracy unchanged); expected calibration error on them "
+            f"({cal['bins']} bins, in-sample) {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after. best.safetensors "
             "keeps T: predict, evaluate, serve and export apply it.</p>")
     if unknown:
         note += (f"<p class='sub'>None of these: <code>predict</code> calls an image <b>unknown</b> when its "

@@ -43,7 +43,7 @@ DATASET_FILE = "dataset.json"
 # What a run writes; --overwrite removes these (and nothing else a user put into the folder).
 RUN_FILES = ("best.safetensors", "best.json", "last.safetensors", "last.json", "state.safetensors", "metrics.csv",
              "summary.json", "predictions.csv", "predictions.png", "top_losses.png", "curves.png", "report.html",
-             "label_issues.csv", "label_issues.png", "top_losses_nearest.png", DATASET_FILE)
+             "label_issues.csv", "label_issues.png", "top_losses_nearest.png", "reliability.png", DATASET_FILE)
 
 
 def holds_run(folder: Path) -> bool:

@@ -50,6 +50,7 @@ from PIL import Image
 from .data import IMAGE_ERRORS
 from .export import ExportedModel, int8_if_faster, int8_model, is_exported, open_exported
 from .confidence import REFERENCE, Rejection, energy, nearest_similarity
+from .limits import tests_unknown
 from .models import get_head, get_model_info, open_model
 from .preprocessing import to_rgb
 from .runtime import resolve_runtime
@@ -90,7 +91,8 @@ class Predictor:
         self.exported: ExportedModel | None = (
             int8_model(checkpoint, arch=arch, classes=classes) if precision == "int8"
             else open_exported(checkpoint) if is_exported(checkpoint)
-            else int8_if_faster(checkpoint, arch=arch, classes=classes) if precision == "auto" and engine != "torch"
+            else int8_if_faster(checkpoint, arch=arch, classes=classes)
+            if precision == "auto" and engine != "torch" and not tests_unknown(checkpoint)  # (int8: no features)
             else None)
         self.rejection: Rejection | None = None  # the checkpoint's unknown-image test, where it has one
         if self.exported is not None:

@@ -411,12 +411,13 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
         raise TrainingInterrupted(out, result.best_epoch, 0, while_="fitting the temperature and the unknown-image "
                                                                     "test (every epoch is saved)") from None
     if result.limits is not None:
-        add_to_checkpoint(result.best_checkpoint, tensors={confidence.REFERENCE: result.limits.reference},
-                          **result.limits.checkpoint_meta())
-        callback.on_message(f"calibration: temperature {result.limits.temperature:.3f}, validation ECE "
-                            f"{result.limits.ece_before:.4f} -> {result.limits.ece_after:.4f}; unknown below "
-                            f"familiarity {result.limits.rejection.threshold:g} "
-                            f"({result.limits.rejection.false_rejection:.1%} of validation images)")
+        lim, rej = result.limits, result.limits.rejection
+        add_to_checkpoint(result.best_checkpoint, tensors={confidence.REFERENCE: lim.reference} if rej else None,
+                          **lim.checkpoint_meta())
+        test = (f"unknown below familiarity {rej.threshold:g} ({rej.false_rejection:.1%} of validation images)" if rej
+                else f"no unknown-image test (fewer than {confidence.MIN_VALIDATION} validation images)")
+        callback.on_message(f"calibration: temperature {lim.temperature:.3f}, validation ECE (in-sample) "
+                            f"{lim.ece_before:.4f} -> {lim.ece_after:.4f}; {test}")
     result.wall_time = time.perf_counter() - started
     summary = {
         "data": str(data), "out": str(out), "classes": splits.classes, "counts": counts,

@@ -101,7 +101,7 @@ def test_train_evaluate_predict_show_from_the_command_line(dataset: Path, tmp_pa
     assert main(["predict", str(run / "best.safetensors"), str(dataset / "val" / "red" / "red_0.png"),
                  "--format", "csv", "--workers", "0"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "path,class,probability,top_k,familiarity,error" and len(lines) == 2
+    assert lines[0] == "path,class,probability,top_k,error,familiarity,unknown" and len(lines) == 2
 
     assert main(["show", str(dataset), "--out", str(tmp_path / "batch.png"), "--image-size", "32"]) == 0
     assert (tmp_path / "batch.png").stat().st_size > 1000
