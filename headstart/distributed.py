@@ -60,6 +60,12 @@ class Group:
         """More than one rank: collectives talk to the others."""
         return self.world > 1
 
+    def leave(self) -> None:
+        """Close this rank's process group (a rank that has finished: its gloo threads end now, not
+        in the interpreter's exit, where they could abort the process)."""
+        if self.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def sum(self, values: Sequence[float]) -> list[float]:
         """Each value summed over the ranks (float64)."""
         if not self.active:

@@ -360,7 +360,9 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     held = claim_run_folder(Path(out), data=data, resume=resume, overwrite=overwrite) if group.main else \
         contextlib.nullcontext()
     with held:
-        return _train(data, Path(out), config, callback or Callback(), resume, started, group)
+        result = _train(data, Path(out), config, callback or Callback(), resume, started, group)
+    group.leave()  # (rank 0 still writes its files alone when the others leave: no collective is waited for)
+    return result
 
 
 def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callback: Callback, resume: bool,
