@@ -173,6 +173,16 @@ def fit_rejection(similarity: torch.Tensor, energies: torch.Tensor, *,
     return out
 
 
+def checkpoint_temperature(meta: dict[str, Any]) -> float:
+    """The temperature a checkpoint's metadata holds (1.0: one from before temperature scaling)."""
+    return float((meta.get("calibration") or {}).get("temperature", 1.0))
+
+
+def checkpoint_rejection(meta: dict[str, Any], extra: dict[str, torch.Tensor]) -> Rejection | None:
+    """The unknown-image test a checkpoint holds (its metadata and its REFERENCE tensor), or None."""
+    return Rejection.from_dict(meta["unknown"]) if "unknown" in meta and REFERENCE in extra else None
+
+
 def reference_features(features: torch.Tensor, *, limit: int = REFERENCE_IMAGES) -> torch.Tensor:
     """(R, F) float16 unit rows of `features` (N, F): all of them, or `limit` spread evenly."""
     if len(features) > limit:

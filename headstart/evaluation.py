@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .confidence import checkpoint_temperature
 from .data import Sample, find_classes, make_samples
 from .export import exported_logits, int8_if_faster, int8_model, is_exported, open_exported
 from .inference import INFERENCE_BATCH_SIZE, infer
@@ -41,7 +42,7 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
     else:
         ckpt = open_model(checkpoint, arch=arch, classes=classes, default_classes=present)
         names = ckpt.classes
-        temperature = float((ckpt.meta.get("calibration") or {}).get("temperature", 1.0))
+        temperature = checkpoint_temperature(ckpt.meta)
     unknown = sorted(set(present) - set(names))
     if unknown:
         raise ValueError(f"class folder(s) {unknown} in {folder} are not classes of the checkpoint {names}")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .confidence import checkpoint_temperature
 from .data import DatasetSplits, ImageDataset, Sample, collect_files, make_loader, scan_dataset, spread
 from .features import CALIBRATION_IMAGES
 from .download import atomic_write, cache_dir
@@ -121,7 +122,7 @@ def export(checkpoint: str | os.PathLike[str], *, format: str = "onnx", out: str
     if precision == "int8" and format != "openvino":
         raise ValueError("int8 is written as OpenVINO IR: add --format openvino")
     loaded = open_model(checkpoint, arch=arch, classes=classes)
-    temperature = float((loaded.meta.get("calibration") or {}).get("temperature", 1.0))
+    temperature = checkpoint_temperature(loaded.meta)
     src = Path(checkpoint)
     suffix = ".onnx" if format == "onnx" else ".int8.xml" if precision == "int8" else ".xml"
     out = Path(out) if out else src.with_suffix(suffix)

@@ -12,10 +12,10 @@ import torch
 
 from .data import Sample, collect_files  # noqa: F401  (collect_files: part of this module's API too)
 from .export import exported_logits, int8_if_faster, int8_model, is_exported, open_exported
-from .confidence import REFERENCE, Rejection, energy, nearest_similarity
+from .confidence import REFERENCE, checkpoint_rejection, checkpoint_temperature, energy, nearest_similarity
 from .inference import INFERENCE_BATCH_SIZE, infer
 from .limits import outputs, tests_unknown
-from .models import LoadedModel, open_model
+from .models import open_model
 from .runtime import resolve_runtime
 
 
@@ -63,7 +63,7 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
     else:
         exported = None
     ckpt = None if exported else open_model(checkpoint, arch=arch, classes=classes)
-    rejection = _rejection(ckpt)
+    rejection = checkpoint_rejection(ckpt.meta, ckpt.extra) if ckpt else None
     if threshold_given is not None and rejection is None:
         raise ValueError(f"--reject {reject} needs a checkpoint with an unknown-image test; {checkpoint} has none "
                          "(a run's best.safetensors written by this headstart's `train` has one). Use --reject off")
@@ -75,7 +75,7 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
         names, logits, indices, temperature = exported.classes, torch.from_numpy(out), order, exported.temperature
     else:
         runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile, engine=engine)
-        names, temperature = ckpt.classes, _temperature(ckpt.meta)
+        names, temperature = ckpt.classes, checkpoint_temperature(ckpt.meta)
         if rejection is not None and reject != "off":  # features and logits in one pass
             feats, logits = outputs(ckpt.model, samples, runtime=runtime, pre=ckpt.preprocessing,
                                     batch_size=batch_size, workers=workers, on_batch=on_batch)
@@ -104,17 +104,6 @@ def _threshold(reject: str | float) -> float | None:
         raise ValueError(f"reject must be off, auto or a familiarity threshold between 0 and 1 (e.g. 0.05: about 5% "
                          f"of the validation images called unknown), got {reject!r}")
     return value
-
-
-def _temperature(meta: dict) -> float:
-    return float((meta.get("calibration") or {}).get("temperature", 1.0))
-
-
-def _rejection(ckpt: LoadedModel | None) -> Rejection | None:
-    """The checkpoint's unknown-image test, where it has one (and its training features)."""
-    if ckpt is None or "unknown" not in ckpt.meta or REFERENCE not in ckpt.extra:
-        return None
-    return Rejection.from_dict(ckpt.meta["unknown"])
 
 
 def _predictions(files: list[Path], classes: list[str], logits: torch.Tensor, indices: list[int],

@@ -49,7 +49,7 @@ from PIL import Image
 
 from .data import IMAGE_ERRORS
 from .export import ExportedModel, int8_if_faster, int8_model, is_exported, open_exported
-from .confidence import REFERENCE, Rejection, energy, nearest_similarity
+from .confidence import REFERENCE, Rejection, checkpoint_rejection, checkpoint_temperature, energy, nearest_similarity
 from .limits import tests_unknown
 from .models import get_head, get_model_info, open_model
 from .preprocessing import to_rgb
@@ -104,9 +104,10 @@ class Predictor:
             loaded = open_model(checkpoint, arch=arch, classes=classes)
             self.runtime = resolve_runtime(precision=precision, engine=engine, threads=threads)
             self.classes, self.pre, self.meta = loaded.classes, loaded.preprocessing, loaded.meta
-            self.temperature = float((loaded.meta.get("calibration") or {}).get("temperature", 1.0))
-            if "unknown" in loaded.meta and REFERENCE in loaded.extra:  # features, then the head: both in one pass
-                self.rejection, self.reference = Rejection.from_dict(loaded.meta["unknown"]), loaded.extra[REFERENCE]
+            self.temperature = checkpoint_temperature(loaded.meta)
+            self.rejection = checkpoint_rejection(loaded.meta, loaded.extra)
+            if self.rejection is not None:  # features, then the head: both in one pass
+                self.reference = loaded.extra[REFERENCE]
                 self.head = get_head(loaded.model, get_model_info(loaded.meta["arch"]).classifier)
             # many images to come: OpenVINO where it pays
             self.model = self.runtime.inference_model(loaded.model, features=self.rejection is not None)
