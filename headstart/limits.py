@@ -18,6 +18,7 @@ back), then matrix products and L-BFGS fits on (N, F) features: seconds for thou
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -235,7 +236,8 @@ class ModelLimits:
 
     temperature: float
     ece_before: float  # confidence.calibration_error of the raw probabilities
-    ece_after: float  # ... of the probabilities at `temperature`
+    ece_after: float  # ... of the probabilities at `temperature` (in-sample: T was fitted on these images)
+    ece_held_out: float  # ... with T fitted on the other half of them (confidence.held_out_calibration_error)
     reliability_before: list[confidence.Bin]
     reliability_after: list[confidence.Bin]
     rejection: confidence.Rejection | None  # None below confidence.MIN_VALIDATION validation images
@@ -245,8 +247,10 @@ class ModelLimits:
 
     def checkpoint_meta(self) -> dict[str, object]:
         """The entries `add_to_checkpoint` writes: "calibration" and "unknown"."""
+        held_out = None if math.isnan(self.ece_held_out) else self.ece_held_out
         return {"calibration": {"temperature": self.temperature, "ece_before": self.ece_before,
-                                "ece_after": self.ece_after, "bins": confidence.BINS, "val_images": self.val_images},
+                                "ece_after": self.ece_after, "ece_held_out": held_out, "bins": confidence.BINS,
+                                "val_images": self.val_images},
                 **({"unknown": self.rejection.to_dict()} if self.rejection else {})}
 
     def summary(self) -> dict[str, object]:
@@ -287,5 +291,6 @@ def fit_limits(model: torch.nn.Module, splits: DatasetSplits, *, runtime: Runtim
                                          confidence.energy(logits, t), false_rejection=false_rejection) \
         if len(val.labels) >= confidence.MIN_VALIDATION else None
     return ModelLimits(t, confidence.calibration_error(raw, val.labels), confidence.calibration_error(scaled, val.labels),
+                       confidence.held_out_calibration_error(logits, val.labels),
                        confidence.reliability(raw, val.labels), confidence.reliability(scaled, val.labels),
                        rejection, reference, len(val.labels), time.perf_counter() - start)

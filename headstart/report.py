@@ -198,10 +198,12 @@ def _confidence(s: dict[str, Any], folder: Path) -> str:
     if not cal:
         return ("<p class='sub'>Not fitted: the run has no validation images, or was written by a headstart "
                 "from before temperature scaling.</p>")
+    held_out = (f", {cal['ece_held_out']:.4f} with T fitted on one half of them and judged on the other (the mean of "
+                "20 random halvings: what new images see)" if cal.get("ece_held_out") is not None else "")
     note = (f"<p class='sub'>Temperature scaling: every logit divided by T = {cal['temperature']:.3f}, fitted on the "
             f"{cal['val_images']} validation images (accuracy unchanged); expected calibration error on them "
-            f"({cal['bins']} bins, in-sample) {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after. best.safetensors "
-            "keeps T: predict, evaluate, serve and export apply it.</p>")
+            f"({cal['bins']} bins) {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after (in-sample: T fitted on "
+            f"the same images){held_out}. best.safetensors keeps T: predict, evaluate, serve and export apply it.</p>")
     if unknown:
         note += (f"<p class='sub'>None of these: <code>predict</code> calls an image <b>unknown</b> when its "
                  f"familiarity (how its nearest-training-image similarity and its logits' energy rank among the "

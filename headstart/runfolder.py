@@ -178,14 +178,18 @@ def write_metrics_csv(path: Path, history: Sequence[EpochRecord]) -> Path:
     return path
 
 
-def write_val_pictures(out: Path, inf: Inference, splits: DatasetSplits, pre: Preprocessing) -> dict[str, Path]:
+def write_val_pictures(out: Path, inf: Inference, splits: DatasetSplits, pre: Preprocessing, *,
+                       temperature: float = 1.0) -> dict[str, Path]:
     """predictions.csv (every validation image), top_losses.png (the most confidently wrong) and
-    predictions.png (a spread of validation images, titled with the predicted class)."""
+    predictions.png (a spread of validation images, titled with the predicted class). Probabilities
+    and losses are those of the logits divided by `temperature` (the run's calibration), as predict
+    gives them."""
     from . import plots  # matplotlib is imported only when pictures are drawn
 
-    probs = inf.outputs.float().softmax(1)
+    logits = inf.outputs.float() / temperature
+    probs = logits.softmax(1)
     pred = probs.argmax(1)
-    losses = F.cross_entropy(inf.outputs.float(), inf.labels, reduction="none")
+    losses = F.cross_entropy(logits, inf.labels, reduction="none")
     rows = []
     for i, index in enumerate(inf.indices.tolist()):
         rows.append({"path": str(splits.val[index].path), "true": splits.classes[int(inf.labels[i])],
@@ -280,7 +284,7 @@ def write_run_files(out: Path, *, inf: Inference, splits: DatasetSplits, pre: Pr
     top losses' nearest training images too."""
     from . import plots
 
-    files = write_val_pictures(out, inf, splits, pre)
+    files = write_val_pictures(out, inf, splits, pre, temperature=limits.temperature if limits else 1.0)
     if features is not None:
         more, summary["label_issues"] = write_label_pictures(out, features, inf, splits, pre)
         files.update(more)

@@ -418,8 +418,9 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
                           **lim.checkpoint_meta())
         test = (f"unknown below familiarity {rej.threshold:g} ({rej.false_rejection:.1%} of validation images)" if rej
                 else f"no unknown-image test (fewer than {confidence.MIN_VALIDATION} validation images)")
-        callback.on_message(f"calibration: temperature {lim.temperature:.3f}, validation ECE (in-sample) "
-                            f"{lim.ece_before:.4f} -> {lim.ece_after:.4f}; {test}")
+        callback.on_message(f"calibration: temperature {lim.temperature:.3f}, validation ECE {lim.ece_before:.4f} -> "
+                            f"{lim.ece_after:.4f} (in-sample), {lim.ece_held_out:.4f} with T fitted on the other half; "
+                            f"{test}")
     result.wall_time = time.perf_counter() - started
     summary = {
         "data": str(data), "out": str(out), "classes": splits.classes, "counts": counts,

@@ -3,6 +3,7 @@ calibration error, and the unknown-image test, on made-up logits and on a tiny m
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,24 @@ def test_temperature_scaling_finds_the_temperature_the_labels_were_drawn_at() ->
         after = confidence.calibration_error((logits / t).softmax(1), labels)
         assert after < 0.03 < before and after < before / 2
         assert torch.equal((logits / t).argmax(1), logits.argmax(1))  # accuracy cannot move
+
+
+def test_held_out_calibration_error_is_what_new_images_see() -> None:
+    # Many images: T fitted on half of them is as good as on all, and the error falls as in-sample.
+    logits, labels = _drawn(4000, 2.0)
+    before = confidence.calibration_error(logits.softmax(1), labels)
+    held_out = confidence.held_out_calibration_error(logits, labels, repeats=3)
+    assert held_out < 0.03 < before
+    # Few images: fitting and judging on the same ones flatters; the held-out error does not fall with it.
+    small = [_drawn(40, 2.0, seed=s) for s in range(20)]
+    inside = [confidence.calibration_error((x / confidence.fit_temperature(x, y)).softmax(1), y) for x, y in small]
+    outside = [confidence.held_out_calibration_error(x, y) for x, y in small]
+    assert sum(outside) > sum(inside)
+    assert confidence.held_out_calibration_error(logits[:3], labels[:3]) != confidence.held_out_calibration_error(
+        logits[:3], labels[:3])  # nan: too few images to halve
+    fresh = _drawn(4000, 2.0, seed=1)  # deterministic for a seed
+    assert confidence.held_out_calibration_error(*fresh, repeats=2) == confidence.held_out_calibration_error(
+        *fresh, repeats=2)
 
 
 def test_no_misclassified_validation_image_leaves_the_temperature_at_one() -> None:
@@ -111,6 +130,22 @@ def test_a_run_keeps_its_temperature_and_unknown_test_in_the_checkpoint(run: tup
     assert all(p.familiarity is None and not p.unknown for p in raw)
     for a, b in zip(val, raw):  # (the head in fp32 on the features, against the whole network under bf16 autocast)
         assert a.probability == pytest.approx(b.probability, abs=2e-3) and a.top_k[0][0] == b.label
+    assert cal["ece_held_out"] is not None and "judged on the other" in html  # the held-out ECE, said
+
+
+def test_the_runs_own_predictions_are_at_its_temperature(tmp_path: Path, monkeypatch) -> None:
+    # (the tiny model misclassifies no validation image, which leaves T at 1: here T is set to 3)
+    monkeypatch.setattr(confidence, "fit_temperature", lambda logits, labels: 3.0)
+    data = make_dataset(tmp_path / "data", per_class={"train": 8, "val": 6})
+    config = TrainConfig(arch="tiny", weights=None, strategy="finetune", epochs=1, batch_size=8, lr=0.05, workers=0,
+                         image_size=32)
+    out = train(data, out=tmp_path / "run", config=config).out
+    assert read_checkpoint(out / "best", tensors=False)[1]["calibration"]["temperature"] == 3.0
+    listed = {row["path"]: float(row["probability"]) for row in csv.DictReader((out / "predictions.csv").open())}
+    ours = predict(out / "best.safetensors", [data / "val"], workers=0, reject="off")
+    assert len(listed) == len(ours) == 12
+    for p in ours:  # predict applies the checkpoint's T: the run's file says the same
+        assert listed[str(p.path)] == pytest.approx(p.probability, abs=2e-3)
 
 
 def test_predict_calls_images_unlike_the_training_ones_unknown(run: tuple[Path, Path], tmp_path: Path,
