@@ -13,7 +13,7 @@ import sys
 import typing
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from . import __version__
 
@@ -268,7 +268,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     bad = sum(1 for p in preds if p.error)
     if bad:
         say(f"{bad} of {len(preds)} file(s) could not be read as images", file=sys.stderr)
-    return 0
+    return 1 if preds and bad == len(preds) else 0  # (scripts see that nothing was predicted)
 
 
 def _format_check(r: Any, *, shown: int = 5) -> str:
@@ -403,7 +403,7 @@ def _add_options(p: argparse.ArgumentParser, names: Iterable[str] | None = None,
             continue
         if f.default is not None or "default" not in text:
             text += f" (default: {'none' if f.default is None else f.default})"
-        p.add_argument(flag, type=f.metadata["parse"] or kind, default=f.default, choices=f.metadata["choices"],
+        p.add_argument(flag, type=_argument_type(f.metadata["parse"]) if f.metadata["parse"] else kind, default=f.default, choices=f.metadata["choices"],
                        help=text)
 
 
@@ -618,6 +618,16 @@ def _add_weights_file(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=None, help="backbone of --weights (default: resnet50)")
     p.add_argument("--classes", default=None, metavar="NAMES",
                    help="names of the head's outputs, comma-separated or a file with one per line")
+
+
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` for argparse: its ValueError's own words (which name the format) as the error."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
 
 
 def _size(text: str) -> int:

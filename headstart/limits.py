@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 def nearest(query: torch.Tensor, reference: torch.Tensor, *, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(cosine similarities (Q, k), row indices (Q, k)) of the `k` rows of `reference` (R, F)
     nearest to each row of `query` (Q, F), most similar first. Cost: 2*Q*R*F FLOP."""
+    if query.shape[0] == 0 or reference.shape[0] == 0:  # (no image decoded)
+        return torch.zeros(query.shape[0], 0), torch.zeros(query.shape[0], 0, dtype=torch.long)
     sims = F.normalize(query.float(), dim=1) @ F.normalize(reference.float(), dim=1).T
     return sims.topk(min(k, reference.shape[0]), dim=1)
 

@@ -18,6 +18,12 @@ COMMANDS = ["train", "evaluate", "predict", "check", "report", "show", "demo", "
             "serve", "similar"]
 
 
+def test_a_bad_duration_says_the_format(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", str(tmp_path), "--budget", "5x"])
+    assert "'5x' is not one like 90s, 5m, 1.5h or 1h30m" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_help_of_every_command(command: str | None, capsys) -> None:
     with pytest.raises(SystemExit) as e:

@@ -54,6 +54,11 @@ def test_a_frozen_run_checks_its_labels_and_shows_the_top_losses_nearest_images(
     assert "Likely mislabelled training images" in html and "really_red.png" in html
     assert "Top losses and their nearest training images" in html
 
+    broken = tmp_path / "broken.jpg"  # only files that do not decode: a line each, no traceback
+    broken.write_text("not an image")
+    assert main(["similar", str(run / "best.safetensors"), str(broken), "--in", str(data), "--workers", "0"]) == 0
+    assert main(["predict", str(run / "best.safetensors"), str(broken), "--workers", "0"]) == 1  # nothing predicted
+
 
 def test_a_finetune_run_says_how_to_check_its_labels(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data")
