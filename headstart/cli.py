@@ -243,7 +243,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
                     precision=a.precision, device=a.device, threads=a.threads, compile=a.compile,
                     engine=a.engine, arch=a.arch, classes=a.classes, reject=a.reject)
     if a.format == "json":
-        say(json.dumps([asdict(p) for p in preds], indent=2))
+        # (no unknown-image test ran, as for an exported file: `unknown` is null, not false)
+        say(json.dumps([{**asdict(p), "unknown": None if p.familiarity is None and not p.error else p.unknown}
+                        for p in preds], indent=2))
     elif a.format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -251,7 +253,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         for p in preds:
             w.writerow([p.path, p.label or "", f"{p.probability:.6f}",
                         ";".join(f"{c}:{q:.6f}" for c, q in p.top_k), p.error or "",
-                        "" if p.familiarity is None else f"{p.familiarity:.4f}", int(p.unknown)])
+                        *(["", ""] if p.familiarity is None else [f"{p.familiarity:.4f}", int(p.unknown)])])
         say(buf.getvalue(), end="")
     else:
         width = max([len(p.path) for p in preds] + [4])
@@ -403,8 +405,9 @@ def _add_options(p: argparse.ArgumentParser, names: Iterable[str] | None = None,
             continue
         if f.default is not None or "default" not in text:
             text += f" (default: {'none' if f.default is None else f.default})"
-        p.add_argument(flag, type=_argument_type(f.metadata["parse"]) if f.metadata["parse"] else kind, default=f.default, choices=f.metadata["choices"],
-                       help=text)
+        parse = f.metadata["parse"]
+        p.add_argument(flag, type=_argument_type(parse) if parse else kind, default=f.default,
+                       choices=f.metadata["choices"], help=text)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -424,7 +427,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Train a classifier from a pretrained backbone on a class-per-folder dataset.")
     p.add_argument("data", nargs="?", help="dataset folder: train/ and val/ with one sub-folder per class")
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<arch>-<strategy>, or with -2, -3... "
-                                               "where that holds a run; beside the dataset, never inside it)")
+                                               "where that holds a run; under the current folder, or beside the "
+                                               "dataset where that would be inside it)")
     p.add_argument("--resume", default=None, metavar="RUN",
                    help="continue the run in folder RUN from its last saved state, with its data and options (more "
                         "--epochs, another --budget, --workers, --threads or --timeout may be given; a data-parallel run: "

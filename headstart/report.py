@@ -98,8 +98,9 @@ def load_run(run: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _cards(s: dict[str, Any]) -> str:
     m = s["best_metrics"]
+    loss = "val loss, before T" if s.get("calibration") else "val loss"  # (evaluate's is at T)
     items = [("best val accuracy", f"{m['accuracy']:.4f}"), ("balanced accuracy", f"{m['balanced_accuracy']:.4f}"),
-             ("val loss", f"{m['loss']:.4f}"), ("best epoch", f"{s['best_epoch']} / {s['config']['epochs']}"),
+             (loss, f"{m['loss']:.4f}"), ("best epoch", f"{s['best_epoch']} / {s['config']['epochs']}"),
              ("wall time", f"{s['wall_time_s']:.1f} s")]
     if s.get("estimate"):
         items.append(("estimated", f"{s['estimate']['total_s']:.1f} s"))
@@ -202,8 +203,9 @@ def _confidence(s: dict[str, Any], folder: Path) -> str:
                 "20 random halvings: what new images see)" if cal.get("ece_held_out") is not None else "")
     note = (f"<p class='sub'>Temperature scaling: every logit divided by T = {cal['temperature']:.3f}, fitted on the "
             f"{cal['val_images']} validation images (accuracy unchanged); expected calibration error on them "
-            f"({cal['bins']} bins) {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after (in-sample: T fitted on "
-            f"the same images){held_out}. best.safetensors keeps T: predict, evaluate, serve and export apply it.</p>")
+            f"({cal['bins']} bins) {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after (in-sample: T fitted "
+            f"on the same images){held_out}. best.safetensors keeps T: predict, evaluate, serve and export apply "
+            "it.</p>")
     if unknown:
         note += (f"<p class='sub'>None of these: <code>predict</code> calls an image <b>unknown</b> when its "
                  f"familiarity (how its nearest-training-image similarity and its logits' energy rank among the "

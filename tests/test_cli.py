@@ -103,11 +103,13 @@ def test_train_evaluate_predict_show_from_the_command_line(dataset: Path, tmp_pa
                  "--workers", "0", "--top-k", "1"]) == 0
     preds = json.loads(capsys.readouterr().out)
     assert len(preds) == 6 and all(len(p["top_k"]) == 1 for p in preds)
+    assert all(p["familiarity"] is None and p["unknown"] is None for p in preds)  # 12 val images: no test ran
 
     assert main(["predict", str(run / "best.safetensors"), str(dataset / "val" / "red" / "red_0.png"),
                  "--format", "csv", "--workers", "0"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "path,class,probability,top_k,error,familiarity,unknown" and len(lines) == 2
+    assert lines[1].endswith(",,")  # (familiarity and unknown blank: no test ran)
 
     assert main(["show", str(dataset), "--out", str(tmp_path / "batch.png"), "--image-size", "32"]) == 0
     assert (tmp_path / "batch.png").stat().st_size > 1000
