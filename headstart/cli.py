@@ -243,9 +243,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
                     precision=a.precision, device=a.device, threads=a.threads, compile=a.compile,
                     engine=a.engine, arch=a.arch, classes=a.classes, reject=a.reject)
     if a.format == "json":
-        # (no unknown-image test ran, as for an exported file: `unknown` is null, not false)
-        say(json.dumps([{**asdict(p), "unknown": None if p.familiarity is None and not p.error else p.unknown}
-                        for p in preds], indent=2))
+        # (no unknown-image test ran, as for an exported file: `unknown` is null, not false, as CSV leaves it blank)
+        say(json.dumps([{**asdict(p), "unknown": None if p.familiarity is None else p.unknown} for p in preds],
+                       indent=2))
     elif a.format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)

@@ -31,6 +31,7 @@ BINS = 15  # the ECE's bins of the top probability, equal width over [0, 1]
 FALSE_REJECTION = 0.05  # the default share of validation images that `reject="auto"` calls unknown
 REFERENCE = "limits.reference"  # the checkpoint tensor: (R, F) training features, unit length, float16
 MIN_VALIDATION = 20  # fewer: a familiarity of 0.05 is under the lowest validation image, no test is fitted
+HALVINGS = 20  # random halvings of the validation images that the held-out ECE averages
 REFERENCE_IMAGES = 4096  # at most this many training images are kept for the nearest-neighbour test
 
 
@@ -94,8 +95,8 @@ def calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, *, bins
     return sum(b.count / n * abs(b.accuracy - b.confidence) for b in reliability(probabilities, labels, bins=bins))
 
 
-def held_out_calibration_error(logits: torch.Tensor, labels: torch.Tensor, *, repeats: int = 20, seed: int = 0,
-                               bins: int = BINS) -> float:
+def held_out_calibration_error(logits: torch.Tensor, labels: torch.Tensor, *, repeats: int = HALVINGS,
+                               seed: int = 0, bins: int = BINS) -> float:
     """The ECE of temperature scaling on images its T was not fitted on: the images are split in
     two halves at random (stratified by class), T is fitted on each half and applied to the other,
     and the ECE of those out-of-half probabilities is averaged over `repeats` splits (seeded).

@@ -251,8 +251,8 @@ class ModelLimits:
         """The entries `add_to_checkpoint` writes: "calibration" and "unknown"."""
         held_out = None if math.isnan(self.ece_held_out) else self.ece_held_out
         return {"calibration": {"temperature": self.temperature, "ece_before": self.ece_before,
-                                "ece_after": self.ece_after, "ece_held_out": held_out, "bins": confidence.BINS,
-                                "val_images": self.val_images},
+                                "ece_after": self.ece_after, "ece_held_out": held_out, "halvings": confidence.HALVINGS,
+                                "bins": confidence.BINS, "val_images": self.val_images},
                 **({"unknown": self.rejection.to_dict()} if self.rejection else {})}
 
     def summary(self) -> dict[str, object]:

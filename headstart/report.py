@@ -199,8 +199,9 @@ def _confidence(s: dict[str, Any], folder: Path) -> str:
     if not cal:
         return ("<p class='sub'>Not fitted: the run has no validation images, or was written by a headstart "
                 "from before temperature scaling.</p>")
-    held_out = (f", {cal['ece_held_out']:.4f} with T fitted on one half of them and judged on the other (the mean of "
-                "20 random halvings: what new images see)" if cal.get("ece_held_out") is not None else "")
+    held_out = "" if cal.get("ece_held_out") is None else (
+        f", {cal['ece_held_out']:.4f} with T fitted on one half of them and judged on the other (the mean of "
+        f"{cal['halvings']} random halvings: what new images see)")
     note = (f"<p class='sub'>Temperature scaling: every logit divided by T = {cal['temperature']:.3f}, fitted on the "
             f"{cal['val_images']} validation images (accuracy unchanged); expected calibration error on them "
             f"({cal['bins']} bins) {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after (in-sample: T fitted "
