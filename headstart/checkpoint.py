@@ -25,6 +25,7 @@ from .preprocessing import Preprocessing
 
 FORMAT = "headstart-checkpoint"
 FORMAT_VERSION = 1
+STATE_FORMAT = "headstart-run-state"  # a run's state.safetensors (runstate.py): not a model
 EXTRA_PREFIX = "limits."  # tensors that travel with the weights but are not the model's (confidence.py)
 OWN_KEYS = ("format", "format_version", "arch", "arch_kwargs", "classes", "preprocessing", "versions")  # set here
 _FIX = ("Pass a run's best.safetensors or last.safetensors (written by `headstart train`); plain weights go to "

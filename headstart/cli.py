@@ -115,8 +115,12 @@ def _train_config(a: argparse.Namespace, **override: Any):
 
 
 def _print_run(result: Any) -> None:
-    say(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); wall time {result.wall_time:.1f}s"
+    after = result.wall_time - result.training_time
+    say(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); wall time {result.wall_time:.1f}s: "
+        f"training {result.training_time:.1f}s, then calibration, pictures and report {after:.1f}s"
         + (f" (estimated {result.estimate.total_s:.1f}s)" if result.estimate else ""))
+    last = result.history[-1].epoch if result.history else 0
+    say(f"stopped: {result.stopped}" if result.stopped else f"trained every epoch ({last})")
     if result.skipped:
         say(f"skipped {len(result.skipped)} undecodable file(s): {', '.join(result.skipped)}")
     say(f"best checkpoint: {result.best_checkpoint}")
@@ -218,16 +222,18 @@ def _model_file(a: argparse.Namespace, checkpoint: str | None) -> str:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluation import evaluate
+    from .evaluation import METRICS_JSON, evaluate, write_metrics_json
+    from .outputs import claim
 
     checkpoint = _model_file(a, a.checkpoint)
+    if a.json:
+        claim(a.json, METRICS_JSON, overwrite=a.overwrite)  # refused before the work, not after
     m = evaluate(checkpoint, a.data, batch_size=a.batch_size, workers=a.workers, precision=a.precision,
                  device=a.device, threads=a.threads, compile=a.compile, engine=a.engine, arch=a.arch,
                  classes=a.classes)
     say(_format_metrics(m))
     if a.json:
-        Path(a.json).write_text(json.dumps(m.to_dict(), indent=2) + "\n")
-        say(f"\nmetrics written to {a.json}")
+        say(f"\nmetrics written to {write_metrics_json(a.json, m, overwrite=a.overwrite)}")
     return 0
 
 
@@ -293,27 +299,29 @@ def _format_check(r: Any, *, shown: int = 5) -> str:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from .check import check_dataset
+    from .check import CHECK_JSON, check_dataset, write_check_json
+    from .limits import LABEL_CSV, write_label_csv
+    from .outputs import claim
 
+    if a.csv and not a.labels:
+        raise ValueError("--csv writes the label check's ranking: add --labels")
+    for path, kind in ((a.json, CHECK_JSON), (a.csv, LABEL_CSV)):
+        if path:
+            claim(path, kind, overwrite=a.overwrite)  # refused before the work, not after
     report = check_dataset(a.data, val_split=a.val_split, image_size=a.image_size)
     say(_format_check(report))
-    if a.json:
-        Path(a.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        say(f"\nfindings written to {a.json}")
+    rows = None
     if a.labels:
         from .limits import find_label_issues
 
         rows = find_label_issues(a.data, arch=a.arch, val_split=a.val_split, workers=a.workers)
         say("\n" + _format_label_issues(rows, a.labels_shown))
-        if a.csv:
-            with open(a.csv, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["rank", "path", "split", "given", "suggested", "label_quality", "suspect"])
-                for i, r in enumerate(rows, 1):
-                    w.writerow([i, r.path, r.split, r.given, r.suggested, f"{r.quality:.6f}", int(r.suspect)])
-            say(f"every image's label quality written to {a.csv}")
-    elif a.csv:
-        raise ValueError("--csv writes the label check's ranking: add --labels")
+    if a.json:
+        labels = [r.to_dict(i) for i, r in enumerate(rows, 1)] if rows is not None else None
+        say(f"\nfindings{' and label check' if rows is not None else ''} written to "
+            f"{write_check_json(a.json, report, labels=labels, overwrite=a.overwrite)}")
+    if a.csv:
+        say(f"every image's label quality written to {write_label_csv(a.csv, rows, overwrite=a.overwrite)}")
     blocking = report.blocking(a.allow.split(",") if a.allow else ())  # (a kind that no check reports: ValueError)
     if blocking:
         kinds = sorted({f.kind for f in blocking})
@@ -352,7 +360,7 @@ def cmd_similar(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(a.runs, out=a.out)
+    path = write_report(a.runs, out=a.out, overwrite=a.overwrite)
     say(f"report: {path}")
     return 0
 
@@ -361,7 +369,7 @@ def cmd_show(a: argparse.Namespace) -> int:
     from .plots import show_batch
 
     path = show_batch(a.data, out=a.out, batch_size=a.batch_size, seed=a.seed, image_size=a.image_size,
-                      val_split=a.val_split)
+                      val_split=a.val_split, overwrite=a.overwrite)
     say(f"batch picture: {path}")
     return 0
 
@@ -369,8 +377,8 @@ def cmd_show(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    res = run_demo(data=a.data, out=a.out, config=_train_config(a),
-                   callback=ConsoleProgress(), progress=_download_bar())
+    res = run_demo(data=a.data, out=a.out, config=_train_config(a), callback=ConsoleProgress(),
+                   progress=_download_bar(), overwrite=a.overwrite)
     say(f"\ndataset: {res.data}\n  {res.about}")
     say(f"training batch picture: {res.batch_picture}")
     for strategy, run in res.runs.items():
@@ -448,6 +456,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("data", help="class-per-folder images (or a dataset root with val/)")
     _add_weights_file(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--overwrite", action="store_true", help="--json may replace whatever file it names")
     if full("evaluate"):
         _add_inference_options(p)
     p.set_defaults(func=cmd_evaluate)
@@ -474,7 +483,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "training would be wrong (leakage, a class missing from a split, an empty "
                                    "class folder) unless --allow names those kinds.")
     p.add_argument("data", help="dataset folder")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report (and the label check) as JSON")
+    p.add_argument("--overwrite", action="store_true", help="--json and --csv may replace whatever files they name")
     p.add_argument("--allow", default="", metavar="KINDS",
                    help="comma-separated kinds of error to accept, e.g. leakage,class-missing")
     p.add_argument("--image-size", type=int, default=224, help="crop size, for the tiny-image check (default: 224)")
@@ -503,13 +513,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Render RUN/report.html from a run folder's files; with two or more runs, "
                                    "a side-by-side comparison (default: compare.html).")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `headstart train`")
-    p.add_argument("--out", default=None, help="HTML file to write")
+    p.add_argument("--out", default=None, help="HTML file to write (it replaces only a report)")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever file --out names")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("show", help="draw a training batch with its labels",
                        description="Draw one augmented training batch of DATA, titled with the labels.")
     p.add_argument("data", help="dataset folder")
-    p.add_argument("--out", default="batch.png", help="picture to write (default: batch.png)")
+    p.add_argument("--out", default="batch.png", help="picture to write (default: batch.png); it replaces only a "
+                                                      "picture headstart drew")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever file --out names")
     p.add_argument("--batch-size", type=int, default=18)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--val-split", type=float, default=None)
@@ -523,6 +536,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="dataset folder (default: the tutorial's Canidae_data.zip, downloaded once; offline, solar "
                         "cells from the package index)")
     p.add_argument("--out", default=None, help="default: runs/demo (runs/demo-2... when that holds a demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace a demo (or any files of the same names) in --out")
     if full("demo"):
         _add_options(p, exclude=["strategy"])
     p.set_defaults(func=cmd_demo)
@@ -546,8 +560,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "headstart's own inference on real images (the run's validation images, or "
                                    "--images) and removed if they disagree.")
     p.add_argument("checkpoint", nargs="?", help="a run's best.safetensors (or --weights)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"], help="default: onnx")
-    p.add_argument("--out", default=None, help="the file to write (default: beside CKPT, .onnx or .xml)")
+    p.add_argument("--format", default=None, choices=["onnx", "openvino"],
+                   help="default: from --out's suffix (.onnx, .xml), else onnx")
+    p.add_argument("--out", default=None, help="the file to write (default: beside CKPT, .onnx or .xml); it replaces "
+                                               "only an export of the same format")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever file --out names")
     p.add_argument("--images", nargs="+", default=[], metavar="PATH",
                    help="images (files or folders) to check the export on (default: the run's validation images)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
@@ -591,6 +608,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="backbone of a plain weights file IN (default: resnet50)")
     p.add_argument("--classes", default=None, metavar="NAMES",
                    help="names of the head's outputs, comma-separated or a file with one per line")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace whatever file OUT names (else it replaces only a file of its format headstart wrote)")
     p.set_defaults(func=cmd_convert)
     return parser
 
@@ -650,7 +669,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export import export
 
     result = export(_model_file(a, a.checkpoint), format=a.format, out=a.out, images=a.images,
-                    precision=a.precision, calibration=a.calibration, arch=a.arch, classes=a.classes)
+                    precision=a.precision, calibration=a.calibration, arch=a.arch, classes=a.classes,
+                    overwrite=a.overwrite)
     say(f"wrote {', '.join(map(str, result.files))} ({result.format}: {len(result.classes)} classes)")
     say(result.parity.line())
     return 0
@@ -659,16 +679,16 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from .serve import serve
 
-    say(f"serving on http://{a.host}:{a.port}/ (Ctrl-C stops it)")
     serve(_model_file(a, a.checkpoint), host=a.host, port=a.port, max_upload=a.max_upload, arch=a.arch,
-          classes=a.classes, top_k=a.top_k, max_batch=a.max_batch, max_wait=a.max_wait / 1000, precision=a.precision)
+          classes=a.classes, top_k=a.top_k, max_batch=a.max_batch, max_wait=a.max_wait / 1000, precision=a.precision,
+          on_ready=lambda url: say(f"serving on {url} (Ctrl-C stops it)", flush=True))
     return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from .convert import convert
 
-    result = convert(a.input, a.output, to=a.to, arch=a.arch, classes=a.classes)
+    result = convert(a.input, a.output, to=a.to, arch=a.arch, classes=a.classes, overwrite=a.overwrite)
     say(f"wrote {result.path} ({result.format}: {result.tensors} tensors, {result.arch}, "
         f"{len(result.classes)} classes)")
     if result.skipped:
@@ -767,6 +787,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.handlers[:] = [_TqdmHandler()]
             log.setLevel(level)
             log.propagate = False
+            import warnings
+
+            from PIL import Image
+
+            # The pixel limit is headstart's own check (data.open_image), the same everywhere; Pillow's own
+            # warning for images between 1x and 2x of it would only say it twice.
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
             _import_what_runs(getattr(args, "command", None))
         finally:
             if main_thread:

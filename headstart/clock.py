@@ -64,8 +64,7 @@ class Clock:
     """A callback between the strategy and the caller's: it passes every event on, and after the
     first few training steps of this process it says how long the run will take: the median of
     steps 3 to 7 of an epoch (the first two warm up: memory, oneDNN's kernels for the backward; on
-    hymenoptera they ran up to 1.5x the later ones). `over_budget` tells when another epoch would
-    end after the budget."""
+    hymenoptera they ran up to 1.5x the later ones)."""
 
     STEPS = 5  # steps measured
     WARMUP = 2  # steps not measured (fewer where an epoch is short)
@@ -101,8 +100,10 @@ class Clock:
         s = self._strategy
         ends = self._times[-measured - 1:]
         step_s = statistics.median(b - a for a, b in zip(ends, ends[1:]))
-        steps_left = (s.epochs - epoch) * s.steps_per_epoch + (s.steps_per_epoch - step)
-        validation_s = s.validation_seconds(step_s)
+        crop = getattr(s, "crop", lambda e: 1)  # an epoch's crop side: a step costs about its square
+        cost = [(crop(e) / crop(epoch)) ** 2 for e in range(epoch, s.epochs + 1)]
+        steps_left = sum(cost[1:]) * s.steps_per_epoch + (s.steps_per_epoch - step)  # (in steps of this epoch's)
+        validation_s = s.validation_seconds(step_s * (crop(s.epochs) / crop(epoch)) ** 2)
         spent = time.perf_counter() - self.started
         total = spent + steps_left * step_s + (s.epochs - epoch + 1) * validation_s
         self.estimate = Estimate(total, spent, s.epochs, s.steps_per_epoch, step_s, measured, validation_s)
@@ -114,15 +115,6 @@ class Clock:
     def on_message(self, text: str) -> None:
         self.inner.on_message(text)
 
-    def over_budget(self, budget: float | None, history: list) -> bool:
-        """Whether the next epoch, as long as the last one trained, would end after `budget` (s)."""
-        trained = [r for r in history if r.epoch >= 1]
-        if budget is None or not trained:
-            return False
-        spent = time.perf_counter() - self.started
-        if spent + trained[-1].epoch_time <= budget:
-            return False
-        self.inner.on_message(f"stopping after epoch {trained[-1].epoch}: another (about "
-                              f"{format_duration(trained[-1].epoch_time)}) would end after the budget of "
-                              f"{format_duration(budget)}, {format_duration(spent)} spent")
-        return True
+    def on_validation_end(self, run: Any) -> None:
+        getattr(self.inner, "on_validation_end", lambda run: None)(run)
+

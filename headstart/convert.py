@@ -10,18 +10,22 @@ MindSpore); what a format cannot say (class names, preprocessing, padding) is re
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .checkpoint import OWN_KEYS, save_checkpoint
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT, OWN_KEYS, checkpoint_paths, save_checkpoint
 from .download import atomic_write
 from .formats.mindspore import encode_ckpt, torch_resnet_to_mindspore
+from .formats.safetensors import read_safetensors, tagged_format
 from .models import open_model
-from .weights import LoadedWeights, save_weights
+from .outputs import Kind, claim
+from .weights import PTH_OPTIONS_FORMAT, WEIGHTS_FORMAT, LoadedWeights, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +57,54 @@ def output_format(path: str | os.PathLike[str], to: str | None = None) -> str:
     return _BY_SUFFIX[suffix]
 
 
+def _is_tagged(fmt: str) -> Callable[[Path], bool]:
+    return lambda path: tagged_format(path) == fmt
+
+
+def _is_weights(path: Path) -> bool:
+    try:
+        return read_safetensors(path, tensors=False)[1].get("format") == WEIGHTS_FORMAT
+    except (ValueError, OSError):
+        return False
+
+
+def pth_options_path(path: str | os.PathLike[str]) -> Path:
+    """The file beside a .pth written by `convert` that says how to build its network: `X.pth.json`."""
+    return Path(f"{os.fspath(path)}.json")
+
+
+def _is_pth(path: Path) -> bool:
+    try:
+        return json.loads(pth_options_path(path).read_text()).get("format") == PTH_OPTIONS_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+KINDS = {  # what `convert` writes, and how it knows its own files (outputs.claim)
+    "headstart": Kind("a headstart checkpoint", _is_tagged(CHECKPOINT_FORMAT), lambda p: [checkpoint_paths(p)[1]]),
+    "safetensors": Kind("a weights file written by headstart", _is_weights),
+    "pth": Kind("a .pth written by headstart convert", _is_pth, lambda p: [pth_options_path(p)]),
+    "mindspore": Kind("a MindSpore checkpoint written by headstart convert", lambda p: False),  # no mark inside
+}
+
+
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str | None = None,
-            arch: str | None = None, classes: str | list[str] | None = None) -> Converted:
+            arch: str | None = None, classes: str | list[str] | None = None, overwrite: bool = False) -> Converted:
     """Read `src` (a checkpoint or weights file), write `dst` in format `to` (default: from its
-    extension). `arch` and `classes` describe a plain weights file, as in `open_model`."""
+    extension). `arch` and `classes` describe a plain weights file, as in `open_model`. `dst`
+    replaces only a file of the same format that headstart wrote (outputs.claim), unless `overwrite`.
+
+    A .pth holds tensors only: `X.pth.json` beside it keeps the architecture, its options (a Keras
+    ResNet50's stride_in_1x1, which the tensors cannot show), the classes and the preprocessing, and
+    headstart reads it back with the .pth."""
     fmt = output_format(dst, to)
+    dst = Path(checkpoint_paths(dst)[0] if fmt == "headstart" else dst)
+    claim(dst, KINDS[fmt], overwrite=overwrite)
     ckpt = open_model(src, arch=arch, classes=classes)
     skipped = list(ckpt.meta.get("skipped_tensors", []))
     arch_name, kwargs = ckpt.meta["arch"], dict(ckpt.meta.get("arch_kwargs") or {})
     sd = ckpt.model.state_dict()
     notes: list[str] = []
-    dst = Path(dst)
     if fmt == "headstart":  # OUT.safetensors + OUT.json; a checkpoint's training metadata carried over
         carried = {k: v for k, v in ckpt.meta.items() if k not in OWN_KEYS} if ckpt.meta.get("format") else {}
         dst = save_checkpoint(dst, ckpt.model, classes=ckpt.classes, preprocessing=ckpt.preprocessing,
@@ -76,7 +117,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str
         torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, buf)
         with atomic_write(dst) as f:
             f.write(buf.getvalue())
-        notes.append("a .pth holds tensors only: class names and preprocessing are not in it")
+        with atomic_write(pth_options_path(dst), "w") as f:
+            json.dump({"format": PTH_OPTIONS_FORMAT, "arch": arch_name, "arch_kwargs": kwargs,
+                       "classes": ckpt.classes, "preprocessing": ckpt.preprocessing.to_dict(),
+                       "converted_from": str(src)}, f, indent=2)
+        notes.append(f"the architecture, its options, the class names and the preprocessing are in "
+                     f"{pth_options_path(dst).name} beside it; headstart reads it with the .pth")
         if kwargs:
             notes.append(f"the network was built with {kwargs}; torchvision's own {arch_name} is not, "
                          "so load this file into headstart's (or an equivalent) model")

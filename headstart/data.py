@@ -13,19 +13,19 @@ class). This module knows no networks: it yields uint8 image batches (N, 3, S, S
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
 import random
 import signal
 import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from .preprocessing import Transform, to_rgb
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif",
+    *((".avif",) if features.check("avif") else ()),  # where this Pillow reads AVIF
 })
 # What a broken image file raises somewhere inside Pillow, on open or on decode.
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError, IndexError,
@@ -115,18 +116,30 @@ def parse_classes(classes: str | list[str] | None) -> list[str] | None:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files below `folder` (recursive; hidden names and run folders skipped), sorted."""
-    out = []
-    for root, dirs, files in os.walk(folder):
+    """Image files below `folder` (recursive; symlinked folders followed, each real folder once;
+    hidden names and run folders skipped), sorted."""
+    out, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or two links to one folder: read once
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".") and not (Path(root) / d / RUN_MARKER).exists()]
         out += [Path(root) / f for f in files if is_image_file(Path(f))]
     return sorted(out)
 
 
-def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given, and the image files below each folder (recursive, hidden names skipped)."""
+def as_paths(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """One path or several, as a list (a string is one path, never its characters)."""
+    return [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+
+
+def collect_files(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, and the image files below each folder (recursive, symlinked folders followed,
+    hidden names skipped). `paths` is one path or several."""
     files: list[Path] = []
-    for p in map(Path, paths):
+    for p in as_paths(paths):
         if p.is_dir():
             found = list_images(p)
             if not found:
@@ -207,6 +220,13 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, *, seed: in
     return train, val
 
 
+def refuse_val_split(root: Path, val_split: float | None) -> None:
+    """ValueError where `val_split` is given for a dataset that has its own val/ folder (it would be ignored)."""
+    if val_split is not None:
+        raise ValueError(f"{root} has train/ and val/ folders: --val-split {val_split} would be ignored (it splits a "
+                         "folder of class folders, or train/ where there is no val/); drop it")
+
+
 def scan_dataset(root: str | Path, *, val_split: float | None = None, seed: int = 0) -> DatasetSplits:
     """Find the classes and images of a dataset root (see the module docstring for layouts)."""
     root = Path(root)
@@ -216,8 +236,7 @@ def scan_dataset(root: str | Path, *, val_split: float | None = None, seed: int 
         classes = find_classes(train_dir)
         train = make_samples(train_dir, classes)
         if val_dir.is_dir():
-            if val_split is not None:
-                log.warning("%s has a val/ folder: --val-split %s is ignored", root, val_split)
+            refuse_val_split(root, val_split)
             val = make_samples(val_dir, classes)
         else:
             if val_split is None:
@@ -240,11 +259,19 @@ def scan_dataset(root: str | Path, *, val_split: float | None = None, seed: int 
 # ---------------------------------------------------------------------------------------------
 # Loading and batching.
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open an image lazily (header only); raises one of IMAGE_ERRORS if it is not an image."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse > 89M pixels
-        return Image.open(path)
+def open_image(source: str | os.PathLike[str] | bytes | BinaryIO) -> Image.Image:
+    """Open an image lazily (header only) from a path, its bytes or a binary file; raises one of
+    IMAGE_ERRORS if it is not an image, DecompressionBombError over Pillow's pixel guard
+    (`Image.MAX_IMAGE_PIXELS`, 89.5 M). That guard is checked here, the same for every command and
+    thread: Pillow itself only warns between 1x and 2x of it, and a warnings filter set to turn that
+    into an error is process-wide state that threads decoding side by side (serve) undo for each other."""
+    img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        img.close()
+        raise Image.DecompressionBombError(f"the image is {img.width}x{img.height} = {img.width * img.height} pixels, "
+                                           f"over the limit of {limit} (Pillow's decompression-bomb guard)")
+    return img
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -266,10 +293,12 @@ class ImageDataset(torch.utils.data.Dataset):
     the batch drops it and reports it (`Batch.failed`).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Transform, *, seed: int = 0) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: Transform, *, seed: int = 0,
+                 size: Callable[[int], int] | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.seed = seed
+        self.size = size  # the crop's side per epoch (preprocessing.CropSchedule); None: the transform's own
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -280,7 +309,8 @@ class ImageDataset(torch.utils.data.Dataset):
         rng = random.Random(sample_seed(self.seed, epoch, index))
         try:
             with open_image(sample.path) as img:
-                return self.transform(img, rng), sample.label, index, ""
+                size = self.size(epoch) if self.size is not None else None
+                return self.transform(img, rng, size=size), sample.label, index, ""
         except IMAGE_ERRORS as e:
             return None, sample.label, index, f"{type(e).__name__}: {e}"
 

@@ -134,9 +134,10 @@ class DemoResult:
 
 def run_demo(*, data: str | os.PathLike[str] | None = None, out: str | os.PathLike[str] | None = None,
              config: TrainConfig | None = None, url: str = CANIDAE_URL, callback: Callback | None = None,
-             progress: Progress | None = None) -> DemoResult:
+             progress: Progress | None = None, overwrite: bool = False) -> DemoResult:
     """Both of the tutorial's strategies on one dataset; `config` sets everything but the strategy.
-    `out` defaults to runs/demo (runs/demo-2... when that holds a demo already)."""
+    `out` defaults to runs/demo (runs/demo-2... when that holds a demo already); `overwrite`
+    replaces a demo (or other files) there."""
     started = time.perf_counter()
     callback = callback or Callback()
     about = "the folder given"
@@ -154,9 +155,10 @@ def run_demo(*, data: str | os.PathLike[str] | None = None, out: str | os.PathLi
     image_size = config.image_size or info.preprocessing.image_size
     result = DemoResult(data, about, out, show_batch(data, out=out / "batch.png", batch_size=config.batch_size,
                                                      seed=config.seed, image_size=image_size,
-                                                     val_split=config.val_split), estimate)
+                                                     val_split=config.val_split, overwrite=overwrite), estimate)
     for strategy, run_config in runs.items():
-        result.runs[strategy] = train(data, out=out / strategy, config=run_config, callback=callback)
+        result.runs[strategy] = train(data, out=out / strategy, config=run_config, callback=callback,
+                                      overwrite=overwrite)
     result.wall_time = time.perf_counter() - started
     return result
 

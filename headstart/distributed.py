@@ -30,6 +30,7 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import torch
@@ -170,10 +171,22 @@ def join(*, timeout: float, device: str = "auto") -> Group:
     return _joined
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def threads_per_rank(group: Group) -> int:
     """The cores of this node shared among its ranks (torchrun sets OMP_NUM_THREADS=1 otherwise)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // group.local_world)
+    return max(1, _cores() // group.local_world)
+
+
+def warn_if_oversubscribed(nproc: int) -> None:
+    """More ranks on this machine than it has cores: each gets a share of a core, and their OpenMP
+    threads wait for each other; say so."""
+    cores = _cores()
+    if nproc > cores:
+        log.warning("--nproc %d: %d processes on %d cores, so each runs on a share of a core and the run is slower "
+                    "than with --nproc %d", nproc, nproc, cores, cores)
 
 
 def is_rank_failure(e: BaseException) -> bool:
@@ -295,6 +308,7 @@ def launch(args: Sequence[str], *, nproc: int) -> int:
 
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
+    warn_if_oversubscribed(nproc)
     os.environ[LAUNCHED_NPROC] = str(nproc)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(Group(local_world=nproc))))
     torchrun = get_args_parser().parse_args(
@@ -312,6 +326,12 @@ def launch(args: Sequence[str], *, nproc: int) -> int:
 
 
 def _self_command() -> list[str]:
+    """What each rank runs: this interpreter on this very headstart (its folder first on sys.path, in
+    place of the current folder's, which a folder named `headstart` there would otherwise shadow)."""
     import sys
 
-    return [sys.executable, "-m", __package__]
+    package = __name__.split(".")[0]
+    root = str(Path(sys.modules[package].__file__).resolve().parents[1])
+    code = (f"import runpy, sys; sys.path[0] = {root!r}; "
+            f"runpy.run_module({package!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", code]

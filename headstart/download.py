@@ -41,6 +41,22 @@ def cache_dir() -> Path:
     return root
 
 
+def writable_cache() -> Path:
+    """`cache_dir()`, checked by writing a file into it (the permission bits do not tell for root,
+    nor for a read-only file system): a run checks this at its start, not after its training."""
+    root = cache_dir()
+    try:
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
+            pass
+    except OSError as e:
+        given = os.environ.get("HEADSTART_HOME")
+        where = f"HEADSTART_HOME={given}" if given else str(root)
+        raise type(e)(e.errno, f"headstart's cache folder {root} ({where}) cannot be written: {e.strerror or e}. "
+                               "Point HEADSTART_HOME at a folder you can write, e.g. HEADSTART_HOME=/tmp/headstart") \
+            from e
+    return root
+
+
 def umask() -> int:
     """The process's file mode creation mask (read by setting it and putting it back)."""
     mask = os.umask(0o022)

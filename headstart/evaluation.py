@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,7 +14,19 @@ from .export import exported_logits, int8_if_faster, int8_model, is_exported, op
 from .inference import INFERENCE_BATCH_SIZE, infer
 from .metrics import Metrics, compute_metrics
 from .models import open_model
+from .outputs import Kind, json_by, write_output
 from .runtime import resolve_runtime
+
+METRICS_JSON = Kind("a JSON written by headstart evaluate", json_by("evaluate"))
+
+
+def write_metrics_json(path: str | os.PathLike[str], metrics: Metrics, *, overwrite: bool = False) -> Path:
+    """`evaluate --json FILE`. Replaces only a JSON headstart evaluate wrote (outputs.claim), unless `overwrite`."""
+    from . import __version__
+
+    with write_output(path, METRICS_JSON, mode="w", overwrite=overwrite) as f:
+        f.write(json.dumps({"written_by": f"headstart evaluate {__version__}", **metrics.to_dict()}, indent=2) + "\n")
+    return Path(path)
 
 
 def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *,

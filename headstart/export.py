@@ -33,6 +33,7 @@ from torch import nn
 from .confidence import checkpoint_temperature
 from .data import DatasetSplits, ImageDataset, Sample, collect_files, make_loader, scan_dataset, spread
 from .features import CALIBRATION_IMAGES
+from . import outputs
 from .download import atomic_write, cache_dir
 from .models import LoadedModel, open_model
 from .preprocessing import Preprocessing
@@ -103,29 +104,34 @@ class ParityError(ValueError):
     """The exported model does not give headstart's answers."""
 
 
-def export(checkpoint: str | os.PathLike[str], *, format: str = "onnx", out: str | os.PathLike[str] | None = None,
-           images: Sequence[str | os.PathLike[str]] = (), precision: str = "fp32",
-           calibration: Sequence[str | os.PathLike[str]] = (), arch: str | None = None,
-           classes: str | list[str] | None = None) -> Exported:
+def export(checkpoint: str | os.PathLike[str], *, format: str | None = None,
+           out: str | os.PathLike[str] | None = None, images: Sequence[str | os.PathLike[str]] = (),
+           precision: str = "fp32", calibration: Sequence[str | os.PathLike[str]] = (), arch: str | None = None,
+           classes: str | list[str] | None = None, overwrite: bool = False) -> Exported:
     """Write `checkpoint` (anything open_model takes) as ONNX or OpenVINO IR with its preprocessing,
     then check it on real images: `images` (files or folders), else the validation images of the run
-    the checkpoint comes from. ParityError (and no file left) if the exported model's logits differ
-    from headstart's by more than LOGIT_TOLERANCE or a top-1 class differs.
+    the checkpoint comes from. ParityError if the exported model's logits differ from headstart's by
+    more than LOGIT_TOLERANCE or a top-1 class differs; `out` is then left as it was.
+
+    `format`: "onnx" or "openvino"; default: from `out`'s suffix (.onnx, .xml), else onnx. `out`
+    (default: beside the checkpoint) is written only once the gate passed (outputs.staged), and
+    only over an export of the same format (else FileExistsError, unless `overwrite`).
 
     precision="int8" (OpenVINO only): weights and activations quantized by NNCF, the ranges set on
     `calibration` images (else up to CALIBRATION_IMAGES of the run's training images, else `images`);
     the gate then allows the validation accuracy to fall by INT8_MAX_DROP at most."""
-    if format not in FORMATS:
-        raise ValueError(f"format {format!r} is not one of {', '.join(FORMATS)}")
+    format = _format(format, out, precision)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "int8" and format != "openvino":
-        raise ValueError("int8 is written as OpenVINO IR: add --format openvino")
-    loaded = open_model(checkpoint, arch=arch, classes=classes)
-    temperature = checkpoint_temperature(loaded.meta)
+        raise ValueError("int8 is written as OpenVINO IR: add --format openvino (or --out FILE.xml)")
     src = Path(checkpoint)
     suffix = ".onnx" if format == "onnx" else ".int8.xml" if precision == "int8" else ".xml"
     out = Path(out) if out else src.with_suffix(suffix)
+    kind = outputs.ONNX_EXPORT if format == "onnx" else outputs.OPENVINO_EXPORT
+    outputs.claim(out, kind, overwrite=overwrite)  # before any work: a file of the user's is never touched
+    loaded = open_model(checkpoint, arch=arch, classes=classes)
+    temperature = checkpoint_temperature(loaded.meta)
     splits = None if images else _run_splits(src)  # (scanned once: the gate's images and int8's calibration)
     samples, where = _parity_images(src, images, splits)
     metadata = json.dumps({"classes": loaded.classes, "preprocessing": loaded.preprocessing.to_dict(),
@@ -139,20 +145,32 @@ def export(checkpoint: str | os.PathLike[str], *, format: str = "onnx", out: str
                              temperature).eval()
     size = loaded.preprocessing.image_size
     example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
-    if format == "onnx":
-        files = _write_onnx(net, example, out, metadata)
-    else:
-        inputs = _calibration_inputs(src, calibration or images, splits, loaded.preprocessing) \
-            if precision == "int8" else None
-        files = _write_openvino(net, example, out, metadata, calibration=inputs)
-    try:
-        parity = check_parity(open_exported(out), net, samples, loaded.preprocessing, where, precision=precision)
-    except BaseException:
-        for f in files:
-            f.unlink(missing_ok=True)
-        raise
+    with outputs.staged(out, kind, overwrite=overwrite) as tmp:  # renamed to `out` once the gate passed
+        if format == "onnx":
+            _write_onnx(net, example, tmp, metadata)
+        else:
+            inputs = _calibration_inputs(src, calibration or images, splits, loaded.preprocessing) \
+                if precision == "int8" else None
+            _write_openvino(net, example, tmp, metadata, calibration=inputs)
+        parity = check_parity(open_exported(tmp), net, samples, loaded.preprocessing, where, precision=precision,
+                              out=out)
     log.info("exported %s -> %s; %s", src, out, parity.line())
-    return Exported(out, format, loaded.classes, parity, files, samples)
+    return Exported(out, format, loaded.classes, parity, kind.files(out), samples)
+
+
+def _format(format: str | None, out: str | os.PathLike[str] | None, precision: str) -> str:
+    """The export's format: `format`, else `out`'s suffix's, else onnx (openvino for int8); a
+    suffix that is not the format's is refused before anything is written."""
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format {format!r} is not one of {', '.join(FORMATS)}")
+    if out is None:
+        return format or ("openvino" if precision == "int8" else "onnx")
+    by_suffix = SUFFIXES.get(Path(out).suffix.lower())
+    if by_suffix is None or (format is not None and by_suffix != format):
+        want = {v: k for k, v in SUFFIXES.items()}
+        fix = f"end it in {want[format]}" if format else "end it in .onnx (ONNX) or .xml (OpenVINO IR)"
+        raise ValueError(f"--out {out}: an export is written as {format or 'ONNX or OpenVINO IR'}; {fix}")
+    return by_suffix
 
 
 def _version() -> str:
@@ -161,7 +179,7 @@ def _version() -> str:
     return __version__
 
 
-def _write_onnx(net: nn.Module, example: torch.Tensor, out: Path, metadata: str) -> list[Path]:
+def _write_onnx(net: nn.Module, example: torch.Tensor, out: Path, metadata: str) -> None:
     import io
 
     import onnx
@@ -179,13 +197,11 @@ def _write_onnx(net: nn.Module, example: torch.Tensor, out: Path, metadata: str)
     proto = onnx.load_from_string(buf.getvalue())
     proto.metadata_props.add(key="headstart", value=metadata)
     onnx.checker.check_model(proto)
-    with atomic_write(out) as f:
-        f.write(proto.SerializeToString())
-    return [out]
+    out.write_bytes(proto.SerializeToString())
 
 
 def _write_openvino(net: nn.Module, example: torch.Tensor, out: Path, metadata: str, *,
-                    calibration: list[np.ndarray] | None = None) -> list[Path]:
+                    calibration: list[np.ndarray] | None = None) -> None:
     from .engine import _import_openvino, convert_to_openvino, quantize_int8
 
     ov = _import_openvino()[0]
@@ -198,12 +214,7 @@ def _write_openvino(net: nn.Module, example: torch.Tensor, out: Path, metadata: 
     graph.outputs[1].get_tensor().set_names({"probabilities"})
     graph.inputs[0].get_tensor().set_names({"images"})
     graph.set_rt_info(metadata, ["headstart", "metadata"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.xml")
-    ov.save_model(graph, str(tmp), compress_to_fp16=False)  # fp32 weights, as given
-    os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
-    os.replace(tmp, out)
-    return [out, out.with_suffix(".bin")]
+    ov.save_model(graph, str(out), compress_to_fp16=False)  # fp32 weights, as given; out.bin beside it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,16 +295,10 @@ def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.
         raise FileNotFoundError(f"int8 needs images to calibrate and check on: {src} is not in a run folder whose "
                                 "dataset is at hand; export it first: headstart export CKPT --format openvino "
                                 "--precision int8 --images DIR, and use the .int8.xml it writes")
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.xml")  # made whole beside it, then moved in
-    try:
-        result = export(src, format="openvino", precision="int8", out=tmp, images=() if in_run else images,
-                        arch=arch, classes=classes)
-        speed = _speeds(open_exported(tmp), open_model(src, arch=arch, classes=classes), result.checked_on)
-        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_suffix(".bin").unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)  # an entry without its record: made again, then recorded
+    result = export(src, format="openvino", precision="int8", out=path, images=() if in_run else images,
+                    arch=arch, classes=classes, overwrite=True)  # (the cache's own files)
+    speed = _speeds(open_exported(path), open_model(src, arch=arch, classes=classes), result.checked_on)
     with atomic_write(path.with_suffix(".json"), "w") as f:
         json.dump({"parity": asdict(result.parity), **speed}, f, indent=1)
     log.info("int8 model of %s: %s; %.1f img/s against %.1f (%s)", src, result.parity.line(),
@@ -370,16 +375,19 @@ def exported_logits(model: ExportedModel, samples: Sequence[Sample], *, batch_si
 
 
 def check_parity(exported: ExportedModel, reference: nn.Module, samples: Sequence[Sample], pre: Preprocessing,
-                 source: str, *, precision: str = "fp32") -> Parity:
+                 source: str, *, precision: str = "fp32", out: Path | None = None) -> Parity:
     """The exported model against `reference` (the same network in PyTorch, fp32, uint8 NHWC in) on
-    `samples`; ParityError beyond the tolerance of `precision` (see LOGIT_TOLERANCE, INT8_MAX_DROP)."""
-    logits, indices, _ = exported_logits(exported, samples)
+    `samples`; ParityError beyond the tolerance of `precision` (see LOGIT_TOLERANCE, INT8_MAX_DROP),
+    or where no image could be decoded. `out`: where the export goes, for the message."""
+    logits, indices, failed = exported_logits(exported, samples)
+    if not indices:
+        first = f" (e.g. {samples[failed[0][0]].path}: {failed[0][1]})" if failed else ""
+        raise ParityError(f"none of the {len(samples)} image(s) to check the export on ({source}) could be read as an "
+                          f"image{first}; pass image files or folders with --images")
     loader = make_loader(ImageDataset([samples[i] for i in indices], pre.eval_transform()), batch_size=32,
                          shuffle=False)
     with torch.no_grad():
         ref = torch.cat([reference(b.images.permute(0, 2, 3, 1).contiguous())[0] for b in loader]).numpy()
-    if not len(ref):
-        raise ParityError("no image could be read for the parity check; pass some with --images")
     labels = np.array([samples[i].label for i in indices])
     labelled = bool((labels >= 0).all())
     parity = Parity(len(ref), float(np.abs(ref - logits).max()), float((ref.argmax(1) == logits.argmax(1)).mean()),
@@ -393,7 +401,8 @@ def check_parity(exported: ExportedModel, reference: nn.Module, samples: Sequenc
         fails = parity.max_logit_diff > LOGIT_TOLERANCE or parity.top1_agreement < 1.0
         hint = ""
     if fails:
-        raise ParityError(f"{exported.path} disagrees with headstart: {parity.line()}; it was removed{hint}")
+        raise ParityError(f"the export disagrees with headstart: {parity.line()}; nothing was written"
+                          f"{f' ({out} is as it was)' if out is not None and out.exists() else ''}{hint}")
     return parity
 
 

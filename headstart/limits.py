@@ -17,13 +17,14 @@ back), then matrix products and L-BFGS fits on (N, F) features: seconds for thou
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from .features import Features, extract_features
 from .inference import INFERENCE_BATCH_SIZE
 from .linear import FOLDS, _folds, _solve, fit_head
 from .models import create_model, get_head, get_model_info, open_model
+from .outputs import Kind, csv_with_header, write_output
 from .preprocessing import Preprocessing
 from .runtime import Runtime, resolve_runtime
 from .weights import weights_fingerprint
@@ -115,6 +117,24 @@ class LabelRow:
     suggested: str
     quality: float  # out-of-fold probability of the given label
     suspect: bool
+
+    def to_dict(self, rank: int) -> dict[str, Any]:
+        return {"rank": rank, "path": self.path, "split": self.split, "given": self.given,
+                "suggested": self.suggested, "label_quality": round(self.quality, 6), "suspect": int(self.suspect)}
+
+
+LABEL_COLUMNS = ["rank", "path", "split", "given", "suggested", "label_quality", "suspect"]
+LABEL_CSV = Kind("a label-quality CSV written by headstart check", csv_with_header(LABEL_COLUMNS))
+
+
+def write_label_csv(path: str | os.PathLike[str], rows: Sequence[LabelRow], *, overwrite: bool = False) -> Path:
+    """`check --labels --csv FILE`: every image's label quality, most suspect first. Replaces only
+    such a CSV (outputs.claim), unless `overwrite`."""
+    with write_output(path, LABEL_CSV, mode="w", overwrite=overwrite) as f:
+        w = csv.DictWriter(f, fieldnames=LABEL_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(r.to_dict(i) for i, r in enumerate(rows, 1))
+    return Path(path)
 
 
 def _features(model: torch.nn.Module, samples: Sequence[Sample], *, arch: str, pre: Preprocessing, runtime: Runtime,
@@ -236,21 +256,32 @@ def tests_unknown(checkpoint: str | os.PathLike[str]) -> bool:
 class ModelLimits:
     """What `fit_limits` measured on the validation split, and what the checkpoint keeps of it."""
 
-    temperature: float
+    temperature: float  # what the checkpoint applies: `fitted`, where it lowered the held-out ECE, else 1
+    fitted: float  # the T fitted on every validation image (confidence.fit_temperature)
     ece_before: float  # confidence.calibration_error of the raw probabilities
-    ece_after: float  # ... of the probabilities at `temperature` (in-sample: T was fitted on these images)
+    ece_after: float  # ... of the probabilities at `fitted` (in-sample: T was fitted on these images)
     ece_held_out: float  # ... with T fitted on the other half of them (confidence.held_out_calibration_error)
     reliability_before: list[confidence.Bin]
-    reliability_after: list[confidence.Bin]
+    reliability_after: list[confidence.Bin]  # at `fitted`
     rejection: confidence.Rejection | None  # None below confidence.MIN_VALIDATION validation images
     reference: torch.Tensor  # (R, F) float16 unit training features (confidence.reference_features)
     val_images: int
     seconds: float = 0.0
 
+    def line(self) -> str:
+        """What was fitted and kept, for the run's console."""
+        held = f"{self.ece_held_out:.4f} with T fitted on the other half"
+        if self.temperature == self.fitted:
+            return (f"temperature {self.fitted:.3f}, validation ECE {self.ece_before:.4f} -> {self.ece_after:.4f} "
+                    f"(in-sample), {held}")
+        return (f"temperature 1 kept: T = {self.fitted:.3f} was fitted, but with T fitted on one half of the validation "
+                f"images the other half's ECE was {self.ece_held_out:.4f}, not under the {self.ece_before:.4f} of no T")
+
     def checkpoint_meta(self) -> dict[str, object]:
         """The entries `add_to_checkpoint` writes: "calibration" and "unknown"."""
         held_out = None if math.isnan(self.ece_held_out) else self.ece_held_out
-        return {"calibration": {"temperature": self.temperature, "ece_before": self.ece_before,
+        return {"calibration": {"temperature": self.temperature, "fitted": self.fitted,
+                                "kept": self.temperature != 1.0, "ece_before": self.ece_before,
                                 "ece_after": self.ece_after, "ece_held_out": held_out, "halvings": confidence.HALVINGS,
                                 "bins": confidence.BINS, "val_images": self.val_images},
                 **({"unknown": self.rejection.to_dict()} if self.rejection else {})}
@@ -286,13 +317,12 @@ def fit_limits(model: torch.nn.Module, splits: DatasetSplits, *, runtime: Runtim
                           backbone=backbone)
     if not len(val.labels):
         return None
-    t = confidence.fit_temperature(logits, val.labels)
-    raw, scaled = logits.softmax(1), (logits / t).softmax(1)
+    cal = confidence.calibrate(logits, val.labels)  # T, kept only where it lowers the held-out ECE
     reference = confidence.reference_features(train.features)
     rejection = confidence.fit_rejection(confidence.nearest_similarity(val.features, reference),
-                                         confidence.energy(logits, t), false_rejection=false_rejection) \
+                                         confidence.energy(logits, cal.temperature), false_rejection=false_rejection) \
         if len(val.labels) >= confidence.MIN_VALIDATION else None
-    return ModelLimits(t, confidence.calibration_error(raw, val.labels), confidence.calibration_error(scaled, val.labels),
-                       confidence.held_out_calibration_error(logits, val.labels),
-                       confidence.reliability(raw, val.labels), confidence.reliability(scaled, val.labels),
+    return ModelLimits(cal.temperature, cal.fitted, cal.ece_before, cal.ece_after, cal.ece_held_out,
+                       confidence.reliability(logits.softmax(1), val.labels),
+                       confidence.reliability((logits / cal.fitted).softmax(1), val.labels),
                        rejection, reference, len(val.labels), time.perf_counter() - start)

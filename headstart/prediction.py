@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .data import Sample, collect_files  # noqa: F401  (collect_files: part of this module's API too)
+from .data import Sample, as_paths, collect_files  # noqa: F401  (collect_files: part of this module's API too)
 from .export import exported_logits, int8_if_faster, int8_model, is_exported, open_exported
 from .confidence import REFERENCE, checkpoint_rejection, checkpoint_temperature, energy, nearest_similarity
 from .inference import INFERENCE_BATCH_SIZE, infer
@@ -30,7 +30,7 @@ class Prediction:
     unknown: bool = False  # familiarity under the threshold: `label` is "unknown", top_k still the classes'
 
 
-def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], *, top_k: int = 5,
+def predict(checkpoint: str | os.PathLike[str], paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, top_k: int = 5,
             batch_size: int = INFERENCE_BATCH_SIZE, workers: int = 2, precision: str = "auto", device: str = "auto",
             threads: int | None = None, compile: bool = False, engine: str = "auto", arch: str | None = None,
             classes: str | list[str] | None = None, reject: str | float = "auto",
@@ -50,7 +50,7 @@ def predict(checkpoint: str | os.PathLike[str], paths: Iterable[str | os.PathLik
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     threshold_given = _threshold(reject)
-    paths = list(paths)
+    paths = as_paths(paths)  # (one path, or several)
     # the model first: a wrong checkpoint path is reported before the image folders are walked
     if precision == "int8":  # quantized once (NNCF), then run by OpenVINO
         exported = int8_model(checkpoint, images=paths, arch=arch, classes=classes)

@@ -213,10 +213,11 @@ class TrainTransform:
         left, top = (width - w) // 2, (height - h) // 2
         return left, top, left + w, top + h
 
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+    def __call__(self, img: Image.Image, rng: random.Random | None = None, size: int | None = None) -> torch.Tensor:
+        """`size`: the crop's side this epoch (progressive resizing: CropSchedule), else pre.train_crop."""
         rng = rng if rng is not None else random.Random()
         box = self.crop_box(*oriented_size(img), rng)
-        out = _resize_box(img, box, self.pre.train_crop, self.pre.interpolation)
+        out = _resize_box(img, box, size or self.pre.train_crop, self.pre.interpolation)
         if rng.random() < self.pre.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_uint8_tensor(out)
@@ -231,8 +232,8 @@ class EvalTransform:
 
     pre: Preprocessing
 
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        s, r = self.pre.image_size, self.pre.resize_size
+    def __call__(self, img: Image.Image, rng: random.Random | None = None, size: int | None = None) -> torch.Tensor:
+        s, r = self.pre.image_size, self.pre.resize_size  # (`size`: a training crop's; evaluation keeps its own)
         w, h = oriented_size(img)
         scale = r / min(w, h)
         rw, rh = max(s, round(w * scale)), max(s, round(h * scale))
@@ -241,4 +242,17 @@ class EvalTransform:
         return to_uint8_tensor(_resize_box(img, box, s, self.pre.interpolation))
 
 
-Transform = Callable[..., torch.Tensor]  # (PIL image, rng=None) -> uint8 (3, S, S)
+Transform = Callable[..., torch.Tensor]  # (PIL image, rng=None, size=None) -> uint8 (3, S, S)
+
+
+@dataclass(frozen=True)
+class CropSchedule:
+    """The training crop's side for each epoch: `first[0]` for epoch 1, `first[1]` for epoch 2...
+    (progressive resizing: cheaper early epochs, a step costing about (size / 224)^2 of one at 224),
+    then `rest` for every later epoch (and epoch 0, where a strategy times its steps)."""
+
+    first: tuple[int, ...]
+    rest: int
+
+    def __call__(self, epoch: int) -> int:
+        return self.first[epoch - 1] if 1 <= epoch <= len(self.first) else self.rest

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .download import atomic_write
+from . import __version__, outputs
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1d2330;padding:0 16px}
@@ -83,6 +83,10 @@ def load_run(run: str | os.PathLike[str]) -> dict[str, Any]:
     run = Path(run)
     path = run / "summary.json"
     if not path.is_file():
+        if (run / "state.safetensors").is_file():
+            raise FileNotFoundError(f"{run} is a run that was interrupted before it ended (it has a run state but no "
+                                    f"summary.json yet): finish it with `headstart train --resume {run}`; its report "
+                                    "is written at the end")
         raise FileNotFoundError(f"no summary.json in {run}: pass a run folder written by `headstart train`")
     try:
         summary = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
@@ -202,11 +206,13 @@ def _confidence(s: dict[str, Any], folder: Path) -> str:
     held_out = "" if cal.get("ece_held_out") is None else (
         f", {cal['ece_held_out']:.4f} with T fitted on one half of them and judged on the other (the mean of "
         f"{cal['halvings']} random halvings: what new images see)")
-    note = (f"<p class='sub'>Temperature scaling: every logit divided by T = {cal['temperature']:.3f}, fitted on the "
+    fitted = cal.get("fitted", cal["temperature"])
+    kept = ("best.safetensors keeps T: predict, evaluate, serve and export apply it." if cal.get("kept", True) else
+            "It did not lower the held-out error, so it is not kept: predictions use the raw logits (T = 1).")
+    note = (f"<p class='sub'>Temperature scaling: every logit divided by T = {fitted:.3f}, fitted on the "
             f"{cal['val_images']} validation images (accuracy unchanged); expected calibration error on them "
             f"({cal['bins']} bins) {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after (in-sample: T fitted "
-            f"on the same images){held_out}. best.safetensors keeps T: predict, evaluate, serve and export apply "
-            "it.</p>")
+            f"on the same images){held_out}. {kept}</p>")
     if unknown:
         note += (f"<p class='sub'>None of these: <code>predict</code> calls an image <b>unknown</b> when its "
                  f"familiarity (how its nearest-training-image similarity and its logits' energy rank among the "
@@ -262,19 +268,21 @@ def render_comparison(runs: Sequence[str | os.PathLike[str]]) -> str:
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_text(title)}</title>"
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f'<meta name="generator" content="{outputs.GENERATOR} {__version__}"><title>{_text(title)}</title>'
             f"<style>{_CSS}</style></head><body>{body}{_CHECK}</body></html>")
 
 
-def write_report(runs: Sequence[str | os.PathLike[str]], *, out: str | os.PathLike[str] | None = None) -> Path:
+def write_report(runs: Sequence[str | os.PathLike[str]], *, out: str | os.PathLike[str] | None = None,
+                 overwrite: bool = False) -> Path:
     """Write one run's report (default: RUN/report.html) or a comparison of several (default:
-    compare.html in the current folder)."""
+    compare.html in the current folder). `out` replaces only a report (outputs.claim), unless
+    `overwrite`."""
     if not runs:
         raise ValueError("pass at least one run folder")
-    if len(runs) == 1:
-        text, path = render_report(runs[0]), Path(out) if out else Path(runs[0]) / "report.html"
-    else:
-        text, path = render_comparison(runs), Path(out) if out else Path("compare.html")
-    with atomic_write(path, "w") as f:
+    path = Path(out) if out else Path(runs[0]) / "report.html" if len(runs) == 1 else Path("compare.html")
+    outputs.claim(path, outputs.REPORT, overwrite=overwrite)
+    text = render_report(runs[0]) if len(runs) == 1 else render_comparison(runs)
+    with outputs.write_output(path, outputs.REPORT, mode="w", overwrite=overwrite) as f:
         f.write(text)
     return path

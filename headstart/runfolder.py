@@ -10,7 +10,7 @@ pictures and predictions, the curves, summary.json, and the report rendered from
     report.html        all of it in one page (report.py)
     dataset.json       the files the run started with (a resumed run checks them)
     .headstart-run     marks the folder as a run: never overwritten by accident, never read as a class
-    .headstart-lock    held (flock) by the process training into the folder
+    .headstart-lock    held (a POSIX record lock) by the process training into the folder
 
 `claim_run_folder` takes a folder for a run: never one inside the dataset, never one that holds
 another run unless asked (resume, overwrite), never one another process is training into.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
 import os
 import time
@@ -76,7 +77,9 @@ def claim_run_folder(out: Path, *, data: str | os.PathLike[str], resume: bool = 
     """Hold `out` for one run while the block runs. Refused (FileExistsError / ValueError, naming
     the fix): a folder inside the dataset; a folder that holds another run, unless `resume` (it must
     then hold a run state) or `overwrite` (its run's files are removed first); a folder another
-    process holds. The lock is an flock, which the kernel drops when the process ends, killed or not."""
+    process holds; a folder that is not a run but holds files of the names a run writes, unless
+    `overwrite`. The lock is a POSIX record lock held by this process alone (not by its data-loading
+    workers), which the kernel drops when the process ends, killed or not."""
     out = Path(out)
     if _inside(out.resolve(), Path(data).resolve()):
         raise ValueError(f"the run folder {out} is inside the dataset {data}: its pictures would be read as images "
@@ -84,15 +87,26 @@ def claim_run_folder(out: Path, *, data: str | os.PathLike[str], resume: bool = 
     if resume and not (out / "state.safetensors").exists():
         raise FileNotFoundError(f"{out} has no run state (state.safetensors) to resume: the run stopped before it "
                                 "first saved one. Start it again, without --resume")
+    clashes = [name for name in RUN_FILES if (out / name).exists()] if not (out / RUN_MARKER).exists() else []
+    if clashes and not overwrite:
+        raise FileExistsError(f"{out} is not a run folder, and it holds files of the names a run writes "
+                              f"({', '.join(clashes[:4])}{' ...' if len(clashes) > 4 else ''}): they are left as they "
+                              "are. Pass another --out (e.g. a new folder), or --overwrite to replace them")
     if not resume and holds_run(out) and not overwrite:
         raise FileExistsError(f"{out} holds a run already: resume it (--resume {out}), pass another --out, or "
                               "--overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot make the run folder {out}: {e.strerror or e}. Pass --out with a folder you "
+                               "can write") from e
     with open(out / LOCK, "a+") as lock:
         if fcntl is not None:
+            # A POSIX record lock (lockf): held by this process alone. (An flock would be shared with the data
+            # loader's forked worker processes, which can outlive a killed run for a moment and keep a resume out.)
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
                 lock.seek(0)
                 pid = lock.read().strip() or "?"
                 raise FileExistsError(f"another process (pid {pid}) is training into {out}: wait for it to end, or "
@@ -110,7 +124,7 @@ def claim_run_folder(out: Path, *, data: str | os.PathLike[str], resume: bool = 
             yield out
         finally:
             if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                fcntl.lockf(lock, fcntl.LOCK_UN)
 
 
 def dataset_listing(splits: DatasetSplits) -> dict[str, list[list[Any]]]:
@@ -164,9 +178,11 @@ if TYPE_CHECKING:
 
 
 def clear_temporaries(folder: Path) -> None:
-    """Remove the temporary files a process killed in the middle of an atomic write left."""
-    for stale in folder.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    """Remove the temporary files a run killed in the middle of an atomic write left (those of the
+    files a run writes, download.atomic_write's names: nothing else)."""
+    for name in (*RUN_FILES, RUN_MARKER):
+        for stale in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 def write_metrics_csv(path: Path, history: Sequence[EpochRecord]) -> Path:
@@ -290,11 +306,15 @@ def write_run_files(out: Path, *, inf: Inference, splits: DatasetSplits, pre: Pr
         files.update(more)
     if limits is not None:
         files["reliability"] = plots.save_reliability(out / "reliability.png", limits.reliability_before,
-                                                      limits.reliability_after, temperature=limits.temperature,
+                                                      limits.reliability_after, temperature=limits.fitted,
                                                       ece=(limits.ece_before, limits.ece_after))
     files["curves"] = plots.save_curves(out / "curves.png", [asdict(r) for r in history])
-    files["summary"] = out / "summary.json"
-    with atomic_write(files["summary"], "w") as f:
-        json.dump(summary, f, indent=2)
+    files["summary"] = write_summary(out, summary)
     files["report"] = write_report([out])
     return files
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> Path:
+    with atomic_write(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return out / "summary.json"

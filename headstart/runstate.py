@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
+from .checkpoint import STATE_FORMAT
 from .distributed import resume_command
 from .formats.safetensors import StateDict, read_tagged, write_tagged
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.safetensors"
-STATE_FORMAT = "headstart-run-state"
 
 
 @dataclass

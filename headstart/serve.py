@@ -31,23 +31,22 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import email.policy
-import io
 import json
 import logging
 import os
 import queue
+import socket
 import threading
 import time
-import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
 
-from .data import IMAGE_ERRORS
+from .data import IMAGE_ERRORS, open_image
 from .export import ExportedModel, int8_if_faster, int8_model, is_exported, open_exported
 from .confidence import REFERENCE, Rejection, checkpoint_rejection, checkpoint_temperature, energy, nearest_similarity
 from .limits import tests_unknown
@@ -130,12 +129,10 @@ class Predictor:
         if not data:
             raise BadInput(400, f"{name}: the file is empty")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as img:
-                    img.load()
-                    return self.transform(to_rgb(img))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            with open_image(data) as img:  # (the pixel limit of every command: data.open_image)
+                img.load()
+                return self.transform(to_rgb(img))
+        except Image.DecompressionBombError as e:
             raise BadInput(413, f"{name}: the image is too large to decode ({e})") from None
         except Image.UnidentifiedImageError:
             raise BadInput(415, f"{name}: not an image (a JPEG, PNG, GIF, BMP, TIFF or WebP file)") from None
@@ -214,9 +211,11 @@ def uploads(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
             f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body)
         if not message.is_multipart():  # (no part at all, or no boundary to find them by)
             raise BadInput(400, "no file in the form: send one or more images as file fields")
+        # the file fields (a part with a file name, or one that says it is not text); plain text fields are
+        # no files: left alone
         files = [(part.get_filename() or part.get_param("name", header="content-disposition") or f"file{i}",
-                  part.get_payload(decode=True) or b"") for i, part in enumerate(message.iter_parts())]
-        files = [(name, data) for name, data in files if name]
+                  part.get_payload(decode=True) or b"") for i, part in enumerate(message.iter_parts())
+                 if part.get_filename() is not None or part.get_content_type() != "text/plain"]
         if not files:
             raise BadInput(400, "no file in the form: send one or more images as file fields")
         return files
@@ -258,24 +257,42 @@ def make_app(predictor: Predictor, *, max_upload: int = MAX_UPLOAD):
             raise BadInput(413, f"the upload is over the limit of {max_upload} bytes (--max-upload)")
         return b"".join(chunks)
 
+    async def decode(data: bytes, name: str) -> torch.Tensor | BadInput:
+        try:
+            return await asyncio.to_thread(predictor.decode, data, name)
+        except BadInput as e:
+            return e
+
     async def predict(request: Request) -> JSONResponse:
         start = time.perf_counter()
         try:
             files = uploads(request.headers.get("content-type", ""), await read_body(request))
-            images = [await asyncio.to_thread(predictor.decode, data, name) for name, data in files]
         except BadInput as e:
             return error(e.status, str(e))
         except ClientDisconnect:
             return error(400, "the client went away before the upload ended")
-        futures = [asyncio.wrap_future(predictor.submit(image)) for image in images]
+        images = [await decode(data, name) for name, data in files]  # each file its answer, or its error
+        good = [image for image in images if not isinstance(image, BadInput)]
+        bad = [{"file": name, "error": str(e), "status": e.status}
+               for (name, _), e in zip(files, images) if isinstance(e, BadInput)]
+        if not good:  # nothing to predict: the first file's error is the request's
+            return JSONResponse({"error": bad[0]["error"], "status": bad[0]["status"], "predictions": bad},
+                                status_code=bad[0]["status"])
         try:
-            results = await asyncio.gather(*futures)
+            results = iter(await asyncio.gather(*(asyncio.wrap_future(predictor.submit(image)) for image in good)))
         except Exception as e:  # noqa: BLE001  (the model failed: a 500, and the service goes on)
             log.exception("prediction failed")
             return error(500, f"the model failed: {type(e).__name__}: {e}")
-        answers = [predictor.answer(p, name) for (p, _), (name, _) in zip(results, files)]
+        answers, batch = [], 0
+        for (name, _), image in zip(files, images):
+            if isinstance(image, BadInput):
+                answers.append({"file": name, "error": str(image), "status": image.status})
+            else:
+                result, n = next(results)
+                answers.append(predictor.answer(result, name))
+                batch = max(batch, n)
         return JSONResponse({"predictions": answers, "seconds": round(time.perf_counter() - start, 4),
-                             "batch": max(n for _, n in results)})
+                             "batch": batch})
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -291,13 +308,31 @@ def make_app(predictor: Predictor, *, max_upload: int = MAX_UPLOAD):
 
 
 def serve(checkpoint: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
-          max_upload: int = MAX_UPLOAD, **predictor: Any) -> None:
-    """Run the service until interrupted (Ctrl-C)."""
+          max_upload: int = MAX_UPLOAD, on_ready: Callable[[str], None] | None = None, **predictor: Any) -> None:
+    """Run the service until interrupted (Ctrl-C). Every option is checked, the model loaded and
+    the port bound before `on_ready(url)` is called (the CLI then says where it serves)."""
     import uvicorn
 
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is not a TCP port: choose one from 1 to 65535 (0: any free one)")
+    if max_upload < 1:
+        raise ValueError(f"max_upload must be at least 1 byte, got {max_upload} (e.g. --max-upload 8MB)")
     p = Predictor(checkpoint, **predictor)
     try:
-        uvicorn.run(make_app(p, max_upload=max_upload), host=host, port=port, log_level="warning")
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port (or "
+                                   "--host)") from None
+        with sock:
+            bound = sock.getsockname()[1]
+            if on_ready is not None:
+                on_ready(f"http://{f'[{host}]' if ':' in host else host}:{bound}/")
+            server = uvicorn.Server(uvicorn.Config(make_app(p, max_upload=max_upload), log_level="warning"))
+            server.run(sockets=[sock])
     finally:
         p.close()
 

@@ -52,7 +52,7 @@ from .linear import FOLDS, HeadFit, fit_head
 from .models import MODELS, create_model, freeze_backbone, get_head, get_model_info, meta_model
 from .models.stages import run_stages, stage_flops
 from .clock import format_duration as _duration
-from .preprocessing import Preprocessing
+from .preprocessing import CropSchedule, Preprocessing
 from .registry import Registry
 from .runstate import EpochProgress, SavedRun, StopRequested, TrainingDiverged
 from .runtime import Runtime
@@ -79,10 +79,11 @@ class Stepper:
 
     @classmethod
     def build(cls, params: Sequence[nn.Parameter] | Sequence[dict[str, Any]], config: "TrainConfig",
-              total_steps: int, runtime: Runtime) -> "Stepper":
+              total_steps: int, runtime: Runtime, *, steps_per_epoch: int = 1) -> "Stepper":
         """`params`: the parameters that train, or parameter groups with their own "lr"."""
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-        return cls(optimizer, make_scheduler(optimizer, config, total_steps), runtime.grad_scaler())
+        scheduler = make_scheduler(optimizer, config, total_steps, warmup_steps=round(config.warmup * steps_per_epoch))
+        return cls(optimizer, scheduler, runtime.grad_scaler())
 
     @property
     def lr(self) -> float:
@@ -112,14 +113,21 @@ class Stepper:
             self.scaler.load_state_dict(saved.meta["scaler"])
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: "TrainConfig",
-                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """constant, or cosine per step from lr down to 1% of it over the run's `total_steps`."""
-    total = max(1, total_steps)
-    if config.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+def make_scheduler(optimizer: torch.optim.Optimizer, config: "TrainConfig", total_steps: int, *,
+                   warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate per step, as a multiple of lr: a linear warm-up from 0.01 over the first
+    `warmup_steps`, then constant, or cosine down to 0.01 over the rest of the run's `total_steps`."""
+    warm, total = max(0, warmup_steps), max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return 0.01 + 0.99 * step / warm
+        if config.schedule == "constant":
+            return 1.0
+        done = min(step - warm, total - warm) / max(total - warm, 1)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * done))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def class_weights(splits: DatasetSplits) -> torch.Tensor:
@@ -150,10 +158,11 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, stepp
                     pre: Preprocessing, *, epoch: int, callback: "Callback | None" = None,
                     on_failed: Callable[[list[tuple[int, str]]], None] | None = None,
                     progress: EpochProgress | None = None, stop: Stop | None = None,
-                    weight: torch.Tensor | None = None) -> EpochProgress:
+                    weight: torch.Tensor | None = None, crop: int | None = None) -> EpochProgress:
     """One pass over `loader` (continuing `progress`): `model(x)` gives logits, `stepper` updates
-    what requires grad; `weight`: per-class loss weights. Train/eval modes are the caller's. Returns
-    early, `interrupted`, when `stop()` turns true after a step.
+    what requires grad; `weight`: per-class loss weights; `crop`: the side of this epoch's crops
+    (default pre.train_crop). Train/eval modes are the caller's. Returns early, `interrupted`, when
+    `stop()` turns true after a step.
 
     Cost per 224x224 image for ResNet50: about 24 GFLOP forward + backward through every layer,
     about 8.2 GFLOP when only the head trains (forward only).
@@ -162,6 +171,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, stepp
     start = time.perf_counter() - progress.seconds
     total = progress.steps + len(loader)
     group = runtime.group  # data-parallel: `loader` gives this rank's share of each global batch
+    crop = crop or pre.train_crop
     it = iter(loader)
     while True:
         t = time.perf_counter()
@@ -173,7 +183,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, stepp
             on_failed(batch.failed)
         if not len(batch) and not group.active:
             continue
-        images = batch.images if len(batch) else torch.empty(0, 3, pre.train_crop, pre.train_crop, dtype=torch.uint8)
+        images = batch.images if len(batch) else torch.empty(0, 3, crop, crop, dtype=torch.uint8)
         x = runtime.inputs(images, pre)  # (N, 3, S, S) float, channels_last; N = 0 where a rank's share is empty
         y = batch.labels.to(runtime.device)
         with runtime.autocast():
@@ -186,7 +196,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, stepp
         count, summed, correct, n = group.sum([count, float(loss_sum.detach()), correct, len(y)])
         if not n:  # every image of the global batch failed to decode: no step
             continue
-        _check_finite(summed, epoch, progress.steps + 1, stepper, pre.train_crop)
+        _check_finite(summed, epoch, progress.steps + 1, stepper, crop)
         stepper.step(loss_sum * (group.world / count))
         progress.add(summed / count, int(correct), int(n))
         progress.seconds = time.perf_counter() - start  # current, for a run state saved mid-epoch
@@ -258,6 +268,7 @@ class Strategy:
         self.classifier = get_model_info(model.arch).classifier
         self.head = get_head(model, self.classifier)
         self.weight = class_weights(splits).to(runtime.device) if config.balance else None
+        self.crop = CropSchedule(tuple(config.train_sizes), preprocessing.train_crop)  # each epoch's crop side
 
     @property
     def epochs(self) -> int:
@@ -318,7 +329,8 @@ class Strategy:
     def _image_loaders(self) -> None:
         c = self.config
         g = self.runtime.group  # each rank reads its share of every batch (one process: all of it)
-        self.train_loader = make_loader(ImageDataset(self.splits.train, self.pre.train_transform(), seed=c.seed),
+        self.train_loader = make_loader(ImageDataset(self.splits.train, self.pre.train_transform(), seed=c.seed,
+                                                     size=self.crop),
                                         batch_size=c.batch_size, shuffle=True, workers=c.workers, seed=c.seed,
                                         rank=g.rank, world=g.world)
         self.val_loader = make_loader(ImageDataset(self.splits.val, self.pre.eval_transform(), seed=c.seed),
@@ -331,7 +343,7 @@ class Strategy:
         self.train_loader.batch_sampler.set_epoch(epoch, start=progress.steps)
         return train_one_epoch(forward, self.train_loader, stepper, self.runtime, self.pre, epoch=epoch,
                                callback=self.callback, on_failed=functools.partial(self._failed, self.splits.train),
-                               progress=progress, stop=stop, weight=self.weight)
+                               progress=progress, stop=stop, weight=self.weight, crop=self.crop(epoch))
 
     def _validate_images(self, epoch: int) -> Inference:
         model = self.model if self.runtime.compile else self.runtime.inference_model(

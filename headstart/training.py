@@ -15,16 +15,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .check import unreadable_files
 from . import confidence
+from .callbacks import Callback, EarlyStopping, Run, StopAtBudget
 from .checkpoint import RunCheckpoints, add_to_checkpoint
 from .clock import Clock, Estimate, parse_duration
 from .data import DatasetSplits, scan_dataset
+from .download import writable_cache
 from .features import Features
 from .distributed import SINGLE, Group, is_rank_failure, join
 from .inference import Inference, infer
@@ -33,7 +35,7 @@ from .metrics import Metrics, compute_metrics
 from .models import create_model, get_model_info
 from .preprocessing import Preprocessing
 from .runfolder import (check_dataset_unchanged, claim_run_folder, clear_temporaries, write_dataset_listing,
-                        write_metrics_csv, write_run_files)
+                        write_metrics_csv, write_run_files, write_summary)
 from .runstate import (STATE_FILE, EpochProgress, EpochRecord, RankLost, RunState, StopOnSignal, StopRequested,
                        TrainingDiverged, TrainingInterrupted,
                        read_run_state, write_run_state)
@@ -56,6 +58,32 @@ def option(default: Any, help: str | Callable[[], str], *, choices: Iterable[str
     that writes it from the registries), the valid choices (a live container: the strategy
     registry), the smallest valid value, and `parse` for a value written as text (a duration)."""
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "parse": parse})
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """'128,176' -> (128, 176); '' or 'none' -> ()."""
+    if str(text).strip().lower() in ("", "none"):
+        return ()
+    try:
+        sizes = tuple(int(x) for x in str(text).split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or not all(8 <= x <= 2048 for x in sizes):
+        raise ValueError(f"train sizes {text!r} are not crop sizes like 128,176 (each from 8 to 2048)")
+    return sizes
+
+
+AUTO_PATIENCE = 2  # the default run's (auto's) --patience; an explicit strategy trains its --epochs unless given one
+
+
+def parse_patience(text: str) -> int | None:
+    """'3' -> 3; 'off' -> 0 (every epoch trains)."""
+    if str(text).strip().lower() == "off":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"patience {text!r} is not a number of epochs (e.g. 2) or off") from None
 
 
 def _strategy_help() -> str:
@@ -94,6 +122,16 @@ class TrainConfig:
     train_size: int | None = option(None, "crop size of the training steps (default: --image-size); e.g. 160 or 176 "
                                           "with evaluation at 224: a step then costs about (160/224)^2 of one at 224",
                                     minimum=8)
+    train_sizes: tuple[int, ...] = option((), "progressive resizing: the crop sizes of the first epochs, one each "
+                                                 "(e.g. 128,176), before --train-size (or --image-size) for the rest; "
+                                                 "none: every epoch at one size", parse=parse_sizes)
+    warmup: float = option(0.0, "epochs of linear learning-rate warm-up from 1% of --lr at the start of training "
+                                "(e.g. 0.5)", minimum=0)
+    patience: int | None = option(None, "stop after this many epochs in which validation did not improve (its loss "
+                                        "2% lower, or its accuracy higher by more than its noise on the split's "
+                                        "size; --epochs stays the most); off (0): train every epoch (default: "
+                                        f"{AUTO_PATIENCE} for auto, off for the other strategies)", minimum=0,
+                                  parse=parse_patience)
     val_split: float | None = option(None, "for a folder of class folders without train/ and val/: the fraction "
                                            "held out for validation, e.g. 0.2 (seeded, stratified)")
     seed: int = option(0, "seed of the new head, the augmentation and the order of the images")
@@ -126,6 +164,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.weights == "none":
             self.weights = None
+        if isinstance(self.train_sizes, list):  # (from a run state's JSON)
+            self.train_sizes = tuple(self.train_sizes)
         for f in fields(self):
             if f.metadata["parse"] is not None and isinstance(getattr(self, f.name), str):
                 setattr(self, f.name, f.metadata["parse"](getattr(self, f.name)))
@@ -147,16 +187,6 @@ class TrainConfig:
                              "(--weights) or name the backbone (--arch)")
 
 
-class Callback:
-    """What a person watches: every method is optional. (Diagnostics go to the `headstart` logger;
-    the library never prints.)"""
-
-    def on_start(self, info: dict[str, Any]) -> None: ...
-    def on_step(self, phase: str, epoch: int, step: int, steps: int, loss: float | None) -> None: ...
-    def on_epoch_end(self, record: EpochRecord) -> None: ...
-    def on_message(self, text: str) -> None: ...
-
-
 @dataclass
 class RunResult:
     out: Path
@@ -168,26 +198,30 @@ class RunResult:
     best_metrics: Metrics | None  # None on a rank of a data-parallel run that left the training to rank 0
     skipped: dict[str, str]  # path -> reason, files that could not be decoded
     files: dict[str, Path] = field(default_factory=dict)
-    wall_time: float = 0.0
+    wall_time: float = 0.0  # the whole run: training, then calibration, the label check, pictures and report
+    training_time: float = 0.0  # to the end of the last epoch
     val_inference: Inference | None = None  # the best epoch's validation logits (None after a resume)
     estimate: Estimate | None = None  # said after the first few steps of this process
     chosen: dict[str, Any] = field(default_factory=dict)  # what the strategy chose, and why (auto's plan)
     features: tuple[Features, Features] | None = None  # (train, val) of the pretrained backbone, where computed
     limits: ModelLimits | None = None  # temperature and unknown-image test, fitted on validation after training
+    stopped: str | None = None  # why the run ended before its last epoch (callbacks.EarlyStopping, StopAtBudget)
 
 
 # ---------------------------------------------------------------------------------------------
 # The epoch loop.
 
 def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preprocessing: Preprocessing,
-        runtime: Runtime, out: Path, callback: Callback | None = None, resume: bool = False,
-        run_meta: dict[str, Any] | None = None, skipped: dict[str, str] | None = None,
+        runtime: Runtime, out: Path, callback: Callback | None = None, callbacks: Sequence[Callback] = (),
+        resume: bool = False, run_meta: dict[str, Any] | None = None, skipped: dict[str, str] | None = None,
         started: float | None = None) -> RunResult:
     """Train `model` on `splits` with `config.strategy`. After each epoch (epoch 0 included, where
     the strategy starts from a result of its own): validate, write a row of metrics.csv and the run
     state that `resume=True` continues from (bit-identical to an uninterrupted run on the CPU); the
     best epoch's checkpoint as the strategy keeps it, the last at the end (or at an interrupt).
-    `started`: when the run began (perf_counter), for the estimate and `config.budget`.
+    `started`: when the run began (perf_counter), for the estimate and `config.budget`. After each
+    epoch's validation, `callbacks` (and `callback`) see the run and may stop it (callbacks.py):
+    `stopping_callbacks(config)` are those the config asks for (patience, budget).
     In a data-parallel run (`runtime.group`, distributed.py) every rank calls this; rank 0 alone
     reads and writes `out`."""
     group = runtime.group
@@ -211,19 +245,31 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
         parallel = group.active and strategy.distribute()
         if group.active and not parallel and not group.main:
             return _result(out, state, books, clock, strategy)  # rank 0 trains alone from here
-        stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, runtime)
+        stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, runtime,
+                                steps_per_epoch=strategy.steps_per_epoch)
         books.keep(strategy, stepper, group.world if parallel else 1)
         if saved:
             stepper.restore(saved)  # the optimizer, schedule, scaler, and the torch RNG: nothing draws from it after
             step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
             clock.on_message(f"resuming {out} after epoch {state.epoch}{step}")
         clock.watch(strategy)
+        ranks = group if parallel else SINGLE  # the ranks that train the epochs together
+        run = Run(model, config, splits, state.history, strategy.epochs, clock.started)
+
+        def verdict() -> None:  # the callbacks, after an epoch's validation: go on, or stop (rank 0 decides)
+            for cb in (clock, *callbacks):
+                cb.on_validation_end(run)
+            run.stopped = ranks.broadcast(run.stopped)
+            if run.stopped:
+                clock.on_message(f"stopping after epoch {run.epoch}: {run.stopped}")
+
         if baseline is not None:
             books.end_epoch(0, *baseline, seconds=time.perf_counter() - clock.started, lr=stepper.lr)
-        ranks = group if parallel else SINGLE  # the ranks that train the epochs together
+        if state.history:  # after epoch 0, or (resumed) after the last epoch saved: decided as it was then
+            verdict()
         try:
             for epoch in range(state.epoch + 1, strategy.epochs + 1):
-                if ranks.broadcast(clock.over_budget(config.budget, state.history)):
+                if run.stopped:
                     break
                 started_epoch, lr = time.perf_counter() - state.progress.seconds, stepper.lr
                 progress = strategy.train_epoch(epoch, stepper, progress=state.progress,
@@ -238,7 +284,8 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
                     for path, reason in found.items():
                         state.skip(path, reason)
                 books.end_epoch(epoch, progress, inf, time.perf_counter() - started_epoch, lr)
-                if ranks.any(stop()) and epoch < strategy.epochs:
+                verdict()
+                if ranks.any(stop()) and epoch < strategy.epochs and not run.stopped:
                     books.close()
                     raise TrainingInterrupted(out, epoch, strategy.steps_per_epoch)
         except RuntimeError as e:
@@ -248,17 +295,25 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     books.close()
     if group.main:
         strategy.finish(books.checkpoints)  # the pictures and the caller get the best epoch's model
-    return _result(out, state, books, clock, strategy)
+    return _result(out, state, books, clock, strategy, stopped=run.stopped)
 
 
-def _result(out: Path, state: RunState, books: "_Books", clock: Clock, strategy: Strategy) -> RunResult:
+def _result(out: Path, state: RunState, books: "_Books", clock: Clock, strategy: Strategy,
+            stopped: str | None = None) -> RunResult:
     return RunResult(out=out, best_checkpoint=out / "best.safetensors", last_checkpoint=out / "last.safetensors",
                      best_epoch=state.best_epoch, best_val_acc=state.best_acc, history=state.history,
                      best_metrics=Metrics.from_dict(state.best_metrics) if state.best_metrics else None,
                      skipped=state.skipped,
                      files={"metrics": out / "metrics.csv", "state": out / STATE_FILE},
                      val_inference=books.best_val, estimate=clock.estimate, chosen=strategy.chosen(),
-                     features=strategy.features)
+                     features=strategy.features, stopped=stopped)
+
+
+def stopping_callbacks(config: TrainConfig) -> list[Callback]:
+    """The callbacks that stop a run, as `config` asks: EarlyStopping (`patience`), StopAtBudget (`budget`)."""
+    patience = config.patience if config.patience is not None else AUTO_PATIENCE if config.strategy == "auto" else 0
+    return ([EarlyStopping(patience)] if patience else []) + \
+        ([StopAtBudget(config.budget)] if config.budget is not None else [])
 
 
 class _Books:
@@ -355,6 +410,7 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
     """
     started = time.perf_counter()
     config = config or TrainConfig()
+    writable_cache()  # the features, graphs and kernels go there: a folder that cannot take them is said now
     group = join(timeout=config.timeout, device=config.device)  # one process alone, or a rank of torchrun's
     out = group.broadcast(out)  # rank 0's (a default folder is chosen by what exists when each rank looks)
     held = claim_run_folder(Path(out), data=data, resume=resume, overwrite=overwrite) if group.main else \
@@ -399,8 +455,9 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
     callback.on_start({"classes": splits.classes, "counts": counts, "runtime": runtime.describe(),
                        "config": asdict(config), "out": str(out)})
     result = fit(model, splits, config=config, preprocessing=pre, runtime=runtime, out=out, callback=callback,
-                 resume=resume, run_meta={"data": str(Path(data).resolve()), "arch_kwargs": model.arch_kwargs},
+                 callbacks=stopping_callbacks(config), resume=resume, run_meta={"data": str(Path(data).resolve()), "arch_kwargs": model.arch_kwargs},
                  skipped=bad, started=started)
+    result.training_time = time.perf_counter() - started  # (to the last epoch's end; the run's files follow)
     if not group.main:  # rank 0 writes the run's files
         return result
     # The best model on the validation set (computed again after a resume): pictures, summary, report.
@@ -418,16 +475,14 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
                           **lim.checkpoint_meta())
         test = (f"unknown below familiarity {rej.threshold:g} ({rej.false_rejection:.1%} of validation images)" if rej
                 else f"no unknown-image test (fewer than {confidence.MIN_VALIDATION} validation images)")
-        callback.on_message(f"calibration: temperature {lim.temperature:.3f}, validation ECE {lim.ece_before:.4f} -> "
-                            f"{lim.ece_after:.4f} (in-sample), {lim.ece_held_out:.4f} with T fitted on the other half; "
-                            f"{test}")
-    result.wall_time = time.perf_counter() - started
+        callback.on_message(f"calibration: {lim.line()}; {test}")
     summary = {
         "data": str(data), "out": str(out), "classes": splits.classes, "counts": counts,
         "config": asdict(config), "runtime": runtime.describe(),
         "best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc,
         "best_metrics": result.best_metrics.to_dict(), "history": [asdict(r) for r in result.history],
-        "skipped_files": result.skipped, "wall_time_s": result.wall_time,
+        "skipped_files": result.skipped, "stopped": result.stopped, "training_s": result.training_time,
+        "wall_time_s": time.perf_counter() - started,  # (rewritten at the end, with the pictures and the report)
         "estimate": asdict(result.estimate) if result.estimate else None, **result.chosen, **chose_arch,
         **(result.limits.summary() if result.limits else {}),
         "checkpoints": {"best": str(result.best_checkpoint), "last": str(result.last_checkpoint)},
@@ -438,6 +493,8 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
     except KeyboardInterrupt:  # the model and the run state are saved: a resume draws them again
         raise TrainingInterrupted(out, result.best_epoch, 0, while_="writing the pictures, summary.json and the "
                                                                     "report (every epoch is saved)") from None
+    result.wall_time = summary["wall_time_s"] = time.perf_counter() - started  # the whole run
+    write_summary(out, summary)
     return result
 
 

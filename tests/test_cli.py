@@ -153,7 +153,7 @@ def test_a_closed_output_pipe_does_not_stop_training(dataset: Path, tmp_path: Pa
     """`headstart train ... | head -1`: the output stops, the run goes on to the end."""
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "headstart", "train", str(dataset), "--arch", "tiny", "--weights",
-                          "none", "--epochs", "3", "--workers", "0", "--out", str(run)],
+                          "none", "--epochs", "3", "--patience", "off", "--workers", "0", "--out", str(run)],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert p.stdout.readline().startswith(b"classes:")
     p.stdout.close()

@@ -23,7 +23,7 @@ from headstart.export import ParityError, export, open_exported
 from headstart.prediction import predict
 from headstart.training import TrainConfig, train
 
-from .conftest import PHOTOS, colour_image, needs_nncf
+from .conftest import PHOTOS, colour_image, needs_nncf, needs_shared
 
 pytest.importorskip("onnxruntime")
 
@@ -356,6 +356,7 @@ def test_a_bounded_load_with_malformed_requests_gets_every_answer(server: Server
 
 
 @pytest.mark.slow
+@needs_shared
 def test_the_page_in_chromium_shows_the_class_of_a_photo_and_the_error_of_a_text_file(real_weights_home: Path,
                                                                                       tmp_path: Path, monkeypatch):
     from .conftest import chromium

@@ -86,7 +86,7 @@ def test_a_lock_keeps_a_second_process_out_and_a_killed_one_leaves_none(dataset:
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
-                               f"f = open({str(out / '.headstart-lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               f"f = open({str(out / '.headstart-lock')!r}, 'a+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
                                "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE)
     assert holder.stdout.readline() == b"held\n"

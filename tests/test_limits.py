@@ -15,7 +15,7 @@ from headstart.cli import main
 from headstart.limits import find_label_issues, find_similar, label_issues, nearest
 from headstart.models import create_model, get_model_info
 
-from .conftest import CLASS_COLOURS, HYMENOPTERA, colour_image, make_dataset
+from .conftest import CLASS_COLOURS, HYMENOPTERA, colour_image, make_dataset, needs_shared
 
 
 def test_label_issues_rank_a_flipped_label_first() -> None:
@@ -94,11 +94,10 @@ def _flipped_hymenoptera(root: Path, fraction: float, seed: int) -> tuple[Path, 
 
 
 @pytest.mark.slow
+@needs_shared
 def test_five_percent_flipped_labels_are_found(real_weights_home: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """Issue 18: with 5% of hymenoptera's training labels flipped, at least 80% of them are among
     the first 2 x (number flipped) of the ranking (measured: 12 of 12)."""
-    if not HYMENOPTERA.is_dir():
-        pytest.skip("../shared/datasets/hymenoptera is not here")
     monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
     data, flipped = _flipped_hymenoptera(tmp_path / "data", 0.05, seed=1)
     table = tmp_path / "labels.csv"
@@ -113,12 +112,11 @@ def test_five_percent_flipped_labels_are_found(real_weights_home: Path, tmp_path
 
 
 @pytest.mark.slow
+@needs_shared
 def test_similar_finds_training_images_of_the_same_class(real_weights_home: Path, tmp_path: Path, monkeypatch,
                                                          capsys) -> None:
     """Issue 18: for at least 90% of hymenoptera's validation images, a training image of the same
     class is among the 5 nearest by the backbone's features (measured: 151 of 153, 0.987)."""
-    if not HYMENOPTERA.is_dir():
-        pytest.skip("../shared/datasets/hymenoptera is not here")
     monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
     torch.manual_seed(0)
     model = create_model("resnet50", num_classes=2, weights="imagenet")

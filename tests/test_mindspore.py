@@ -253,6 +253,32 @@ def test_convert_between_every_format_keeps_the_tensors(tmp_path: Path, capsys) 
     assert open_model(tmp_path / "plain.safetensors", arch="resnet18").classes == ["dogs", "wolves"]
 
 
+def test_a_pth_written_by_convert_builds_the_same_network_back(tmp_path: Path) -> None:
+    """Issue 25, 5: a checkpoint converted to .pth and back lost ResNet50's stride_in_1x1 (the tensors cannot
+    show it: it moves a stride between two convs of the same shapes), and built another network silently."""
+    from headstart.checkpoint import save_checkpoint
+    from headstart.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    v1 = randomize_bn(create_model("resnet50", num_classes=2, stride_in_1x1=True)).eval()
+    save_checkpoint(tmp_path / "v1", v1, classes=["ants", "bees"], preprocessing=Preprocessing(image_size=64))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = v1(x)
+    convert(tmp_path / "v1.safetensors", tmp_path / "w.pth")
+    assert (tmp_path / "w.pth.json").is_file()
+    back = convert(tmp_path / "w.pth", tmp_path / "back.safetensors")
+    assert back.arch == "resnet50" and back.classes == ["ants", "bees"]
+    model = open_model(tmp_path / "back.safetensors")
+    assert model.meta["arch_kwargs"] == {"stride_in_1x1": True} and model.preprocessing.image_size == 64
+    with torch.no_grad():
+        torch.testing.assert_close(model.model(x), expected, atol=0, rtol=0)
+    # A .pth alone (torchvision's kind) is torchvision's network: other logits, which is why the file goes with it.
+    (tmp_path / "w.pth.json").unlink()
+    with torch.no_grad():
+        assert not torch.allclose(open_model(tmp_path / "w.pth").model(x), expected, atol=1e-3)
+
+
 def test_convert_refuses_what_mindspore_cannot_hold(tmp_path: Path) -> None:
     from headstart.checkpoint import save_checkpoint
     from headstart.preprocessing import Preprocessing

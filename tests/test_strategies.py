@@ -131,25 +131,26 @@ def test_an_epoch_starts_only_if_it_ends_within_the_budget(monkeypatch) -> None:
     """So a run overshoots its budget only by what its last epoch takes beyond the one before."""
     import types
 
-    import headstart.clock as clock
+    import headstart.callbacks as callbacks
     from headstart.runstate import EpochRecord
 
     now = [0.0]
-    monkeypatch.setattr(clock, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    said: list[str] = []
-    c = clock.Clock(types.SimpleNamespace(on_message=said.append), started=0.0)
+    monkeypatch.setattr(callbacks, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
 
     def record(epoch: int, seconds: float) -> EpochRecord:
         return EpochRecord(epoch, 10, 0, 0, 0, 0, 0, seconds, 0, 0, 0, 0.001)
 
-    assert not c.over_budget(100.0, [])  # nothing measured yet: the first epoch runs
-    assert not c.over_budget(100.0, [record(0, 80.0)])  # epoch 0 (features, the head) is no training epoch
+    def stops(history: list[EpochRecord]) -> str | None:
+        run = callbacks.Run(None, None, types.SimpleNamespace(val=[0] * 10), history, 10, 0.0)
+        callbacks.StopAtBudget(100.0).on_validation_end(run)
+        return run.stopped
+
+    assert stops([record(0, 80.0)]) is None  # epoch 0 (features, the head) is no training epoch
     now[0] = 60.0
-    assert not c.over_budget(100.0, [record(0, 5.0), record(1, 30.0)])  # 60 + 30 <= 100
+    assert stops([record(0, 5.0), record(1, 30.0)]) is None  # 60 + 30 <= 100
     now[0] = 75.0
-    assert c.over_budget(100.0, [record(0, 5.0), record(1, 30.0)])  # 75 + 30 > 100
-    assert said == ["stopping after epoch 1: another (about 30.0 s) would end after the budget of 1.7 min, 75.0 s spent"]
-    assert not c.over_budget(None, [record(1, 1e9)])
+    assert stops([record(0, 5.0), record(1, 30.0)]) == ("another epoch (about 30.0 s) would end after the budget of "
+                                                        "1.7 min, 75.0 s spent")
 
 
 def test_a_budget_stops_any_strategy_before_an_epoch_that_would_not_fit(data: Path, tmp_path: Path) -> None:
