@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import gc
 import json
+import multiprocessing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -194,8 +196,15 @@ def test_frozen_features_are_cached_on_disk_and_reused(dataset: Path, tmp_path: 
 def test_same_seed_same_weights_whatever_the_worker_count(dataset: Path, tmp_path: Path, strategy: str) -> None:
     runs = []
     for workers in (0, 2, 0):
-        res = train(dataset, out=tmp_path / f"w{workers}-{len(runs)}",
-                    config=tiny_config(strategy=strategy, workers=workers, epochs=2, feature_cache="memory"))
+        gc.disable()  # (the workers must be gone when train returns, not when a collection finds their loader)
+        try:
+            res = train(dataset, out=tmp_path / f"w{workers}-{len(runs)}",
+                        config=tiny_config(strategy=strategy, workers=workers, epochs=2, feature_cache="memory"))
+            # A loader's workers end with its epoch: none wait for a garbage collection to shut them down
+            # (which took 5 s a worker, 20 s of a run, when the collection came during an import).
+            assert multiprocessing.active_children() == []
+        finally:
+            gc.enable()
         runs.append(open_model(res.last_checkpoint).model.state_dict())
     for other in runs[1:]:
         assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
