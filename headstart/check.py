@@ -19,7 +19,7 @@ import itertools
 import json
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -244,22 +244,27 @@ def _file_findings(files: list[FileInfo], image_size: int) -> list[Finding]:
 
 
 def _duplicate_findings(files: list[FileInfo], near_bits: int) -> list[Finding]:
+    """Byte-identical and near-identical groups. Linear in the files: Python objects are made for
+    the files in a group only (one per file for 100,000 files made the garbage collector's passes,
+    and so the search, grow faster than the files)."""
     out = []
     ok = [f for f in files if not f.error]
+    copies = Counter(f.sha256 for f in ok)
     exact: dict[str, list[FileInfo]] = defaultdict(list)
     for f in ok:
-        exact[f.sha256].append(f)
+        if copies[f.sha256] > 1:
+            exact[f.sha256].append(f)
     exact_pairs = set()
     for group in exact.values():
-        if len(group) > 1:
-            out.append(_dup_finding(group, "byte-identical"))
-            exact_pairs |= {(a.path, b.path) for a in group for b in group}
+        out.append(_dup_finding(group, "byte-identical"))
+        exact_pairs |= {(a.path, b.path) for a in group for b in group}
     hashed = [f for f in ok if f.dhash is not None]
     if len(hashed) > 1:
-        pairs, _ = near_pairs(np.array([f.dhash for f in hashed], dtype=np.uint64), near_bits)
-        parent = list(range(len(hashed)))
+        pairs, _ = near_pairs(np.fromiter((f.dhash for f in hashed), dtype=np.uint64, count=len(hashed)), near_bits)
+        parent: dict[int, int] = {}  # union-find over the files in a near pair only
 
         def find(i: int) -> int:
+            parent.setdefault(i, i)
             while parent[i] != i:
                 parent[i] = parent[parent[i]]
                 i = parent[i]
@@ -268,8 +273,8 @@ def _duplicate_findings(files: list[FileInfo], near_bits: int) -> list[Finding]:
         for i, j in pairs:
             parent[find(i)] = find(j)
         groups: dict[int, list[FileInfo]] = defaultdict(list)
-        for i, f in enumerate(hashed):
-            groups[find(i)].append(f)
+        for i in sorted(parent):
+            groups[find(i)].append(hashed[i])
         for group in groups.values():
             if len(group) > 1 and not all((a.path, b.path) in exact_pairs for a in group for b in group):
                 out.append(_dup_finding(group, "near-identical"))
@@ -286,44 +291,46 @@ def near_pairs(hashes: np.ndarray, near_bits: int) -> tuple[list[tuple[int, int]
     - equal hashes are one: their images pair up without a comparison, and they are searched once;
     - the 64 bits are cut into 2r blocks (r = near_bits); two hashes at most r bits apart agree
       exactly on at least r of the blocks, so every such pair shares one of the C(2r, r) keys made of
-      r blocks (32 bits each). Hashes are grouped by each key (a sort), and only hashes sharing a key
-      are compared. Two unrelated hashes share a 32-bit key by chance with probability about
-      C(2r, r) / 2^32 (1.6e-8 for r = 4: a few pairs among 100,000 hashes), so the comparisons are
-      about the near pairs themselves. Cost: C(2r, r) sorts of the distinct hashes (70 for r = 4)."""
+      r blocks (32 bits each). Hashes are grouped by each key (one sort of key and index in one integer), and
+      only hashes sharing a key are compared. Two unrelated hashes share a 32-bit key by chance with
+      probability about C(2r, r) / 2^32 (1.6e-8 for r = 4: a few pairs among 100,000 hashes), so the
+      comparisons are about the near pairs themselves. Cost: C(2r, r) sorts of the distinct hashes
+      (70 for r = 4), each O(n log n) in numpy; no Python loop over hashes or keys."""
     if not 0 <= near_bits <= 5:
         raise ValueError(f"near_bits must be from 0 to 5 (the keys number C(2r, r)), got {near_bits}")
-    unique, inverse = np.unique(np.asarray(hashes, dtype=np.uint64), return_inverse=True)
-    pairs = []
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, u in enumerate(inverse.tolist()):
-        members[u].append(i)
-    for group in members.values():  # the same hash: the same image to the hash
-        pairs += [(group[0], j) for j in group[1:]]
+    unique, first, inverse = np.unique(np.asarray(hashes, dtype=np.uint64), return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    copies = np.flatnonzero(first[inverse] != np.arange(len(inverse)))  # the same hash: the same image to the hash
+    pairs = list(zip(first[inverse[copies]].tolist(), copies.tolist()))
     if near_bits == 0 or len(unique) < 2:
         return pairs, 0
     blocks = 2 * near_bits
     edges = [round(64 * k / blocks) for k in range(blocks + 1)]
-    block_masks = [((1 << (hi - lo)) - 1) << lo for lo, hi in zip(edges, edges[1:])]
-    candidates = set()
-    for combo in itertools.combinations(block_masks, near_bits):
-        key = unique & np.uint64(sum(combo))
-        order = np.argsort(key, kind="stable")
-        ordered = key[order]
-        same = np.flatnonzero(ordered[1:] == ordered[:-1])  # positions k where ordered[k] == ordered[k + 1]
-        if not len(same):
-            continue
-        starts = same[np.r_[True, np.diff(same) > 1]]  # each run of equal keys: its first position...
-        ends = same[np.r_[np.diff(same) > 1, True]] + 1  # ...and its last
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            run = sorted(order[a:b + 1].tolist())
-            candidates.update(itertools.combinations(run, 2))
-    if not candidates:
+    index = np.arange(len(unique), dtype=np.uint64)
+    shift = np.uint64(max(1, (len(unique) - 1).bit_length()))  # the index's bits, below the key's (<= 35 bits)
+    found = []  # arrays of u * len(unique) + v, u < v: the indices into `unique` of hashes sharing a key
+    for combo in itertools.combinations(range(blocks), near_bits):
+        key = np.zeros(len(unique), dtype=np.uint64)  # the combo's blocks side by side: at most 32 bits
+        width = 0
+        for b in combo:
+            lo, hi = edges[b], edges[b + 1]
+            key |= ((unique >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)) << np.uint64(width)
+            width += hi - lo
+        ordered = np.sort((key << shift) | index)  # by key, then by index
+        keys, members = ordered >> shift, (ordered & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.int64)
+        for gap in range(1, len(ordered)):  # hashes `gap` apart in the order with the same key: a run's pairs
+            same = np.flatnonzero(keys[gap:] == keys[:-gap])
+            if not len(same):
+                break
+            found.append(members[same] * len(unique) + members[same + gap])
+    if not found:
         return pairs, 0
-    cand = np.array(sorted(candidates), dtype=np.int64)
-    x = np.bitwise_xor(unique[cand[:, 0]], unique[cand[:, 1]])
+    cand = np.unique(np.concatenate(found))
+    u, v = cand // len(unique), cand % len(unique)
+    x = np.bitwise_xor(unique[u], unique[v])
     bits = np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(1)
-    for u, v in cand[bits <= near_bits].tolist():
-        pairs.append((members[u][0], members[v][0]))
+    near = bits <= near_bits
+    pairs += zip(first[u[near]].tolist(), first[v[near]].tolist())
     return pairs, len(cand)
 
 
