@@ -1,12 +1,15 @@
 """The run's time: durations as people write them, the estimate said after the first few training
 steps, and the budget.
 
-    estimated 31.0 min: 10 epochs x 14 steps at 13.000 s/step (the median of 5 steps) + 10 validations
-    of about 12.0 s + 40.0 s spent so far
+    estimated 44.2 s likely (stopping after epoch 2: --patience 2 ends a fine-tune that does not
+    improve), 2.4 min at most: 10 epochs x 14 steps at 0.844 s/step (the median of 5 steps) + 10
+    validations of about 2.4 s + 10.1 s spent so far
 
 The estimate is the time spent so far (set-up, features, epoch 0, the steps measured) plus the steps
 left at the measured rate plus a validation per epoch left, which the strategy estimates from a
-step's time (strategies.Strategy.validation_seconds).
+step's time (strategies.Strategy.validation_seconds). "At most" counts every epoch; "likely", where
+early stopping is on, counts the epochs to its first chance to stop (`patience` epochs): on the panel
+of bench/time_to_accuracy.py every default run stopped there (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -46,16 +49,22 @@ def format_duration(seconds: float) -> str:
 class Estimate:
     """How long a run will take, said after its first few training steps."""
 
-    total_s: float  # the whole run: spent_s and what is left
+    total_s: float  # at most: the whole run to its last epoch (spent_s and what is left)
     spent_s: float  # before the estimate: set-up, features, epoch 0, the steps measured
     epochs: int
     steps_per_epoch: int
     step_s: float
     measured_steps: int
     validation_s: float  # one validation
+    likely_s: float = 0.0  # likely: to the first epoch after which early stopping may end the run
+    likely_epochs: int = 0  # that epoch (= epochs without early stopping)
+    patience: int = 0  # early stopping's (0: off)
 
     def line(self) -> str:
-        return (f"estimated {format_duration(self.total_s)}: {self.epochs} epochs x {self.steps_per_epoch} steps at "
+        likely = (f"{format_duration(self.likely_s)} likely (stopping after epoch {self.likely_epochs}: --patience "
+                  f"{self.patience} ends a fine-tune that does not improve), {format_duration(self.total_s)} at most"
+                  if self.likely_epochs < self.epochs else format_duration(self.total_s))
+        return (f"estimated {likely}: {self.epochs} epochs x {self.steps_per_epoch} steps at "
                 f"{self.step_s:.3f} s/step (the median of {self.measured_steps} steps) + {self.epochs} validations "
                 f"of about {format_duration(self.validation_s)} + {format_duration(self.spent_s)} spent so far")
 
@@ -73,12 +82,14 @@ class Clock:
         self.inner, self.started = inner, started  # perf_counter at the run's start (earlier processes counted)
         self.estimate: Estimate | None = None
         self._strategy: Any = None
+        self._patience = 0
         self._times: list[float] = []
         self._epoch = -1
 
-    def watch(self, strategy: Any) -> None:
-        """Estimate for `strategy` (its epochs, steps per epoch and validation time), from now on."""
-        self._strategy = strategy
+    def watch(self, strategy: Any, *, patience: int = 0) -> None:
+        """Estimate for `strategy` (its epochs, steps per epoch and validation time), from now on;
+        `patience`: early stopping's, which may end the run after that many epochs (0: off)."""
+        self._strategy, self._patience = strategy, patience
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.inner.on_start(info)
@@ -102,11 +113,16 @@ class Clock:
         step_s = statistics.median(b - a for a, b in zip(ends, ends[1:]))
         crop = getattr(s, "crop", lambda e: 1)  # an epoch's crop side: a step costs about its square
         cost = [(crop(e) / crop(epoch)) ** 2 for e in range(epoch, s.epochs + 1)]
-        steps_left = sum(cost[1:]) * s.steps_per_epoch + (s.steps_per_epoch - step)  # (in steps of this epoch's)
         validation_s = s.validation_seconds(step_s * (crop(s.epochs) / crop(epoch)) ** 2)
         spent = time.perf_counter() - self.started
-        total = spent + steps_left * step_s + (s.epochs - epoch + 1) * validation_s
-        self.estimate = Estimate(total, spent, s.epochs, s.steps_per_epoch, step_s, measured, validation_s)
+
+        def until(last: int) -> float:  # the run's seconds to the end of epoch `last`
+            steps_left = sum(cost[1:last - epoch + 1]) * s.steps_per_epoch + (s.steps_per_epoch - step)
+            return spent + steps_left * step_s + (last - epoch + 1) * validation_s  # (steps of this epoch's)
+
+        likely = min(s.epochs, max(epoch, self._patience)) if self._patience else s.epochs
+        self.estimate = Estimate(until(s.epochs), spent, s.epochs, s.steps_per_epoch, step_s, measured, validation_s,
+                                 likely_s=until(likely), likely_epochs=likely, patience=self._patience)
         self.inner.on_message(self.estimate.line())
 
     def on_epoch_end(self, record: Any) -> None:

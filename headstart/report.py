@@ -107,7 +107,7 @@ def _cards(s: dict[str, Any]) -> str:
              (loss, f"{m['loss']:.4f}"), ("best epoch", f"{s['best_epoch']} / {s['config']['epochs']}"),
              ("wall time", f"{s['wall_time_s']:.1f} s")]
     if s.get("estimate"):
-        items.append(("estimated", f"{s['estimate']['total_s']:.1f} s"))
+        items.append(("estimated", _estimated(s["estimate"])))
     return '<div class="cards">' + "".join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in items) + "</div>"
 
 
@@ -159,11 +159,20 @@ def _plan(s: dict[str, Any]) -> str:
             parts.append(_table(["train from", "s/step (timed)", "s an epoch (estimated)"], rows))
     est = s.get("estimate")
     if est:
-        off = s["wall_time_s"] / est["total_s"] - 1 if est["total_s"] else 0.0
-        parts.append(f"<p class='sub'>Estimated after {est['measured_steps']} steps: {est['total_s']:.1f} s "
+        likely = est.get("likely_s") or est["total_s"]  # (runs before the likely estimate: the most only)
+        off = s["wall_time_s"] / likely - 1 if likely else 0.0
+        stop = (f" to a stop after epoch {est['likely_epochs']} (--patience {est['patience']}), "
+                f"{est['total_s']:.1f} s at most" if est.get("likely_epochs", est["epochs"]) < est["epochs"] else "")
+        parts.append(f"<p class='sub'>Estimated after {est['measured_steps']} steps: {likely:.1f} s{stop} "
                      f"({est['epochs']} epochs x {est['steps_per_epoch']} steps at {est['step_s']:.3f} s/step, "
                      f"validations of about {est['validation_s']:.1f} s); took {s['wall_time_s']:.1f} s ({off:+.0%}).</p>")
     return "".join(parts)
+
+
+def _estimated(est: dict[str, Any]) -> str:
+    if est.get("likely_epochs", est["epochs"]) < est["epochs"]:
+        return f"{est['likely_s']:.1f} s likely, {est['total_s']:.1f} s at most"
+    return f"{est['total_s']:.1f} s"
 
 
 def _config(s: dict[str, Any]) -> str:

@@ -252,7 +252,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
             stepper.restore(saved)  # the optimizer, schedule, scaler, and the torch RNG: nothing draws from it after
             step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
             clock.on_message(f"resuming {out} after epoch {state.epoch}{step}")
-        clock.watch(strategy)
+        clock.watch(strategy, patience=next((c.patience for c in callbacks if isinstance(c, EarlyStopping)), 0))
         ranks = group if parallel else SINGLE  # the ranks that train the epochs together
         run = Run(model, config, splits, state.history, strategy.epochs, clock.started)
 
