@@ -59,6 +59,7 @@ class Estimate:
     likely_s: float = 0.0  # likely: to the first epoch after which early stopping may end the run
     likely_epochs: int = 0  # that epoch (= epochs without early stopping)
     patience: int = 0  # early stopping's (0: off)
+    finish_s: float = 0.0  # after the last epoch: the backbone pass that fits the temperature and unknown test
 
     def line(self) -> str:
         likely = (f"{format_duration(self.likely_s)} likely (stopping after epoch {self.likely_epochs}: --patience "
@@ -66,7 +67,8 @@ class Estimate:
                   if self.likely_epochs < self.epochs else format_duration(self.total_s))
         return (f"estimated {likely}: {self.epochs} epochs x {self.steps_per_epoch} steps at "
                 f"{self.step_s:.3f} s/step (the median of {self.measured_steps} steps) + {self.epochs} validations "
-                f"of about {format_duration(self.validation_s)} + {format_duration(self.spent_s)} spent so far")
+                f"of about {format_duration(self.validation_s)} + {format_duration(self.spent_s)} spent so far"
+                + (f" + {format_duration(self.finish_s)} to calibrate" if self.finish_s else ""))
 
 
 class Clock:
@@ -115,14 +117,16 @@ class Clock:
         cost = [(crop(e) / crop(epoch)) ** 2 for e in range(epoch, s.epochs + 1)]
         validation_s = s.validation_seconds(step_s * (crop(s.epochs) / crop(epoch)) ** 2)
         spent = time.perf_counter() - self.started
+        finish_s = getattr(s, "finish_seconds", lambda step_s: 0.0)(step_s * (crop(s.epochs) / crop(epoch)) ** 2)
 
         def until(last: int) -> float:  # the run's seconds to the end of epoch `last`
             steps_left = sum(cost[1:last - epoch + 1]) * s.steps_per_epoch + (s.steps_per_epoch - step)
-            return spent + steps_left * step_s + (last - epoch + 1) * validation_s  # (steps of this epoch's)
+            return spent + steps_left * step_s + (last - epoch + 1) * validation_s + finish_s  # (this epoch's steps)
 
         likely = min(s.epochs, max(epoch, self._patience)) if self._patience else s.epochs
         self.estimate = Estimate(until(s.epochs), spent, s.epochs, s.steps_per_epoch, step_s, measured, validation_s,
-                                 likely_s=until(likely), likely_epochs=likely, patience=self._patience)
+                                 likely_s=until(likely), likely_epochs=likely, patience=self._patience,
+                                 finish_s=finish_s)
         self.inner.on_message(self.estimate.line())
 
     def on_epoch_end(self, record: Any) -> None:

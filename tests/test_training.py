@@ -200,8 +200,8 @@ def test_same_seed_same_weights_whatever_the_worker_count(dataset: Path, tmp_pat
         try:
             res = train(dataset, out=tmp_path / f"w{workers}-{len(runs)}",
                         config=tiny_config(strategy=strategy, workers=workers, epochs=2, feature_cache="memory"))
-            # A loader's workers end with its epoch: none wait for a garbage collection to shut them down
-            # (which took 5 s a worker, 20 s of a run, when the collection came during an import).
+            # The loaders' workers end with the run: none wait for a garbage collection to shut them down
+            # (which waited 5 s a worker, 20 s of a 60 s hymenoptera run).
             assert multiprocessing.active_children() == []
         finally:
             gc.enable()
