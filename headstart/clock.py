@@ -1,13 +1,14 @@
 """The run's time: durations as people write them, the estimate said after the first few training
 steps, and the budget.
 
-    estimated 44.2 s likely (stopping after epoch 2: --patience 2 ends a fine-tune that does not
-    improve), 2.4 min at most: 10 epochs x 14 steps at 0.844 s/step (the median of 5 steps) + 10
-    validations of about 2.4 s + 10.1 s spent so far
+    estimated 41.0 s likely (stopping after epoch 2: --patience 2 ends a fine-tune that does not
+    improve), 2.7 min at most: 10 epochs x 14 steps at 0.899 s/step (the median of 5 steps) + 10
+    validations of about 2.5 s + 10.4 s spent so far + 6.6 s to calibrate
 
 The estimate is the time spent so far (set-up, features, epoch 0, the steps measured) plus the steps
 left at the measured rate plus a validation per epoch left, which the strategy estimates from a
-step's time (strategies.Strategy.validation_seconds). "At most" counts every epoch; "likely", where
+step's time (strategies.Strategy.validation_seconds), plus the calibration's backbone pass after the
+last epoch (Strategy.finish_seconds). "At most" counts every epoch; "likely", where
 early stopping is on, counts the epochs to its first chance to stop (`patience` epochs): on the panel
 of bench/time_to_accuracy.py every default run stopped there (bench/RESULTS.md).
 """

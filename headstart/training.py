@@ -233,68 +233,66 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
     state.skipped = {**(skipped or {}), **state.skipped}
     clock = Clock(callback or Callback(), started=(started or time.perf_counter()) - state.elapsed)
     books = _Books(out, model, splits, config, preprocessing, state, clock, run_meta or {}, writes=group.main)
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, contextlib.ExitStack() as ending:
         strategy = get_strategy(config.strategy).build(model, splits, config=config, preprocessing=preprocessing,
                                                        runtime=runtime, callback=clock, skip=state.skip,
                                                        started=clock.started, stop=stop)
-        try:  # (the strategy's data workers end with the epochs: Strategy.close)
-            try:
-                baseline = strategy.start(saved)  # its tensors from the run state; else features, epoch 0, a plan
-            except StopRequested:
-                raise TrainingInterrupted(out, state.epoch, 0, while_="the strategy prepared (features, the head "
-                                                                      "fitted on them, its plan)") from None
-            parallel = group.active and strategy.distribute()
-            if group.active and not parallel and not group.main:
-                return _result(out, state, books, clock, strategy)  # rank 0 trains alone from here
-            stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, runtime,
-                                    steps_per_epoch=strategy.steps_per_epoch)
-            books.keep(strategy, stepper, group.world if parallel else 1)
-            if saved:
-                stepper.restore(saved)  # the optimizer, schedule, scaler, the torch RNG: nothing draws from it after
-                step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
-                clock.on_message(f"resuming {out} after epoch {state.epoch}{step}")
-            clock.watch(strategy, patience=next((c.patience for c in callbacks if isinstance(c, EarlyStopping)), 0))
-            ranks = group if parallel else SINGLE  # the ranks that train the epochs together
-            run = Run(model, config, splits, state.history, strategy.epochs, clock.started)
+        ending.callback(strategy.close)  # its data workers end with the epochs, or with an error
+        try:
+            baseline = strategy.start(saved)  # its tensors from the run state; else features, epoch 0, a plan
+        except StopRequested:
+            raise TrainingInterrupted(out, state.epoch, 0, while_="the strategy prepared (features, the head fitted "
+                                                                  "on them, its plan)") from None
+        parallel = group.active and strategy.distribute()
+        if group.active and not parallel and not group.main:
+            return _result(out, state, books, clock, strategy)  # rank 0 trains alone from here
+        stepper = Stepper.build(strategy.parameters(), config, strategy.epochs * strategy.steps_per_epoch, runtime,
+                                steps_per_epoch=strategy.steps_per_epoch)
+        books.keep(strategy, stepper, group.world if parallel else 1)
+        if saved:
+            stepper.restore(saved)  # the optimizer, schedule, scaler, and the torch RNG: nothing draws from it after
+            step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
+            clock.on_message(f"resuming {out} after epoch {state.epoch}{step}")
+        clock.watch(strategy, patience=next((c.patience for c in callbacks if isinstance(c, EarlyStopping)), 0))
+        ranks = group if parallel else SINGLE  # the ranks that train the epochs together
+        run = Run(model, config, splits, state.history, strategy.epochs, clock.started)
 
-            def verdict() -> None:  # the callbacks, after an epoch's validation: go on, or stop (rank 0 decides)
-                for cb in (clock, *callbacks):
-                    cb.on_validation_end(run)
-                run.stopped = ranks.broadcast(run.stopped)
+        def verdict() -> None:  # the callbacks, after an epoch's validation: go on, or stop (rank 0 decides)
+            for cb in (clock, *callbacks):
+                cb.on_validation_end(run)
+            run.stopped = ranks.broadcast(run.stopped)
+            if run.stopped:
+                clock.on_message(f"stopping after epoch {run.epoch}: {run.stopped}")
+
+        if baseline is not None:
+            books.end_epoch(0, *baseline, seconds=time.perf_counter() - clock.started, lr=stepper.lr)
+        if state.history:  # after epoch 0, or (resumed) after the last epoch saved: decided as it was then
+            verdict()
+        try:
+            for epoch in range(state.epoch + 1, strategy.epochs + 1):
                 if run.stopped:
-                    clock.on_message(f"stopping after epoch {run.epoch}: {run.stopped}")
-
-            if baseline is not None:
-                books.end_epoch(0, *baseline, seconds=time.perf_counter() - clock.started, lr=stepper.lr)
-            if state.history:  # after epoch 0, or (resumed) after the last epoch saved: decided as it was then
+                    break
+                started_epoch, lr = time.perf_counter() - state.progress.seconds, stepper.lr
+                progress = strategy.train_epoch(epoch, stepper, progress=state.progress,
+                                                stop=lambda: stop() or books.save_if_due())
+                if progress.interrupted:
+                    progress.interrupted, state.progress = False, progress
+                    books.save_state()
+                    books.close()
+                    raise TrainingInterrupted(out, epoch, progress.steps)
+                inf = strategy.validate(epoch)
+                for found in ranks.gather(dict(state.skipped))[1:]:  # files that failed on the other ranks
+                    for path, reason in found.items():
+                        state.skip(path, reason)
+                books.end_epoch(epoch, progress, inf, time.perf_counter() - started_epoch, lr)
                 verdict()
-            try:
-                for epoch in range(state.epoch + 1, strategy.epochs + 1):
-                    if run.stopped:
-                        break
-                    started_epoch, lr = time.perf_counter() - state.progress.seconds, stepper.lr
-                    progress = strategy.train_epoch(epoch, stepper, progress=state.progress,
-                                                    stop=lambda: stop() or books.save_if_due())
-                    if progress.interrupted:
-                        progress.interrupted, state.progress = False, progress
-                        books.save_state()
-                        books.close()
-                        raise TrainingInterrupted(out, epoch, progress.steps)
-                    inf = strategy.validate(epoch)
-                    for found in ranks.gather(dict(state.skipped))[1:]:  # files that failed on the other ranks
-                        for path, reason in found.items():
-                            state.skip(path, reason)
-                    books.end_epoch(epoch, progress, inf, time.perf_counter() - started_epoch, lr)
-                    verdict()
-                    if ranks.any(stop()) and epoch < strategy.epochs and not run.stopped:
-                        books.close()
-                        raise TrainingInterrupted(out, epoch, strategy.steps_per_epoch)
-            except RuntimeError as e:
-                if not (ranks.active and is_rank_failure(e)):
-                    raise
-                raise RankLost(out, group.rank, group.world, str(e), books.saved_at_where, main=group.main) from None
-        finally:
-            strategy.close()
+                if ranks.any(stop()) and epoch < strategy.epochs and not run.stopped:
+                    books.close()
+                    raise TrainingInterrupted(out, epoch, strategy.steps_per_epoch)
+        except RuntimeError as e:
+            if not (ranks.active and is_rank_failure(e)):
+                raise
+            raise RankLost(out, group.rank, group.world, str(e), books.saved_at_where, main=group.main) from None
     books.close()
     if group.main:
         strategy.finish(books.checkpoints)  # the pictures and the caller get the best epoch's model
