@@ -724,7 +724,10 @@ class Auto(Partial):
 
     Why a new head rather than gradual's warm one: on both shared datasets the tutorial's fine-tune
     did better than gradual (hymenoptera 0.9608 against 0.9542; flowers12 0.9750 at its fifth epoch
-    against 0.9667 at best), and the head fitted on the features stays a candidate anyway."""
+    against 0.9667 at best), and the head fitted on the features stays a candidate anyway. On images
+    far from ImageNet (solar cells) a warm head is worse still: it was fitted on features under
+    ImageNet's BatchNorm statistics, and training mode normalises by the new images' batches (val loss
+    0.369 -> 4.3 after one epoch; bench/RESULTS.md, eighth round)."""
 
     STEPS_TIMED = 2  # after one warm-up step
 
