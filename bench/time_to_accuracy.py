@@ -133,6 +133,11 @@ def main() -> None:
         results = json.loads(Path(args.table_from).read_text())
         print(results["cpu"])
         return summarize(results)
+    plain_figures = json.loads(Path(args.plain_from).read_text()) if args.plain_from else {}
+    missing = [n for n in args.datasets.split(",") if args.plain_from and n not in plain_figures]
+    if missing:
+        raise SystemExit(f"{args.plain_from} has no plain figures for {', '.join(missing)}: run those without "
+                         "--plain-from, or pass --datasets")
     checkouts = {"headstart": ROOT, **{c.split("=", 1)[0]: Path(c.split("=", 1)[1]).resolve() for c in args.checkout}}
     print(f"machine: {machine()}")
     print(cpu_line())
@@ -147,7 +152,7 @@ def main() -> None:
               flush=True)
         runs: dict[str, list[dict]] = {label: [] for label in checkouts}
         if args.plain_from:
-            plain = json.loads(Path(args.plain_from).read_text())[name]
+            plain = plain_figures[name]
             print(f"  plain (from {args.plain_from}): {plain}")
         else:
             with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,8 @@ The estimate is the time spent so far (set-up, features, epoch 0, the steps meas
 left at the measured rate plus a validation per epoch left, which the strategy estimates from a
 step's time (strategies.Strategy.validation_seconds), plus the calibration's backbone pass after the
 last epoch (Strategy.finish_seconds). "At most" counts every epoch; "likely", where
-early stopping is on, counts the epochs to its first chance to stop (`patience` epochs): on the panel
+early stopping is on, counts the epochs to its first chance to stop (`patience` epochs after the
+first one validated, epoch 0 where there is one): on the panel
 of bench/time_to_accuracy.py every default run stopped there (bench/RESULTS.md).
 """
 
@@ -85,14 +86,15 @@ class Clock:
         self.inner, self.started = inner, started  # perf_counter at the run's start (earlier processes counted)
         self.estimate: Estimate | None = None
         self._strategy: Any = None
-        self._patience = 0
+        self._patience = self._first_stop = 0
         self._times: list[float] = []
         self._epoch = -1
 
-    def watch(self, strategy: Any, *, patience: int = 0) -> None:
+    def watch(self, strategy: Any, *, patience: int = 0, first_epoch: int = 1) -> None:
         """Estimate for `strategy` (its epochs, steps per epoch and validation time), from now on;
-        `patience`: early stopping's, which may end the run after that many epochs (0: off)."""
-        self._strategy, self._patience = strategy, patience
+        `patience`: early stopping's (0: off), which may end the run `patience` epochs after the first
+        one validated, `first_epoch` (0 where the strategy starts with a head fitted on the features)."""
+        self._strategy, self._patience, self._first_stop = strategy, patience, first_epoch + patience
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.inner.on_start(info)
@@ -124,7 +126,7 @@ class Clock:
             steps_left = sum(cost[1:last - epoch + 1]) * s.steps_per_epoch + (s.steps_per_epoch - step)
             return spent + steps_left * step_s + (last - epoch + 1) * validation_s + finish_s  # (this epoch's steps)
 
-        likely = min(s.epochs, max(epoch, self._patience)) if self._patience else s.epochs
+        likely = min(s.epochs, max(epoch, self._first_stop)) if self._patience else s.epochs
         self.estimate = Estimate(until(s.epochs), spent, s.epochs, s.steps_per_epoch, step_s, measured, validation_s,
                                  likely_s=until(likely), likely_epochs=likely, patience=self._patience,
                                  finish_s=finish_s)

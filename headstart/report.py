@@ -160,7 +160,9 @@ def _plan(s: dict[str, Any]) -> str:
     est = s.get("estimate")
     if est:
         likely = est.get("likely_s") or est["total_s"]  # (runs before the likely estimate: the most only)
-        off = s["wall_time_s"] / likely - 1 if likely else 0.0
+        last = s["history"][-1]["epoch"] if s.get("history") else 0
+        judged = likely if last <= est.get("likely_epochs", est["epochs"]) else est["total_s"]  # where it stopped
+        off = s["wall_time_s"] / judged - 1 if judged else 0.0
         stop = (f" to a stop after epoch {est['likely_epochs']} (--patience {est['patience']}), "
                 f"{est['total_s']:.1f} s at most" if est.get("likely_epochs", est["epochs"]) < est["epochs"] else "")
         parts.append(f"<p class='sub'>Estimated after {est['measured_steps']} steps: {likely:.1f} s{stop} "

@@ -237,7 +237,7 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
         strategy = get_strategy(config.strategy).build(model, splits, config=config, preprocessing=preprocessing,
                                                        runtime=runtime, callback=clock, skip=state.skip,
                                                        started=clock.started, stop=stop)
-        ending.callback(strategy.close)  # its data workers end with the epochs, or with an error
+        ending.callback(strategy.close)  # its data workers end with the epochs (or once an error is dropped)
         try:
             baseline = strategy.start(saved)  # its tensors from the run state; else features, epoch 0, a plan
         except StopRequested:
@@ -253,7 +253,8 @@ def fit(model: nn.Module, splits: DatasetSplits, *, config: TrainConfig, preproc
             stepper.restore(saved)  # the optimizer, schedule, scaler, and the torch RNG: nothing draws from it after
             step = f", step {state.progress.steps} of epoch {state.epoch + 1}" if state.progress.steps else ""
             clock.on_message(f"resuming {out} after epoch {state.epoch}{step}")
-        clock.watch(strategy, patience=next((c.patience for c in callbacks if isinstance(c, EarlyStopping)), 0))
+        clock.watch(strategy, patience=next((c.patience for c in callbacks if isinstance(c, EarlyStopping)), 0),
+                    first_epoch=state.history[0].epoch if state.history else 0 if baseline is not None else 1)
         ranks = group if parallel else SINGLE  # the ranks that train the epochs together
         run = Run(model, config, splits, state.history, strategy.epochs, clock.started)
 

@@ -70,6 +70,8 @@ def test_patience_stops_a_run_and_off_trains_every_epoch(tmp_path: Path, capsys)
     quiet = dict(strategy="finetune", lr=1e-7, epochs=6)
     run = train(data, out=tmp_path / "a", config=tiny(patience=1, **quiet))
     assert [r.epoch for r in run.history] == [1, 2] and "validation has not improved on epoch 1" in run.stopped
+    # its likely estimate is that stop: patience 1 after epoch 1, the first validated (no epoch 0 here)
+    assert (run.estimate.likely_epochs, run.estimate.epochs) == (2, 6) and run.estimate.likely_s < run.estimate.total_s
     full = train(data, out=tmp_path / "b", config=tiny(patience=0, **quiet))
     assert [r.epoch for r in full.history] == list(range(1, 7)) and full.stopped is None
     assert main(["train", str(data), "--out", str(tmp_path / "c"), "--arch", "tiny", "--weights", "none",

@@ -206,19 +206,24 @@ def test_the_estimate_skips_the_warm_up_steps_and_takes_the_median(monkeypatch) 
     # 42 s spent; 3 steps of epoch 1 and 20 of epochs 2-3 left at 2 s; 3 validations of 1 s
     assert est.spent_s == 42.0 and est.total_s == 42.0 + 23 * 2.0 + 3 * 1.0
     assert est.likely_s == est.total_s and "at most" not in est.line()  # no early stopping: every epoch
-    # With --patience 2 the likely run stops after epoch 2: 3 steps of epoch 1 and 10 of epoch 2, 2 validations;
-    # both estimates add the calibration's backbone pass after the last epoch (5 s here).
+    # With --patience 2 and an epoch 0 (the head fitted on the features) the likely run stops after epoch 2:
+    # 3 steps of epoch 1 and 10 of epoch 2, 2 validations; both estimates add the calibration's backbone pass
+    # after the last epoch (5 s here). Without an epoch 0 the first chance to stop is after epoch 3: every epoch.
     class Calibrated(Plan):
         def finish_seconds(self, step_s: float) -> float:
             return 5.0
 
-    now[0] = 100.0
-    clock = Clock(type("Quiet", (), {"__getattr__": lambda self, name: lambda *a, **k: None})(), started=90.0)
-    clock.watch(Calibrated(), patience=2)
-    for step, seconds in enumerate([9, 6, 2, 2, 9, 2, 2], start=1):
-        now[0] += seconds
-        clock.on_step("train", 1, step, 10, 0.5)
-    est = clock.estimate
+    estimates = {}
+    for first_epoch in (0, 1):
+        now[0] = 100.0
+        clock = Clock(type("Quiet", (), {"__getattr__": lambda self, name: lambda *a, **k: None})(), started=90.0)
+        clock.watch(Calibrated(), patience=2, first_epoch=first_epoch)
+        for step, seconds in enumerate([9, 6, 2, 2, 9, 2, 2], start=1):
+            now[0] += seconds
+            clock.on_step("train", 1, step, 10, 0.5)
+        estimates[first_epoch] = clock.estimate
+    assert estimates[1].likely_epochs == 3 and estimates[1].likely_s == estimates[1].total_s
+    est = estimates[0]
     assert est.total_s == 42.0 + 23 * 2.0 + 3 * 1.0 + 5.0 and est.likely_s == 42.0 + 13 * 2.0 + 2 * 1.0 + 5.0
     assert est.likely_epochs == 2 and "likely (stopping after epoch 2: --patience 2" in est.line()
 
