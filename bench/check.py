@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import statistics
 import tempfile
 from pathlib import Path
@@ -62,7 +61,6 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"machine: {machine()}")
     print(cpu_line())
-    random.seed(0)
     rows, files_s, dup_s = [], [], []
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:

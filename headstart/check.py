@@ -310,7 +310,7 @@ def near_pairs(hashes: np.ndarray, near_bits: int) -> tuple[list[tuple[int, int]
     shift = np.uint64(max(1, (len(unique) - 1).bit_length()))  # the index's bits, below the key's (<= 34 bits)
     found = []  # arrays of u * len(unique) + v, u < v: the indices into `unique` of hashes sharing a key
     for combo in itertools.combinations(range(blocks), near_bits):
-        key = np.zeros(len(unique), dtype=np.uint64)  # the combo's blocks side by side: 32 bits for r = 1, 2, 4; 33, 34 for r = 3, 5
+        key = np.zeros(len(unique), dtype=np.uint64)  # the combo's blocks side by side: 32-34 bits (r = 4: 32)
         width = 0
         for b in combo:
             lo, hi = edges[b], edges[b + 1]

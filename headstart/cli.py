@@ -114,17 +114,11 @@ def _train_config(a: argparse.Namespace, **override: Any):
     return TrainConfig(**{**given, **override})
 
 
-def _estimated(est: Any) -> str:
-    if est.likely_epochs < est.epochs:
-        return f"{est.likely_s:.1f}s likely, {est.total_s:.1f}s at most"
-    return f"{est.total_s:.1f}s"
-
-
 def _print_run(result: Any) -> None:
     after = result.wall_time - result.training_time
     say(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); wall time {result.wall_time:.1f}s: "
         f"training {result.training_time:.1f}s, then calibration, pictures and report {after:.1f}s"
-        + (f" (estimated {_estimated(result.estimate)})" if result.estimate else ""))
+        + (f" (estimated {result.estimate.short()})" if result.estimate else ""))
     last = result.history[-1].epoch if result.history else 0
     say(f"stopped: {result.stopped}" if result.stopped else f"trained every epoch ({last})")
     if result.skipped:

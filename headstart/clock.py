@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -63,10 +63,26 @@ class Estimate:
     patience: int = 0  # early stopping's (0: off)
     finish_s: float = 0.0  # after the last epoch: the backbone pass that fits the temperature and unknown test
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Estimate":
+        """From summary.json (a run from before the likely estimate has the most only)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    @property
+    def stops_early(self) -> bool:
+        """Whether the likely run ends before the last epoch (early stopping on, and due before it)."""
+        return 0 < self.likely_epochs < self.epochs
+
+    def short(self) -> str:
+        """'41.0 s likely, 162.1 s at most', or the most alone."""
+        if self.stops_early:
+            return f"{self.likely_s:.1f} s likely, {self.total_s:.1f} s at most"
+        return f"{self.total_s:.1f} s"
+
     def line(self) -> str:
         likely = (f"{format_duration(self.likely_s)} likely (stopping after epoch {self.likely_epochs}: --patience "
                   f"{self.patience} ends a fine-tune that does not improve), {format_duration(self.total_s)} at most"
-                  if self.likely_epochs < self.epochs else format_duration(self.total_s))
+                  if self.stops_early else format_duration(self.total_s))
         return (f"estimated {likely}: {self.epochs} epochs x {self.steps_per_epoch} steps at "
                 f"{self.step_s:.3f} s/step (the median of {self.measured_steps} steps) + {self.epochs} validations "
                 f"of about {format_duration(self.validation_s)} + {format_duration(self.spent_s)} spent so far"

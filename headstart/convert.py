@@ -25,7 +25,7 @@ from .formats.mindspore import encode_ckpt, torch_resnet_to_mindspore
 from .formats.safetensors import read_safetensors, tagged_format
 from .models import open_model
 from .outputs import Kind, claim
-from .weights import PTH_OPTIONS_FORMAT, WEIGHTS_FORMAT, LoadedWeights, save_weights
+from .weights import PTH_OPTIONS_FORMAT, WEIGHTS_FORMAT, LoadedWeights, pth_options_path, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,6 @@ def _is_weights(path: Path) -> bool:
         return read_safetensors(path, tensors=False)[1].get("format") == WEIGHTS_FORMAT
     except (ValueError, OSError):
         return False
-
-
-def pth_options_path(path: str | os.PathLike[str]) -> Path:
-    """The file beside a .pth written by `convert` that says how to build its network: `X.pth.json`."""
-    return Path(f"{os.fspath(path)}.json")
 
 
 def _is_pth(path: Path) -> bool:

@@ -108,7 +108,8 @@ def _is_openvino_export(path: Path) -> bool:
 REPORT = Kind("a report written by headstart", _is_report)
 PICTURE = Kind("a picture written by headstart", _is_picture)
 ONNX_EXPORT = Kind("an ONNX export written by headstart", _is_onnx_export)
-OPENVINO_EXPORT = Kind("an OpenVINO export written by headstart", _is_openvino_export, companions=lambda p: [p.with_suffix(".bin")])
+OPENVINO_EXPORT = Kind("an OpenVINO export written by headstart", _is_openvino_export,
+                       companions=lambda p: [p.with_suffix(".bin")])
 
 
 def _holds(path: Path) -> bool:
@@ -119,12 +120,10 @@ def claim(path: str | os.PathLike[str], kind: Kind, *, overwrite: bool = False) 
     """`path` for a new file of `kind`; FileExistsError where it (or a companion) holds something
     that is not a headstart `kind`, unless `overwrite`. Writes nothing."""
     path = Path(path)
-    if overwrite:
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a folder; name a file to write")
-        return path
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; name a file to write")
+    if overwrite:
+        return path
     ours = _holds(path) and kind.recognise(path)
     for f in kind.files(path):
         if _holds(f) and not ours:

@@ -30,7 +30,8 @@ class Prediction:
     unknown: bool = False  # familiarity under the threshold: `label` is "unknown", top_k still the classes'
 
 
-def predict(checkpoint: str | os.PathLike[str], paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, top_k: int = 5,
+def predict(checkpoint: str | os.PathLike[str], paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
+            top_k: int = 5,
             batch_size: int = INFERENCE_BATCH_SIZE, workers: int = 2, precision: str = "auto", device: str = "auto",
             threads: int | None = None, compile: bool = False, engine: str = "auto", arch: str | None = None,
             classes: str | list[str] | None = None, reject: str | float = "auto",

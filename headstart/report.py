@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__, outputs
+from .clock import Estimate
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1d2330;padding:0 16px}
@@ -107,7 +108,7 @@ def _cards(s: dict[str, Any]) -> str:
              (loss, f"{m['loss']:.4f}"), ("best epoch", f"{s['best_epoch']} / {s['config']['epochs']}"),
              ("wall time", f"{s['wall_time_s']:.1f} s")]
     if s.get("estimate"):
-        items.append(("estimated", _estimated(s["estimate"])))
+        items.append(("estimated", Estimate.from_dict(s["estimate"]).short()))
     return '<div class="cards">' + "".join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in items) + "</div>"
 
 
@@ -157,24 +158,19 @@ def _plan(s: dict[str, Any]) -> str:
                      f"{_text(plan['reason'])}.</p>")
         if rows:
             parts.append(_table(["train from", "s/step (timed)", "s an epoch (estimated)"], rows))
-    est = s.get("estimate")
-    if est:
-        likely = est.get("likely_s") or est["total_s"]  # (runs before the likely estimate: the most only)
+    if s.get("estimate"):
+        est = Estimate.from_dict(s["estimate"])
         last = s["history"][-1]["epoch"] if s.get("history") else 0
-        judged = likely if last <= est.get("likely_epochs", est["epochs"]) else est["total_s"]  # where it stopped
+        likely = est.stops_early and last <= est.likely_epochs  # judged against where it stopped
+        judged = est.likely_s if likely else est.total_s
         off = s["wall_time_s"] / judged - 1 if judged else 0.0
-        stop = (f" to a stop after epoch {est['likely_epochs']} (--patience {est['patience']}), "
-                f"{est['total_s']:.1f} s at most" if est.get("likely_epochs", est["epochs"]) < est["epochs"] else "")
-        parts.append(f"<p class='sub'>Estimated after {est['measured_steps']} steps: {likely:.1f} s{stop} "
-                     f"({est['epochs']} epochs x {est['steps_per_epoch']} steps at {est['step_s']:.3f} s/step, "
-                     f"validations of about {est['validation_s']:.1f} s); took {s['wall_time_s']:.1f} s ({off:+.0%}).</p>")
+        stop = (f" to a stop after epoch {est.likely_epochs} (--patience {est.patience}), "
+                f"{est.total_s:.1f} s at most" if est.stops_early else "")
+        parts.append(f"<p class='sub'>Estimated after {est.measured_steps} steps: "
+                     f"{est.likely_s if est.stops_early else est.total_s:.1f} s{stop} "
+                     f"({est.epochs} epochs x {est.steps_per_epoch} steps at {est.step_s:.3f} s/step, "
+                     f"validations of about {est.validation_s:.1f} s); took {s['wall_time_s']:.1f} s ({off:+.0%}).</p>")
     return "".join(parts)
-
-
-def _estimated(est: dict[str, Any]) -> str:
-    if est.get("likely_epochs", est["epochs"]) < est["epochs"]:
-        return f"{est['likely_s']:.1f} s likely, {est['total_s']:.1f} s at most"
-    return f"{est['total_s']:.1f} s"
 
 
 def _config(s: dict[str, Any]) -> str:

@@ -457,7 +457,8 @@ def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callbac
     callback.on_start({"classes": splits.classes, "counts": counts, "runtime": runtime.describe(),
                        "config": asdict(config), "out": str(out)})
     result = fit(model, splits, config=config, preprocessing=pre, runtime=runtime, out=out, callback=callback,
-                 callbacks=stopping_callbacks(config), resume=resume, run_meta={"data": str(Path(data).resolve()), "arch_kwargs": model.arch_kwargs},
+                 callbacks=stopping_callbacks(config), resume=resume,
+                 run_meta={"data": str(Path(data).resolve()), "arch_kwargs": model.arch_kwargs},
                  skipped=bad, started=started)
     result.training_time = time.perf_counter() - started  # (to the last epoch's end; the run's files follow)
     if not group.main:  # rank 0 writes the run's files

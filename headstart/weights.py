@@ -167,12 +167,17 @@ def load_weights_file(path: str | os.PathLike[str]) -> LoadedWeights:
     )
 
 
+def pth_options_path(path: str | os.PathLike[str]) -> Path:
+    """The file beside a .pth written by `convert` that says how to build its network: `X.pth.json`."""
+    return Path(f"{os.fspath(path)}.json")
+
+
 def _with_pth_options(path: Path, weights: LoadedWeights) -> LoadedWeights:
     """A .pth's weights with what `X.pth.json` beside it says (written by `convert`): the architecture
     and its options, which the tensors alone cannot tell (a ResNet's stride_in_1x1 moves a stride
     between two convs of the same shapes), the classes and the preprocessing. Without it, the network is
     the architecture's plain one (torchvision's layout)."""
-    beside = Path(f"{path}.json")
+    beside = pth_options_path(path)
     if not beside.is_file():
         return weights
     try:

@@ -56,6 +56,25 @@ def make_dataset(root: Path, *, per_class: dict[str, int] | None = None, classes
     return root
 
 
+TINY = ["--arch", "tiny", "--weights", "none", "--batch-size", "8", "--lr", "0.05", "--workers", "0"]  # CLI flags
+
+
+def tiny_frozen_run(root: Path) -> tuple[Path, Path]:
+    """(run folder, dataset): the tiny model's head trained on frozen features of a generated dataset,
+    all under `root` (its own cache too): one run that a module's tests share."""
+    from headstart.training import TrainConfig, train
+
+    data = make_dataset(root / "data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HEADSTART_HOME", str(root / "home"))
+    try:
+        train(data, out=root / "run", config=TrainConfig(arch="tiny", weights=None, strategy="frozen", epochs=2,
+                                                         batch_size=8, lr=0.05, workers=0))
+    finally:
+        mp.undo()
+    return root / "run", data
+
+
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")

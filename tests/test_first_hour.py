@@ -26,9 +26,7 @@ from headstart.models import create_model, open_model
 from headstart.runstate import TrainingDiverged, TrainingInterrupted, read_run_state
 from headstart.training import Callback, TrainConfig, resume, train
 
-from .conftest import colour_image, make_dataset
-
-TINY = ["--arch", "tiny", "--weights", "none", "--batch-size", "8", "--lr", "0.05", "--workers", "0"]
+from .conftest import TINY, colour_image, make_dataset
 
 
 def tiny(**kw) -> TrainConfig:

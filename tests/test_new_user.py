@@ -17,26 +17,15 @@ from PIL import Image, features
 
 from headstart.cli import main
 from headstart.data import list_images, open_image
-from headstart.training import TrainConfig, train
 
-from .conftest import colour_image, make_dataset
+from .conftest import TINY, colour_image, make_dataset, tiny_frozen_run
 from .test_export_serve import Server, multipart, png, request
 
-TINY = ["--arch", "tiny", "--weights", "none", "--batch-size", "8", "--lr", "0.05", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("newuser")
-    data = make_dataset(root / "data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HEADSTART_HOME", str(root / "home"))
-    try:
-        train(data, out=root / "run", config=TrainConfig(arch="tiny", weights=None, strategy="frozen", epochs=2,
-                                                         batch_size=8, lr=0.05, workers=0))
-    finally:
-        mp.undo()
-    return root / "run", data
+    return tiny_frozen_run(tmp_path_factory.mktemp("newuser"))
 
 
 def bomb(side: int) -> bytes:

@@ -14,28 +14,17 @@ from pathlib import Path
 import pytest
 
 from headstart.cli import main
-from headstart.training import TrainConfig, train
 
-from .conftest import make_dataset
+from .conftest import TINY, make_dataset, tiny_frozen_run
 
 pytest.importorskip("onnxruntime")
 
-TINY = ["--arch", "tiny", "--weights", "none", "--batch-size", "8", "--lr", "0.05", "--workers", "0"]
 USERS = b"the user's own file: not to be touched"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("outputs")
-    data = make_dataset(root / "data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HEADSTART_HOME", str(root / "home"))
-    try:
-        train(data, out=root / "run", config=TrainConfig(arch="tiny", weights=None, strategy="frozen", epochs=2,
-                                                         batch_size=8, lr=0.05, workers=0))
-    finally:
-        mp.undo()
-    return root / "run", data
+    return tiny_frozen_run(tmp_path_factory.mktemp("outputs"))
 
 
 def _users_file(path: Path) -> Path:

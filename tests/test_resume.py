@@ -71,20 +71,13 @@ def test_sigkill_between_epochs_then_resume_is_bit_identical(tmp_path: Path, str
     train(data, out=tmp_path / "ref", config=config(strategy=strategy, train_from="block2"))
     run = tmp_path / "run"
     args = ["train", str(data), "--arch", "tiny", "--weights", "none", "--strategy", strategy, "--train-from",
-            "block2", "--epochs", str(EPOCHS), "--batch-size", "8", "--lr", "0.05", "--patience", "off", "--workers", "0", "--out", str(run)]
-    p = subprocess.Popen([sys.executable, "-c", RUNNER, *args], env={**os.environ, "SLOW_FSYNC": "0.05"},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def epochs_done() -> int:
-        try:
-            return read_run_state(run / "state.safetensors", tensors=False).state.epoch
-        except (FileNotFoundError, ValueError):
-            return -1
-
-    assert _wait_for(lambda: epochs_done() >= 2 or p.poll() is not None)
+            "block2", "--epochs", str(EPOCHS), "--batch-size", "8", "--lr", "0.05", "--patience", "off", "--workers",
+            "0", "--out", str(run)]
+    p = start_cli(args, slow_fsync=0.05)
+    assert _wait_for(lambda: epochs_done(run) >= 2 or p.poll() is not None)
     p.kill()
     p.wait()
-    assert 2 <= epochs_done() < EPOCHS, "killed mid-run"
+    assert 2 <= epochs_done(run) < EPOCHS, "killed mid-run"
     resume(run)
     assert same(weights(tmp_path / "ref"), weights(run))
 
@@ -128,6 +121,20 @@ def _wait_for(cond, timeout: float = 60.0) -> bool:
     return False
 
 
+def start_cli(args: list[str], *, slow_fsync: float = 0.0, stderr: int = subprocess.DEVNULL) -> subprocess.Popen:
+    """`headstart ARGS` in a child process (RUNNER), every fsync slowed by `slow_fsync` s."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLOW_FSYNC": str(slow_fsync)}
+    return subprocess.Popen([sys.executable, "-c", RUNNER, *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def epochs_done(run: Path, *, none: int = -1) -> int:
+    """The epochs the run state in `run` has saved; `none` before it holds one that reads."""
+    try:
+        return read_run_state(run / "state.safetensors", tensors=False).state.epoch
+    except (FileNotFoundError, ValueError):
+        return none
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", per_class={"train": 40, "val": 10})
@@ -136,20 +143,12 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -
     run = tmp_path / "run"
     args = ["train", str(data), "--arch", "tiny", "--weights", "none", "--epochs", str(epochs), "--batch-size", "8",
             "--lr", "0.05", "--patience", "off", "--workers", "0", "--out", str(run)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rng = random.Random(1234)
 
     def start(slow_fsync: float = 0.0) -> subprocess.Popen:
         resuming = (run / "state.safetensors").exists()
-        cmd = ["train", "--resume", str(run)] if resuming else args
-        return subprocess.Popen([sys.executable, "-c", RUNNER, *cmd], env={**env, "SLOW_FSYNC": str(slow_fsync)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def epochs_done() -> int:
-        try:
-            return read_run_state(run / "state.safetensors", tensors=False).state.epoch
-        except (FileNotFoundError, ValueError):
-            return 0
+        return start_cli(["train", "--resume", str(run)] if resuming else args, slow_fsync=slow_fsync,
+                         stderr=subprocess.PIPE)
 
     kills = []
     # 1-2: during a checkpoint or state write (fsync slowed so the kill lands inside it).
@@ -161,19 +160,19 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -
         running = p.poll() is None
         p.kill()
         p.wait()
-        kills.append(("during a write", running, epochs_done()))
+        kills.append(("during a write", running, epochs_done(run, none=0)))
         assert any(run.glob(".*.tmp")), "the kill should have landed inside an atomic write"
         _readable(run)
     # 3-6: at random moments of training, after a random number of completed epochs.
     for _ in range(4):
-        before = epochs_done()
+        before = epochs_done(run, none=0)
         p = start(slow_fsync=0.02)
-        _wait_for(lambda: epochs_done() > before or p.poll() is not None)
+        _wait_for(lambda: epochs_done(run, none=0) > before or p.poll() is not None)
         time.sleep(rng.uniform(0.0, 0.3))
         running = p.poll() is None
         p.kill()
         p.wait()
-        kills.append(("random", running, epochs_done()))
+        kills.append(("random", running, epochs_done(run, none=0)))
         _readable(run)
     # Every kill hit a running process, each random one after more epochs than the one before,
     # and the run was not over: the last start resumes real work.
@@ -184,7 +183,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -
     p = start()
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err.decode()[-2000:]
-    assert epochs_done() == epochs
+    assert epochs_done(run, none=0) == epochs
     assert same(weights(tmp_path / "ref"), weights(run)), kills
     assert not any(run.glob(".*.tmp")), "a new start clears the temporaries that killed writes left"
 
@@ -246,19 +245,12 @@ def test_a_run_killed_with_its_data_workers_alive_resumes_at_once(tmp_path: Path
     run = tmp_path / "run"
     args = ["train", str(data), "--arch", "tiny", "--weights", "none", "--strategy", "finetune", "--epochs", "3",
             "--batch-size", "8", "--lr", "0.05", "--workers", "2", "--out", str(run)]
-    p = subprocess.Popen([sys.executable, "-c", RUNNER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def epochs_done() -> int:
-        try:
-            return read_run_state(run / "state.safetensors", tensors=False).state.epoch
-        except (FileNotFoundError, ValueError):
-            return -1
-
-    assert _wait_for(lambda: epochs_done() >= 1 or p.poll() is not None)
+    p = start_cli(args)
+    assert _wait_for(lambda: epochs_done(run) >= 1 or p.poll() is not None)
     workers = _children(p.pid)
     p.kill()
     p.wait()
-    assert 1 <= epochs_done() < 3 and workers, "killed mid-run, with its data workers running"
+    assert 1 <= epochs_done(run) < 3 and workers, "killed mid-run, with its data workers running"
     alive = [w for w in workers if Path(f"/proc/{w}").exists()]
     resumed = resume(run)  # at once: the workers of the dead run may still be there
     assert resumed.history[-1].epoch == 3

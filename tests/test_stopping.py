@@ -3,9 +3,6 @@ the learning-rate warm-up (issue 27)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -15,11 +12,11 @@ import torch
 from headstart import callbacks
 from headstart.callbacks import EarlyStopping, Run, accuracy_noise, last_improvement
 from headstart.cli import main
-from headstart.runstate import EpochRecord, read_run_state
+from headstart.runstate import EpochRecord
 from headstart.training import TrainConfig, resume, train
 
 from .conftest import make_dataset
-from .test_resume import RUNNER, _wait_for, same, weights
+from .test_resume import _wait_for, epochs_done, same, start_cli, weights
 
 
 def record(epoch: int, acc: float, loss: float) -> EpochRecord:
@@ -91,19 +88,11 @@ def test_early_stopping_resumes_bit_identically_after_a_kill(tmp_path: Path) -> 
     run = tmp_path / "run"
     args = ["train", str(data), "--arch", "tiny", "--weights", "none", "--strategy", "finetune", "--epochs", "12",
             "--batch-size", "8", "--lr", "1e-7", "--patience", "3", "--workers", "0", "--out", str(run)]
-    p = subprocess.Popen([sys.executable, "-c", RUNNER, *args], env={**os.environ, "SLOW_FSYNC": "0.05"},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def epochs_done() -> int:
-        try:
-            return read_run_state(run / "state.safetensors", tensors=False).state.epoch
-        except (FileNotFoundError, ValueError):
-            return -1
-
-    assert _wait_for(lambda: epochs_done() >= 2 or p.poll() is not None)
+    p = start_cli(args, slow_fsync=0.05)
+    assert _wait_for(lambda: epochs_done(run) >= 2 or p.poll() is not None)
     p.kill()
     p.wait()
-    assert 2 <= epochs_done() < ref.history[-1].epoch, "killed before the run stopped"
+    assert 2 <= epochs_done(run) < ref.history[-1].epoch, "killed before the run stopped"
     resumed = resume(run)
     assert resumed.stopped == ref.stopped and resumed.history[-1].epoch == ref.history[-1].epoch
     assert same(weights(tmp_path / "ref"), weights(run))
