@@ -32,7 +32,7 @@ from _common import HYMENOPTERA, RESNET50_GFLOP_FORWARD, compute_peak, cpu_line,
 from headstart.data import ImageDataset, Sample, make_loader
 from headstart.download import cache_dir
 from headstart.engine import graph_key
-from headstart.export import int8_model
+from headstart.int8 import int8_model
 from headstart.models import open_model
 from headstart.prediction import collect_files, predict
 from headstart.preprocessing import normalize

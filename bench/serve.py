@@ -103,7 +103,7 @@ def main() -> None:
             r = load(server.port, bodies, 1, max(args.requests // 8, 20))
             rows.append([name, "1 client", r["n"], f"{r['img_s']:.1f}", f"{r['p50'] * 1000:.0f}",
                          f"{r['p95'] * 1000:.0f}", f"{r['p99'] * 1000:.0f}", "yes" if r["ok"] else "NO"])
-            engine = server.predictor.runtime.describe()
+            engine = server.predictor.model.backend
         finally:
             server.close()
     print(f"machine: {machine()}")

@@ -468,10 +468,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_weights_file(p)
     p.add_argument("--top-k", type=int, default=5, help="default: 5")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="default: table")
-    p.add_argument("--reject", default="auto", metavar="off|auto|VALUE",
-                   help="call an image `unknown` when it looks unlike the training data: its familiarity (the share "
-                        "of validation images that look less familiar) is under VALUE; auto: the checkpoint's "
-                        "threshold, fitted to reject 5%% of its validation images (default: auto)")
+    _add_reject(p)
     p.add_argument("--model", default=None, metavar="FILE",
                    help="instead of a checkpoint: a model written by `headstart export` (.onnx, OpenVINO .xml)")
     if full("predict"):
@@ -593,6 +590,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-wait", type=float, default=0.0,
                    help="ms a batch waits for more images after its first (default: 0: it takes what arrived while "
                         "the last batch ran)")
+    _add_reject(p)
     _add_precision(p)
     p.set_defaults(func=cmd_serve)
 
@@ -632,6 +630,14 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
                         "and cached (calibrated on the run's training images and checked on its validation images; "
                         "outside a run folder, on the images given), run by OpenVINO; needs pip install "
                         "'headstart[int8]' (default: auto)")
+
+
+def _add_reject(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reject", default="auto", metavar="off|auto|VALUE",
+                   help="call an image `unknown` when it looks unlike the training data: its familiarity (the share "
+                        "of validation images that look less familiar) is under VALUE; auto: the checkpoint's "
+                        "threshold, fitted to reject 5%% of its validation images; off: never (needed with "
+                        "--precision int8, which computes no features) (default: auto)")
 
 
 def _add_weights_file(p: argparse.ArgumentParser) -> None:
@@ -681,7 +687,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     serve(_model_file(a, a.checkpoint), host=a.host, port=a.port, max_upload=a.max_upload, arch=a.arch,
           classes=a.classes, top_k=a.top_k, max_batch=a.max_batch, max_wait=a.max_wait / 1000, precision=a.precision,
-          on_ready=lambda url: say(f"serving on {url} (Ctrl-C stops it)", flush=True))
+          reject=a.reject, on_ready=lambda url: say(f"serving on {url} (Ctrl-C stops it)", flush=True))
     return 0
 
 

@@ -15,15 +15,14 @@ classes, preprocessing, architecture, the source checkpoint and headstart's vers
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -31,19 +30,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .confidence import checkpoint_temperature
-from .data import DatasetSplits, ImageDataset, Sample, collect_files, make_loader, scan_dataset, spread
-from .features import CALIBRATION_IMAGES
+from PIL import Image, ImageOps
+
 from . import outputs
-from .download import atomic_write, cache_dir
-from .models import LoadedModel, open_model
-from .preprocessing import Preprocessing
+from .data import IMAGE_ERRORS, DatasetSplits, ImageDataset, Sample, collect_files, make_loader, spread
+from .exported import SUFFIXES, ExportedModel, open_exported
+from .features import CALIBRATION_IMAGES
+from .models import open_model
+from .preprocessing import _INTERPOLATIONS as _RESAMPLING, Preprocessing
+from .runfolder import run_splits
 from .runtime import resolve_runtime
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "int8")  # int8: OpenVINO IR only, quantized by NNCF
-SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
 LOGIT_TOLERANCE = 1e-3  # max |exported - headstart| logit, fp32 both; measured: about 1e-5 (see the README)
 INT8_MAX_DROP = 0.005  # int8: the most validation accuracy may fall against fp32 (0.5 points); on
 #                        images without labels, the most top-1 classes may change (0.5%)
@@ -132,7 +133,7 @@ def export(checkpoint: str | os.PathLike[str], *, format: str | None = None,
     outputs.claim(out, kind, overwrite=overwrite)  # before any work: a file of the user's is never touched
     loaded = open_model(checkpoint, arch=arch, classes=classes)
     temperature = checkpoint_temperature(loaded.meta)
-    splits = None if images else _run_splits(src)  # (scanned once: the gate's images and int8's calibration)
+    splits = None if images else run_splits(src)  # (scanned once: the gate's images and int8's calibration)
     samples, where = _parity_images(src, images, splits)
     metadata = json.dumps({"classes": loaded.classes, "preprocessing": loaded.preprocessing.to_dict(),
                            "arch": loaded.meta.get("arch"), "arch_kwargs": loaded.meta.get("arch_kwargs", {}),
@@ -217,169 +218,49 @@ def _write_openvino(net: nn.Module, example: torch.Tensor, out: Path, metadata: 
     ov.save_model(graph, str(out), compress_to_fp16=False)  # fp32 weights, as given; out.bin beside it
 
 
-# ---------------------------------------------------------------------------------------------
-# Running an exported file: predict --model, the parity gate.
-
-@dataclass
-class ExportedModel:
-    """An exported file, run by onnxruntime (.onnx) or OpenVINO (.xml): uint8 (N, S, S, 3) -> logits."""
-
-    path: Path
-    classes: list[str]
-    preprocessing: Preprocessing
-    run: Callable[[np.ndarray], np.ndarray]
-    precision: str = "fp32"  # of its weights and activations: fp32 or int8
-    temperature: float = 1.0  # the checkpoint's: probabilities are softmax(logits / temperature)
+def documented_crop(path: str | os.PathLike[str], pre: Preprocessing) -> np.ndarray:
+    """An image as the README's snippet makes it for an exported file, uint8 (S, S, 3): Pillow's
+    decode at full size, EXIF rotation, RGB, the shorter side resized to `resize_size`, the centre
+    S x S cut out. Written apart from headstart's decoder (preprocessing.EvalTransform) on purpose:
+    the gate then checks the file as a user's code runs it."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+    s, scale = pre.image_size, pre.resize_size / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), _RESAMPLING[pre.interpolation])
+    left, top = (img.width - s) // 2, (img.height - s) // 2
+    return np.asarray(img.crop((left, top, left + s, top + s)))
 
 
-def is_exported(path: str | os.PathLike[str]) -> bool:
-    return Path(path).suffix.lower() in SUFFIXES
+def run_as_documented(model: ExportedModel, samples: Sequence[Sample], *, batch_size: int = 32
+                      ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """(logits (N, C), their sample indices, failed (index, reason)) of an exported file fed with
+    `documented_crop`s."""
+    logits, indices, failed, batch = [], [], [], []
 
+    def flush() -> None:
+        if batch:
+            logits.append(model.run(np.stack([crop for _, crop in batch])))
+            indices.extend(i for i, _ in batch)
+            batch.clear()
 
-def open_exported(path: str | os.PathLike[str]) -> ExportedModel:
-    """An exported .onnx or .xml with what its metadata says (classes, preprocessing)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"exported model not found: {path}; write one with `headstart export CKPT`")
-    kind = SUFFIXES.get(path.suffix.lower())
-    if kind == "onnx":
-        import onnx
-        import onnxruntime as ort
-
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-        def run(batch: np.ndarray) -> np.ndarray:
-            return session.run(["logits"], {"images": batch})[0]
-
-        raw = props.get("headstart")
-    elif kind == "openvino":
-        from .engine import _core, _import_openvino
-
-        _import_openvino()
-        graph = _core().read_model(str(path))
-        raw = graph.get_rt_info(["headstart", "metadata"]).astype(str) if graph.has_rt_info(["headstart", "metadata"]) \
-            else None
-        compiled = _core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        request = compiled.create_infer_request()
-
-        def run(batch: np.ndarray) -> np.ndarray:
-            return request.infer({0: batch})[compiled.outputs[0]].copy()
-    else:
-        raise ValueError(f"{path}: an exported model is a .onnx or an OpenVINO .xml (with its .bin)")
-    if raw is None:
-        raise ValueError(f"{path} has no 'headstart' metadata: it was not written by `headstart export`")
-    meta = json.loads(raw)
-    return ExportedModel(path, list(meta["classes"]), Preprocessing.from_dict(meta["preprocessing"]), run,
-                         meta.get("precision", "fp32"), float(meta.get("temperature", 1.0)))
-
-
-def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.PathLike[str]] = (),
-               arch: str | None = None, classes: str | list[str] | None = None) -> ExportedModel:
-    """`checkpoint` in int8, for predict, evaluate and serve with precision="int8": an int8 export
-    as it is, else `export(..., precision="int8")` to OpenVINO IR, made on first use and kept under
-    <cache_dir()>/int8/ (keyed by the checkpoint's bytes), with its gate's result and its speed
-    against the checkpoint in headstart's default precision beside it (see `int8_if_faster`).
-    Calibrated and checked on the run's images where its dataset is at hand, else on `images`."""
-    src = Path(checkpoint)
-    if is_exported(src):
-        model = open_exported(src)
-        if model.precision != "int8":
-            raise ValueError(f"{src} is a {model.precision} export; precision int8 takes a checkpoint or an int8 "
-                             "export (headstart export CKPT --format openvino --precision int8)")
-        return model
-    path, in_run = _int8_path(src, arch, classes)
-    if path.is_file() and path.with_suffix(".json").is_file():  # the record is written last: a whole entry
-        return open_exported(path)
-    if not in_run and not images:
-        raise FileNotFoundError(f"int8 needs images to calibrate and check on: {src} is not in a run folder whose "
-                                "dataset is at hand; export it first: headstart export CKPT --format openvino "
-                                "--precision int8 --images DIR, and use the .int8.xml it writes")
-    path.with_suffix(".json").unlink(missing_ok=True)  # an entry without its record: made again, then recorded
-    result = export(src, format="openvino", precision="int8", out=path, images=() if in_run else images,
-                    arch=arch, classes=classes, overwrite=True)  # (the cache's own files)
-    speed = _speeds(open_exported(path), open_model(src, arch=arch, classes=classes), result.checked_on)
-    with atomic_write(path.with_suffix(".json"), "w") as f:
-        json.dump({"parity": asdict(result.parity), **speed}, f, indent=1)
-    log.info("int8 model of %s: %s; %.1f img/s against %.1f (%s)", src, result.parity.line(),
-             speed["int8_img_s"], speed["default_img_s"], speed["default"])
-    return open_exported(path)
-
-
-def int8_if_faster(checkpoint: str | os.PathLike[str], *, arch: str | None = None,
-                   classes: str | list[str] | None = None) -> ExportedModel | None:
-    """precision "auto" in predict, evaluate and serve (on the CPU, engine not torch): the int8 model
-    of `checkpoint`, where the CPU has no native bf16 and one was made before (`--precision int8`),
-    it passed its gate (0.5 points at most below fp32) and it ran faster than the default
-    precision; else None. It is never made here: quantizing takes tens of seconds."""
-    from .runtime import cpu_has_bf16
-
-    src = Path(checkpoint)
-    if is_exported(src) or cpu_has_bf16() or not (cache_dir() / "int8").is_dir():  # (no hashing where none)
-        return None
-    try:
-        path, _ = _int8_path(src, arch, classes, scan=False)
-        speed = json.loads(path.with_suffix(".json").read_text())
-        if not (path.is_file() and float(speed["int8_img_s"]) > float(speed["default_img_s"])):
-            return None
-        model = open_exported(path)
-    except Exception as e:  # noqa: BLE001  (no record, a damaged one, OpenVINO gone: the default precision)
-        log.debug("precision auto: no int8 model of %s (%s: %s)", src, type(e).__name__, e)
-        return None
-    log.info("precision auto: the int8 model (%.1f img/s against %.1f in %s)", speed["int8_img_s"],
-             speed["default_img_s"], speed["default"])
-    return model
-
-
-def _int8_path(src: Path, arch: str | None, classes: str | list[str] | None, *,
-               scan: bool = True) -> tuple[Path, bool]:
-    """Where int8_model keeps the int8 model of `src` (keyed by its bytes, arch, classes and
-    headstart's version), and whether `src` is in a run whose dataset is at hand (with `scan`)."""
-    h = hashlib.sha256(src.read_bytes() if src.is_file() else str(src).encode())
-    h.update(json.dumps({"headstart": _version(), "arch": arch, "classes": classes}).encode())
-    return cache_dir() / "int8" / f"{h.hexdigest()[:32]}.xml", scan and _run_splits(src) is not None
-
-
-def _speeds(int8: ExportedModel, loaded: LoadedModel, samples: Sequence[Sample]) -> dict[str, Any]:
-    """img/s of the int8 model and of the checkpoint in headstart's default runtime (OpenVINO, bf16
-    or fp32), on the same decoded images (decoding not counted), each after a warm-up batch."""
-    loader = make_loader(ImageDataset(samples, int8.preprocessing.eval_transform()), batch_size=32, shuffle=False)
-    batches = [b.images for b in loader if len(b)]
-    runtime = resolve_runtime()
-    net = runtime.inference_model(loaded.model)
-
-    def rate(run: Callable[[torch.Tensor], object]) -> float:
-        run(batches[0])
-        start = time.perf_counter()
-        for b in batches:
-            run(b)
-        return sum(map(len, batches)) / (time.perf_counter() - start)
-
-    return {"int8_img_s": rate(lambda b: int8.run(b.permute(0, 2, 3, 1).contiguous().numpy())),
-            "default_img_s": rate(lambda b: list(runtime.outputs(net, [(None, runtime.inputs(b, loaded.preprocessing))]))),
-            "default": runtime.describe()}
-
-
-def exported_logits(model: ExportedModel, samples: Sequence[Sample], *, batch_size: int = 32,
-                    workers: int = 0) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-    """(logits (N, C), their sample indices, failed (index, reason)) of an exported model."""
-    loader = make_loader(ImageDataset(samples, model.preprocessing.eval_transform()), batch_size=batch_size,
-                         shuffle=False, workers=workers)
-    logits, indices, failed = [], [], []
-    for batch in loader:
-        failed += batch.failed
-        if len(batch):
-            logits.append(model.run(batch.images.permute(0, 2, 3, 1).contiguous().numpy()))
-            indices += batch.indices.tolist()
+    for i, s in enumerate(samples):
+        try:
+            batch.append((i, documented_crop(s.path, model.preprocessing)))
+        except IMAGE_ERRORS as e:
+            failed.append((i, f"{type(e).__name__}: {e}"))
+        if len(batch) == batch_size:
+            flush()
+    flush()
     return (np.concatenate(logits) if logits else np.zeros((0, len(model.classes)), np.float32)), indices, failed
 
 
 def check_parity(exported: ExportedModel, reference: nn.Module, samples: Sequence[Sample], pre: Preprocessing,
                  source: str, *, precision: str = "fp32", out: Path | None = None) -> Parity:
-    """The exported model against `reference` (the same network in PyTorch, fp32, uint8 NHWC in) on
-    `samples`; ParityError beyond the tolerance of `precision` (see LOGIT_TOLERANCE, INT8_MAX_DROP),
+    """The exported model, run as the README's snippet runs it (`run_as_documented`), against
+    `reference` (the same network in PyTorch, fp32, uint8 NHWC in) fed by headstart's own decoder,
+    on `samples`; ParityError beyond the tolerance of `precision` (see LOGIT_TOLERANCE, INT8_MAX_DROP),
     or where no image could be decoded. `out`: where the export goes, for the message."""
-    logits, indices, failed = exported_logits(exported, samples)
+    logits, indices, failed = run_as_documented(exported, samples)
     if not indices:
         first = f" (e.g. {samples[failed[0][0]].path}: {failed[0][1]})" if failed else ""
         raise ParityError(f"none of the {len(samples)} image(s) to check the export on ({source}) could be read as an "
@@ -420,18 +301,6 @@ def _calibration_inputs(checkpoint: Path, images: Iterable[str | os.PathLike[str
     loader = make_loader(ImageDataset(spread(samples, CALIBRATION_IMAGES), pre.eval_transform()), batch_size=32,
                          shuffle=False)
     return [image.permute(1, 2, 0).unsqueeze(0).contiguous().numpy() for b in loader for image in b.images]
-
-
-def _run_splits(checkpoint: Path) -> DatasetSplits | None:
-    """The dataset splits of the run `checkpoint` was saved in, when its summary and dataset are at hand."""
-    summary = checkpoint.parent / "summary.json"
-    if not summary.is_file():
-        return None
-    try:
-        s = json.loads(summary.read_text(encoding="utf-8", errors="surrogateescape"))
-        return scan_dataset(s["data"], val_split=s["config"].get("val_split"), seed=s["config"].get("seed", 0))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def _parity_images(checkpoint: Path, images: Iterable[str | os.PathLike[str]],

@@ -89,6 +89,7 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
     if cache_key is not None:
         key = hashlib.sha256(json.dumps({
             "weights": cache_key, "preprocessing": pre.to_dict(), "view": view,
+            "decoder": 2,  # 2: evaluation decodes whole JPEGs (1 decoded large ones reduced, in features cached then)
             "numerics": [runtime.engine_for(images), runtime.precision, runtime.device.type,
                          *(["int8"] if runtime.int8_features else [])],
             "seed": seed if view else None, "files": files_key or files_fingerprint(samples), "n": len(samples),
@@ -97,6 +98,9 @@ def extract_features(model: nn.Module, samples: Sequence[Sample], *, runtime: Ru
         found = _read_cached(path)
         if not group.any(found is None):  # (a rank without them, another node's cache: every rank computes)
             log.info("features of %d images (view %d) from %s", len(samples), view, path)
+            # the labels are the caller's (the key is the files, not what they are labelled: similar's
+            # reference images and training's may be the same files)
+            found.labels = torch.tensor([samples[i].label for i in found.indices.tolist()], dtype=torch.long)
             return found
     transform = pre.eval_transform() if view == 0 else pre.train_transform()
     loader = make_loader(ImageDataset(samples, transform, seed=seed), batch_size=batch_size, shuffle=False,

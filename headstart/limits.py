@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from . import confidence
-from .checkpoint import is_checkpoint, read_checkpoint
 from .data import DatasetSplits, Sample, collect_files, scan_dataset
 from .features import Features, extract_features
 from .inference import INFERENCE_BATCH_SIZE
 from .linear import FOLDS, _folds, _solve, fit_head
-from .models import create_model, get_head, get_model_info, open_model
+from .models import create_model, get_head, get_model_info
 from .outputs import Kind, csv_with_header, write_output
 from .preprocessing import Preprocessing
 from .runtime import Runtime, resolve_runtime
@@ -195,30 +194,30 @@ def find_similar(checkpoint: str | os.PathLike[str], images: Sequence[str | os.P
                  threads: int | None = None, workers: int = 2, arch: str | None = None) -> list[SimilarImages]:
     """For each image under `images`, the `k` training images of `data` (its train/ folder, or the
     folder itself) nearest by the checkpoint's backbone features (cosine), from the disk feature
-    cache when they are there."""
+    cache when they are there. The model runs as `classifier.load` opens it."""
+    from .classifier import load
+
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    ckpt = open_model(checkpoint, arch=arch)
+    model = load(checkpoint, device=device, precision=precision, threads=threads, reject="off", arch=arch,
+                 features=True)
     root = Path(data)
     splits = scan_dataset(root, val_split=None) if (root / "train").is_dir() else None
     train = splits.train if splits else [Sample(p, 0) for p in collect_files([root])]
     names = splits.classes if splits else None
     files = collect_files(images)
-    runtime = resolve_runtime(device=device, precision=precision, threads=threads)
-    arch = ckpt.meta.get("arch", arch or "resnet50")
-    runtime.prepare(ckpt.model)
-    images = len(train) + len(files)  # (picks the engine, as training's count does: the cache is shared)
-    ref = _features(ckpt.model, train, arch=arch, pre=ckpt.preprocessing, runtime=runtime, images=images,
-                    workers=workers)
-    query = _features(ckpt.model, [Sample(p, -1) for p in files], arch=arch, pre=ckpt.preprocessing, runtime=runtime,
-                      images=images, workers=workers)
-    if not len(ref.labels):
+    ref = model.features([s.path for s in train], cache=True, workers=workers)
+    query = model.features(files, cache=True, workers=workers)
+    if not len(ref.indices):
         raise ValueError(f"no readable training images under {root}")
     sims, idx = nearest(query.features, ref.features, k=k)
+
+    def label(s: Sample) -> str:
+        return names[s.label] if names else Path(s.path).parent.name
+
     out = {int(q): SimilarImages(str(files[int(q)]), [
-        SimilarImage(str(train[int(ref.indices[j])].path),
-                     names[train[int(ref.indices[j])].label] if names else Path(train[int(ref.indices[j])].path).parent.name,
-                     float(s)) for s, j in zip(srow, irow)]) for q, srow, irow in zip(query.indices, sims, idx)}
+        SimilarImage(str(train[int(ref.indices[j])].path), label(train[int(ref.indices[j])]), float(v))
+        for v, j in zip(srow, irow)]) for q, srow, irow in zip(query.indices, sims, idx)}
     for q, reason in query.failed:
         out[q] = SimilarImages(str(files[q]), [], f"not a readable image ({reason})")
     return [out[i] for i in sorted(out)]
@@ -245,11 +244,6 @@ def outputs(model: torch.nn.Module, samples: Sequence[Sample], *, runtime: Runti
         logits = head(feats.features.to(next(head.parameters()).device)).float().cpu() if len(feats.labels) \
             else torch.empty(0, head.out_features)
     return feats, logits
-
-
-def tests_unknown(checkpoint: str | os.PathLike[str]) -> bool:
-    """Whether `checkpoint` is a headstart checkpoint with an unknown-image test (its header read)."""
-    return is_checkpoint(checkpoint) and "unknown" in read_checkpoint(checkpoint, tensors=False)[1]
 
 
 @dataclass
@@ -304,6 +298,7 @@ def fit_limits(model: torch.nn.Module, splits: DatasetSplits, *, runtime: Runtim
     Cost: one backbone pass over train and val (from the feature cache where the backbone is the
     pretrained one), then milliseconds."""
     start = time.perf_counter()
+    runtime = runtime.for_trained_model()  # fitted in the numerics that predict and serve will run it in
     images = len(splits.train) + len(splits.val)
     copy: list[torch.nn.Module] = []  # one inference copy for both splits, made only where a split is not cached
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import RUN_MARKER, DatasetSplits, ImageDataset, collate, holds_runs
+from .data import RUN_MARKER, DatasetSplits, ImageDataset, collate, holds_runs, scan_dataset
 from .download import atomic_write
 
 try:
@@ -318,3 +318,15 @@ def write_summary(out: Path, summary: dict[str, Any]) -> Path:
     with atomic_write(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     return out / "summary.json"
+
+
+def run_splits(checkpoint: str | os.PathLike[str]) -> DatasetSplits | None:
+    """The dataset splits of the run `checkpoint` was saved in, when its summary and dataset are at hand."""
+    summary = Path(checkpoint).parent / "summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        s = json.loads(summary.read_text(encoding="utf-8", errors="surrogateescape"))
+        return scan_dataset(s["data"], val_split=s["config"].get("val_split"), seed=s["config"].get("seed", 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

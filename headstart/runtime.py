@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import os
@@ -131,6 +132,12 @@ class Runtime:
             with torch.no_grad(), self.autocast():
                 out = model(x)
             yield tag, out.float().cpu()
+
+    def for_trained_model(self) -> "Runtime":
+        """This runtime as a trained model runs in it (classifier.load) and as its unknown-image test is
+        fitted (limits.fit_limits): the openvino engine for one image as for thousands (the converted
+        graph is kept on disk), so every image gets the same numbers whichever way it comes in."""
+        return dataclasses.replace(self, min_images=0) if self.engine == "openvino" else self
 
     def engine_for(self, images: int | None) -> str:
         """The engine `inference_model` picks for a run of `images` images (None: many)."""

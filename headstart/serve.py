@@ -12,8 +12,8 @@
 
 Requests are batched together (dynamic batching): every decoded image joins a queue, and one worker
 thread takes what is waiting, up to `max_batch` images (and, if `max_wait` > 0, what comes within
-that many seconds of the first one), runs it as one batch on the inference engine `predict` uses
-(OpenVINO on an x86 CPU where installed), and answers each image's request. Under load the images
+that many seconds of the first one), runs it as one batch through the model's Classifier (the
+backend, decoder and answers that `predict` uses: classifier.py), and answers each image's request. Under load the images
 that arrive while a batch runs make the next one, so no waiting is needed: measured by
 bench/serve.py (ResNet50, 16 clients, amx class), 128.5 img/s with no wait and 123.3 with 10 ms,
 while one client alone waited 16 ms a request with none and 27 with 10 ms; hence `max_wait` 0. The event loop only reads, decodes (in a thread) and
@@ -46,13 +46,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from .data import IMAGE_ERRORS, open_image
-from .export import ExportedModel, int8_if_faster, int8_model, is_exported, open_exported
-from .confidence import REFERENCE, Rejection, checkpoint_rejection, checkpoint_temperature, energy, nearest_similarity
-from .limits import tests_unknown
-from .models import get_head, get_model_info, open_model
-from .preprocessing import to_rgb
-from .runtime import resolve_runtime
+from .classifier import Prediction, load
+from .data import IMAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -77,41 +72,19 @@ class _Job:
 
 
 class Predictor:
-    """The model on the inference engine, fed by one worker thread that batches what is waiting."""
+    """A Classifier (classifier.py: the backend chosen there, the decode, the answers) fed by one
+    worker thread that batches what is waiting."""
 
     def __init__(self, checkpoint: str | os.PathLike[str], *, arch: str | None = None,
                  classes: str | list[str] | None = None, top_k: int = 5, max_batch: int = MAX_BATCH,
                  max_wait: float = MAX_WAIT, precision: str = "auto", engine: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, reject: str | float = "auto") -> None:
         if top_k < 1 or max_batch < 1 or max_wait < 0:
             raise ValueError(f"need top_k >= 1, max_batch >= 1 and max_wait >= 0; got top_k={top_k}, "
                              f"max_batch={max_batch}, max_wait={max_wait}")
-        # an exported file or the int8 model (asked for, or auto's choice), run by its own runtime
-        self.exported: ExportedModel | None = (
-            int8_model(checkpoint, arch=arch, classes=classes) if precision == "int8"
-            else open_exported(checkpoint) if is_exported(checkpoint)
-            else int8_if_faster(checkpoint, arch=arch, classes=classes)
-            if precision == "auto" and engine != "torch" and not tests_unknown(checkpoint)  # (int8: no features)
-            else None)
-        self.rejection: Rejection | None = None  # the checkpoint's unknown-image test, where it has one
-        if self.exported is not None:
-            self.temperature = self.exported.temperature
-            self.classes, self.pre = self.exported.classes, self.exported.preprocessing
-            self.meta = {"arch": None, "file": str(self.exported.path), "precision": self.exported.precision}
-            self.engine = f"{self.exported.path.suffix[1:]} file, {self.exported.precision}"
-        else:
-            loaded = open_model(checkpoint, arch=arch, classes=classes)
-            self.runtime = resolve_runtime(precision=precision, engine=engine, threads=threads)
-            self.classes, self.pre, self.meta = loaded.classes, loaded.preprocessing, loaded.meta
-            self.temperature = checkpoint_temperature(loaded.meta)
-            self.rejection = checkpoint_rejection(loaded.meta, loaded.extra)
-            if self.rejection is not None:  # features, then the head: both in one pass
-                self.reference = loaded.extra[REFERENCE]
-                self.head = get_head(loaded.model, get_model_info(loaded.meta["arch"]).classifier)
-            # many images to come: OpenVINO where it pays
-            self.model = self.runtime.inference_model(loaded.model, features=self.rejection is not None)
-            self.engine = self.runtime.describe()
-        self.transform = self.pre.eval_transform()
+        self.model = load(checkpoint, precision=precision, engine=engine, threads=threads, reject=reject, arch=arch,
+                          classes=classes)
+        self.classes = self.model.classes
         self.top_k, self.max_batch, self.max_wait = min(top_k, len(self.classes)), max_batch, max_wait
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.batches = 0
@@ -119,19 +92,14 @@ class Predictor:
         self.worker.start()
 
     def describe(self) -> dict[str, Any]:
-        return {"arch": self.meta.get("arch"), "classes": self.classes, "preprocessing": self.pre.to_dict(),
-                "engine": self.engine, "top_k": self.top_k, "max_batch": self.max_batch,
-                "temperature": self.temperature,
-                "unknown_below": self.rejection.threshold if self.rejection is not None else None}
+        return {**self.model.describe(), "top_k": self.top_k, "max_batch": self.max_batch}
 
     def decode(self, data: bytes, name: str) -> torch.Tensor:
-        """An upload's bytes -> uint8 (3, S, S) through the checkpoint's eval transform; BadInput."""
+        """An upload's bytes -> uint8 (3, S, S) by the Classifier's decoder; BadInput."""
         if not data:
             raise BadInput(400, f"{name}: the file is empty")
         try:
-            with open_image(data) as img:  # (the pixel limit of every command: data.open_image)
-                img.load()
-                return self.transform(to_rgb(img))
+            return self.model.decode(data)  # (the pixel limit of every command: data.open_image)
         except Image.DecompressionBombError as e:
             raise BadInput(413, f"{name}: the image is too large to decode ({e})") from None
         except Image.UnidentifiedImageError:
@@ -162,23 +130,11 @@ class Predictor:
                     break
                 jobs.append(job)
             try:
-                images = torch.stack([j.image for j in jobs])  # uint8 (N, 3, S, S)
-                if self.exported is not None:
-                    logits = torch.from_numpy(self.exported.run(images.permute(0, 2, 3, 1).contiguous().numpy()))
-                else:
-                    x = self.runtime.inputs(images, self.pre)
-                    [(_, out)] = list(self.runtime.outputs(self.model, [(None, x)]))
-                    if self.rejection is not None:  # out: pooled features
-                        with torch.no_grad():
-                            logits = self.head(out.float())
-                        familiar = self.rejection.familiarity(nearest_similarity(out, self.reference),
-                                                              energy(logits, self.temperature)).tolist()
-                    else:
-                        logits = out
-                probs = (logits.float() / self.temperature).softmax(1)
+                logits, familiarity = self.model.run(torch.stack([j.image for j in jobs]))  # uint8 (N, 3, S, S)
+                answers = self.model.answers(logits, familiarity, top_k=self.top_k)
                 self.batches += 1
-                for n, (j, p) in enumerate(zip(jobs, probs)):
-                    j.done.set_result(((p, familiar[n] if self.rejection is not None else None), len(jobs)))
+                for j, a in zip(jobs, answers):
+                    j.done.set_result((a, len(jobs)))
             except Exception as e:  # the model failed: every waiting request hears it
                 for j in jobs:
                     if not j.done.done():
@@ -188,17 +144,14 @@ class Predictor:
         self.jobs.put(None)
         self.worker.join(timeout=10)
 
-    def answer(self, result: tuple[torch.Tensor, float | None], name: str) -> dict[str, Any]:
-        """An image's answer: top-k at the checkpoint's temperature; with an unknown-image test, its
-        familiarity, and "unknown" as the label under the checkpoint's threshold."""
-        probs, familiarity = result
-        values, indices = probs.topk(self.top_k)
-        top = [{"class": self.classes[i], "probability": round(float(v), 6)} for v, i in zip(values, indices.tolist())]
-        out = {"file": name, "label": top[0]["class"], "probability": top[0]["probability"], "top_k": top}
-        if familiarity is not None:
-            unknown = familiarity < self.rejection.threshold
-            out.update(label="unknown" if unknown else out["label"], unknown=unknown,
-                       familiarity=round(familiarity, 4))
+    @staticmethod
+    def answer(prediction: Prediction, name: str) -> dict[str, Any]:
+        """An image's answer as JSON: top-k at the model's temperature; with an unknown-image test,
+        its familiarity, and "unknown" as the label under the threshold."""
+        top = [{"class": c, "probability": round(p, 6)} for c, p in prediction.top_k]
+        out = {"file": name, "label": prediction.label, "probability": top[0]["probability"], "top_k": top}
+        if prediction.familiarity is not None:
+            out.update(unknown=prediction.unknown, familiarity=round(prediction.familiarity, 4))
         return out
 
 

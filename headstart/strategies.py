@@ -390,6 +390,9 @@ def cached_features(model: nn.Module, splits: DatasetSplits, *, config: "TrainCo
     start = time.perf_counter()
     train_files = files_fingerprint(splits.train) if key else None  # once, for every view
     images = len(splits.train) * (config.views + 1) + len(splits.val)
+    # The engine a trained model runs in (OpenVINO whatever the count, where it is the engine): the
+    # head learns on the numbers predict will give, and limits.fit_limits reads these back from disk.
+    runtime = runtime.for_trained_model()
     # One inference copy (and OpenVINO conversion) for every view, made only if a view is not on disk.
     backbone = functools.cache(lambda: runtime.inference_model(  # (int8: calibrated on training images)
         model, features=True, images=images,

@@ -194,6 +194,29 @@ def test_predict_calls_images_unlike_the_training_ones_unknown(run: tuple[Path, 
         predict(out / "best.safetensors", [odd], reject=1.5)
 
 
+def test_int8_keeps_no_unknown_image_test_so_it_refuses_one_unless_told(run: tuple[Path, Path], capsys) -> None:
+    """int8 computes no features: with a checkpoint that has the test, predict and serve refuse to
+    drop it silently and say how to choose; with --reject off they run int8 (where NNCF is here)."""
+    from headstart import load
+    from headstart.serve import Predictor
+
+    out, data = run
+    ckpt = out / "best.safetensors"
+    said = "precision int8 computes no features, so it cannot run the unknown-image test.*--reject off.*drop " \
+           "--precision int8 to keep it"
+    for opened in (lambda: load(ckpt, precision="int8"), lambda: predict(ckpt, [data / "val"], precision="int8"),
+                   lambda: Predictor(ckpt, precision="int8"),
+                   lambda: load(ckpt, precision="int8", reject=0.05)):
+        with pytest.raises(ValueError, match=said):
+            opened()
+    assert main(["predict", str(ckpt), str(data / "val"), "--precision", "int8"]) == 2
+    assert "--reject off" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="logits, not the backbone features this needs"):
+        load(ckpt, precision="int8", reject="off", features=True)  # (similar)
+    kept = load(ckpt, precision="fp32", engine="torch")  # the default precisions keep it
+    assert kept.threshold == confidence.FALSE_REJECTION and kept.describe()["unknown_below"] == kept.threshold
+
+
 def test_an_export_carries_the_temperature(run: tuple[Path, Path], tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     from headstart.export import export, open_exported

@@ -187,18 +187,24 @@ def test_eval_transform_matches_resize_then_centre_crop() -> None:
     assert (out.int() - ref.int()).abs().float().mean() < 6
 
 
-def test_draft_decoding_of_a_large_jpeg_stays_close(tmp_path: Path) -> None:
+def test_training_crops_decode_large_jpegs_reduced_and_evaluation_decodes_them_whole(tmp_path: Path) -> None:
     big = tmp_path / "big.jpg"
     img = colour_image((90, 140, 200), size=(1600, 1200), seed=2).resize((1600, 1200))
     img.save(big, quality=92)
-    pre = Preprocessing(image_size=64)
-    with Image.open(big) as lazy:
-        fast = pre.eval_transform()(lazy)
-        assert lazy.size[0] < 1600  # decoded at a reduced DCT scale
+    pre = Preprocessing(image_size=64, scale=(0.9, 1.0))
+    with Image.open(big) as lazy:  # training: a random crop from a reduced DCT scale, close to the full decode
+        fast = pre.train_transform()(lazy, random.Random(3))
+        assert lazy.size[0] < 1600
     with Image.open(big) as full:
         full.load()
-        slow = pre.eval_transform()(full.copy())
+        slow = pre.train_transform()(full.copy(), random.Random(3))
     assert (fast.float() - slow.float()).abs().mean() < 8
+    with Image.open(big) as lazy:  # evaluation: whole, the same pixels as from an image already decoded
+        whole = pre.eval_transform()(lazy)
+        assert lazy.size == (1600, 1200)
+    with Image.open(big) as full:
+        full.load()
+        assert torch.equal(whole, pre.eval_transform()(full.copy()))
 
 
 def test_loader_is_independent_of_worker_count(dataset: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import importlib.util
 import io
 import json
 import socket
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from headstart.cli import main
@@ -54,26 +57,108 @@ def test_an_export_gives_headstarts_answers(run, tmp_path: Path, fmt: str) -> No
     assert max(abs(a.probability - b.probability) for a, b in zip(ours, theirs)) < 1e-4
 
 
-def test_the_readmes_ten_lines_run_an_export_without_headstart(run, tmp_path: Path) -> None:
+def readme_snippet(model: Path, image: Path) -> tuple[str, float]:
+    """The README's lines that run an exported file without headstart, run as they are there (with
+    the file names swapped in): the class and probability they print."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    code = text.split("Without headstart", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "ImageOps.exif_transpose" in code and '"best.onnx"' in code and '"photo.jpg"' in code
+    code = code.replace('"best.onnx"', repr(str(model))).replace('"photo.jpg"', repr(str(image)))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {})
+    label, probability = printed.getvalue().split()
+    return label, float(probability)
+
+
+def test_the_readmes_lines_run_an_export_without_headstart_as_predict_does(run, tmp_path: Path) -> None:
     ckpt, data = run
     export(ckpt, out=tmp_path / "m.onnx")
-    image = data / "val" / "red" / "red_0.png"
-    # The README's example, as it is there (onnxruntime, Pillow and numpy only):
-    import json as json_
+    # a photo whose EXIF says "rotated 90 degrees": the snippet turns it upright, as headstart's decoder does
+    upright = Image.new("RGB", (60, 40), (230, 30, 30))
+    upright.paste((30, 30, 230), (0, 0, 60, 12))  # a blue band at the top
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: shown after turning 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    for image in (data / "val" / "red" / "red_0.png", tmp_path / "turned.jpg"):
+        label, probability = readme_snippet(tmp_path / "m.onnx", image)
+        ours = predict(ckpt, [image], workers=0, precision="fp32", reject="off")[0]
+        assert (label, probability) == (ours.label, pytest.approx(ours.probability, abs=1e-4))
 
-    import numpy as np_
-    import onnx
-    import onnxruntime as ort
 
-    meta = json_.loads({p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}["headstart"])
-    pre, classes = meta["preprocessing"], meta["classes"]
-    img = Image.open(image).convert("RGB")
-    scale = int(pre["image_size"] / pre["crop_fraction"]) / min(img.size)
-    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR)
-    left, top = (img.width - pre["image_size"]) // 2, (img.height - pre["image_size"]) // 2
-    crop = img.crop((left, top, left + pre["image_size"], top + pre["image_size"]))
-    probs = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["probabilities"], {"images": np_.asarray(crop)[None]})[0]
-    assert classes[int(probs.argmax())] == predict(ckpt, [image], workers=0)[0].label
+def test_one_decoder_for_files_bytes_pil_images_and_arrays(run, tmp_path: Path) -> None:
+    """Every way an image comes in gives the same pixels: the full decode, EXIF-rotated, made RGB, as
+    the README's lines make them for an exported file (export.documented_crop)."""
+    from PIL import ImageOps
+
+    from headstart import load
+    from headstart.export import documented_crop
+
+    ckpt, data = run
+    m = load(ckpt, precision="fp32")
+    rng = np.random.default_rng(0)  # a large JPEG: today's draft decode would have read it at half size
+    Image.fromarray(rng.integers(0, 255, (600, 700, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    turned = Image.new("RGB", (60, 40), (230, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.jpg", exif=exif)
+    for path in (data / "val" / "red" / "red_0.png", tmp_path / "big.jpg", tmp_path / "turned.jpg"):
+        want = torch.from_numpy(documented_crop(path, m.preprocessing).copy()).permute(2, 0, 1)
+        upright = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        for image in (path, str(path), path.read_bytes(), Image.open(path), np.asarray(upright)):
+            assert torch.equal(m.decode(image), want), (path, type(image))
+    assert Image.open(tmp_path / "turned.jpg").size == (40, 60)  # stored on its side
+    with pytest.raises(ValueError, match="uint8 \\(H, W\\), \\(H, W, 3\\) RGB"):
+        m.decode(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(TypeError, match="a path, bytes, a PIL image or a uint8 array"):
+        m.decode(3)
+    one, many = m.predict(Image.open(tmp_path / "big.jpg")), m.predict([tmp_path / "big.jpg", b"not an image"])
+    assert one.top_k == many[0].top_k and many[1].label is None and "not a readable image" in many[1].error
+
+
+def test_load_opens_each_kind_of_file_and_each_gives_the_same_answers(run, tmp_path: Path) -> None:
+    from headstart import Classifier, load
+    from headstart.convert import convert
+
+    ckpt, data = run
+    convert(ckpt, tmp_path / "w.pth")  # plain weights, with their arch and classes beside them
+    files = {"checkpoint": ckpt, "weights": tmp_path / "w.pth",
+             "onnx": export(ckpt, out=tmp_path / "m.onnx").path,
+             "openvino": export(ckpt, format="openvino", out=tmp_path / "m.xml").path}
+    answers = {}
+    for kind, path in files.items():
+        m = load(path, precision="fp32" if kind in ("checkpoint", "weights") else "auto")
+        assert isinstance(m, Classifier) and (m.classes, m.arch) == (["blue", "red"], "tiny"), kind
+        assert m.describe()["arch"] == "tiny" and m.preprocessing.image_size == 32
+        answers[kind] = m.predict(data / "val", workers=0)
+        assert len(answers[kind]) == 12 and m.logits(data / "val" / "red" / "red_0.png").shape == (1, 2)
+    for kind, preds in answers.items():
+        assert [p.label for p in preds] == [p.label for p in answers["checkpoint"]], kind
+        assert max(abs(a.probability - b.probability) for a, b in zip(preds, answers["checkpoint"])) < 1e-4, kind
+    assert "onnxruntime" in load(files["onnx"]).backend and "OpenVINO" in load(files["openvino"]).backend
+    with pytest.raises(ValueError, match="m.onnx is an fp32 export and runs in fp32, not bf16"):
+        load(files["onnx"], precision="bf16")
+    with pytest.raises(ValueError, match="drop --engine, --device and --compile"):
+        load(files["onnx"], engine="torch")
+    with pytest.raises(ValueError, match="exported file: it gives logits, not features"):
+        load(files["onnx"]).features(data / "val")
+    with pytest.raises(ValueError, match="exported file already"):
+        load(files["onnx"]).export(tmp_path / "again.onnx")
+    if importlib.util.find_spec("nncf") is not None:  # (the int8 tests below require it where CI has it)
+        int8 = load(ckpt, precision="int8")
+        assert int8.precision == "int8" and int8.arch == "tiny" and "int8 (OpenVINO)" in int8.backend
+        assert len(int8.predict(data / "val", workers=0)) == 12
+
+
+def test_model_says_the_architecture_of_an_exported_file(run, tmp_path: Path) -> None:
+    ckpt, _ = run
+    s = Server(export(ckpt, out=tmp_path / "m.onnx").path)
+    try:
+        status, model = request(s.url + "/model")
+        assert status == 200 and model["arch"] == "tiny" and model["engine"] == "onnx file, fp32 (onnxruntime)"
+        assert model["unknown_below"] is None and model["classes"] == ["blue", "red"]
+    finally:
+        s.close()
 
 
 def test_an_export_that_disagrees_fails_loudly_and_leaves_nothing(run, tmp_path: Path, monkeypatch) -> None:
@@ -110,7 +195,8 @@ def test_int8_is_quantized_checked_on_validation_and_run_by_predict_evaluate_and
                                                                                       capsys) -> None:
     needs_nncf()
     from headstart.evaluation import evaluate
-    from headstart.export import INT8_MAX_DROP, int8_model
+    from headstart.export import INT8_MAX_DROP
+    from headstart.int8 import int8_model
     from headstart.serve import Predictor
 
     ckpt, data = run
@@ -129,15 +215,16 @@ def test_int8_is_quantized_checked_on_validation_and_run_by_predict_evaluate_and
     # predict, evaluate and serve with precision int8 use the same quantized model (made once, cached)
     cached = int8_model(ckpt)
     assert cached.precision == "int8" and int8_model(ckpt).path == cached.path
-    preds = predict(ckpt, [data / "val"], workers=0, precision="int8")
+    preds = predict(ckpt, [data / "val"], workers=0, precision="int8", reject="off")
     assert sum(pr.label == pr.path.split("/")[-2] for pr in preds) / len(preds) == p.accuracy
     assert evaluate(ckpt, data, workers=0, precision="int8").accuracy == p.accuracy
-    server = Predictor(ckpt, precision="int8")
+    server = Predictor(ckpt, precision="int8", reject="off")
     try:
         image = server.decode((data / "val" / "red" / "red_0.png").read_bytes(), "red_0.png")
-        (probs, familiarity), batch = server.submit(image).result(timeout=30)
-        assert batch == 1 and server.describe()["engine"] == "xml file, int8" and familiarity is None
-        assert server.classes[int(probs.argmax())] == next(pr.label for pr in preds if pr.path.endswith("red_0.png"))
+        answer, batch = server.submit(image).result(timeout=30)
+        assert batch == 1 and server.describe()["engine"] == "xml file, int8 (OpenVINO)"
+        assert answer.familiarity is None and server.describe()["unknown_below"] is None
+        assert answer.label == next(pr.label for pr in preds if pr.path.endswith("red_0.png"))
     finally:
         server.close()
 
@@ -146,17 +233,18 @@ def test_precision_auto_uses_an_int8_model_made_before_only_without_bf16_and_whe
         run, monkeypatch) -> None:
     needs_nncf()
     import headstart.export as ex
+    import headstart.int8 as q
     import headstart.runtime as rt
     from headstart.evaluation import evaluate
 
     ckpt, data = run
-    made = ex.int8_model(ckpt)
+    made = q.int8_model(ckpt)
     side = made.path.with_suffix(".json")
     record = json.loads(side.read_text())
     assert record["parity"]["precision"] == "int8" and record["int8_img_s"] > 0 and record["default_img_s"] > 0
     opened: list[Path] = []
-    real_open = ex.open_exported
-    monkeypatch.setattr(ex, "open_exported", lambda path: opened.append(Path(path)) or real_open(path))
+    real_open = q.open_exported
+    monkeypatch.setattr(q, "open_exported", lambda path: opened.append(Path(path)) or real_open(path))
 
     def used(bf16: bool, int8_img_s: float) -> bool:
         monkeypatch.setattr(rt, "cpu_has_bf16", lambda: bf16)
@@ -185,8 +273,8 @@ def test_precision_auto_uses_an_int8_model_made_before_only_without_bf16_and_whe
     assert opened == []
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
         m.setattr(ex, "export", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-        ex.int8_model(ckpt)  # the half-made entry is not taken for a whole one
-    remade = ex.int8_model(ckpt)
+        q.int8_model(ckpt)  # the half-made entry is not taken for a whole one
+    remade = q.int8_model(ckpt)
     assert remade.path == made.path and side.is_file()
     assert sorted(p.name for p in made.path.parent.iterdir()) == sorted(
         [made.path.name, made.path.with_suffix(".bin").name, side.name])  # no temporary file left
@@ -212,7 +300,7 @@ def test_int8_that_loses_accuracy_fails_and_leaves_nothing(run, tmp_path: Path, 
 
 
 def test_int8_needs_openvino_and_images_to_calibrate_on(run, tmp_path: Path) -> None:
-    from headstart.export import int8_model
+    from headstart.int8 import int8_model
 
     ckpt, _ = run
     with pytest.raises(ValueError, match="int8 is written as OpenVINO IR: add --format openvino"):

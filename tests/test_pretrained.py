@@ -62,18 +62,80 @@ def test_cached_weights_load_without_conversion(real_weights_home: Path, monkeyp
     create_model("resnet50", num_classes=2, weights="imagenet")
 
 
+@pytest.fixture(scope="module")
+def hymenoptera_run(real_weights_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One frozen epoch of the real ResNet50 on hymenoptera: a real checkpoint for the tests below."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HEADSTART_HOME", str(real_weights_home))
+    try:
+        return train(HYMENOPTERA, out=tmp_path_factory.mktemp("hymenoptera") / "run",
+                     config=TrainConfig(strategy="frozen", epochs=1))
+    finally:
+        mp.undo()
+
+
 @needs_shared
-def test_one_frozen_epoch_on_hymenoptera(real_weights_home: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))
-    result = train(HYMENOPTERA, out=tmp_path / "run", config=TrainConfig(strategy="frozen", epochs=1))
+def test_one_frozen_epoch_on_hymenoptera(hymenoptera_run, tmp_path: Path) -> None:
+    result = hymenoptera_run
     assert result.best_val_acc >= 0.85, result.best_val_acc
     assert result.best_metrics.n == 153
     # Its report opens in a real browser with every section and every picture.
-    dom = rendered_dom(tmp_path / "run" / "report.html", tmp_path / "profile")
+    dom = rendered_dom(result.out / "report.html", tmp_path / "profile")
     # (the frozen strategy computed the backbone's features: the label check and the top losses' neighbours too)
     assert 'data-images-ok="true"' in dom and 'data-images="6"' in dom
     for section in [*SECTIONS, "Likely mislabelled training images", "Top losses and their nearest training images"]:
         assert section in dom, section
+
+
+@needs_shared
+def test_one_answer_per_image_whichever_way_it_comes_in(hymenoptera_run, tmp_path: Path, capsys) -> None:
+    """A real ResNet50 checkpoint and a photo whose shorter side is 900 pixels (a reduced-size JPEG
+    decode would apply from 512): in fp32, `load(...).predict`, `headstart predict`, serve's
+    /predict and the exported ONNX file run as the README's lines show give one top probability
+    (within 1e-4); at the default precision predict and serve within 5e-3; and the ONNX file, run
+    as documented, agrees with predict on every validation image."""
+    import json
+
+    import onnxruntime as ort
+
+    from headstart import load
+    from headstart.cli import main
+    from headstart.export import documented_crop, export
+    from headstart.prediction import predict
+
+    from .test_export_serve import Server, readme_snippet, request
+
+    ckpt, photo = hymenoptera_run.best_checkpoint, PHOTOS / "kite.jpg"
+    assert min(Image.open(photo).size) >= 600
+    onnx = export(ckpt, out=tmp_path / "best.onnx")  # (its gate: the 153 validation images, run as documented)
+    assert onnx.parity.images == 153 and onnx.parity.top1_agreement == 1.0 and onnx.parity.max_logit_diff < 1e-4
+
+    def tops(precision: str) -> list[tuple[str, float]]:  # the top class and probability, each way in
+        m = load(ckpt, precision=precision)
+        ours = m.predict(Image.open(photo)).top_k[0]
+        assert main(["predict", str(ckpt), str(photo), "--format", "json", "--precision", precision]) == 0
+        cli = json.loads(capsys.readouterr().out)[0]["top_k"][0]
+        server = Server(ckpt, precision=precision, max_upload=8 << 20)  # (kite.jpg: 1.4 MB)
+        try:
+            status, answer = request(server.url + "/predict", photo.read_bytes(), "image/jpeg")
+        finally:
+            server.close()
+        assert status == 200, answer
+        served = answer["predictions"][0]["top_k"][0]
+        return [ours, tuple(cli), (served["class"], served["probability"])]
+
+    exact = tops("fp32") + [readme_snippet(onnx.path, photo)]
+    assert len({c for c, _ in exact}) == 1, exact
+    assert max(p for _, p in exact) - min(p for _, p in exact) <= 1e-4, exact
+    default = tops("auto")  # bf16 on a CPU that has it
+    assert len({c for c, _ in default}) == 1 and max(p for _, p in default) - min(p for _, p in default) <= 5e-3, \
+        default
+    preds = predict(ckpt, [HYMENOPTERA / "val"])
+    session, classes = ort.InferenceSession(str(onnx.path)), onnx.classes
+    pre = load(onnx.path).preprocessing
+    theirs = [classes[int(session.run(["probabilities"], {"images": documented_crop(p.path, pre)[None]})[0].argmax())]
+              for p in preds]
+    assert len(preds) == 153 and theirs == [p.top_k[0][0] for p in preds]
 
 
 @needs_shared
