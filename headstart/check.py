@@ -2,9 +2,11 @@
 
 Findings, worst first:
 - error: training would be wrong (a class missing from a split, an empty class folder, the same
-  image in train and val: leakage). `headstart check` exits non-zero unless `--allow` names them.
+  image in train and val: leakage; in a table of labels, a file listed with two labels, or in
+  train and in val). `headstart check` exits non-zero unless `--allow` names them.
 - warning: likely a problem (undecodable files, duplicates within a split, likely placeholders,
-  tiny images, images over Pillow's decompression-bomb guard, hidden folders).
+  tiny images, images over Pillow's decompression-bomb guard, hidden folders; a table's rows whose
+  file is missing, or a row listed twice).
 - info: handled automatically (modes converted to RGB, EXIF rotation applied, non-image files).
 
 Near-identical images are found with a 64-bit difference hash (dHash: 9x8 greyscale, one bit per
@@ -28,12 +30,13 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .data import IMAGE_ERRORS, is_image_file, list_images, open_image, refuse_val_split
+from .data import IMAGE_ERRORS, Columns, is_image_file, is_table, list_images, open_image, read_table, \
+    refuse_val_split, table_repeats
 from .outputs import Kind, json_by, write_output
 from .preprocessing import oriented_size, to_rgb
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
-BLOCKING = ("class-missing", "empty-class", "no-classes", "leakage")  # kinds that make training wrong
+BLOCKING = ("class-missing", "empty-class", "no-classes", "leakage", "no-split", "conflicting-labels")  # kinds that make training wrong
 PLACEHOLDER_NAME = re.compile(r"(not.?found|placeholder|missing|no.?image|unavailable|default)", re.I)
 
 
@@ -108,6 +111,41 @@ def _layout(root: Path, val_split: float | None) -> tuple[dict[str, Path], list[
     return splits, findings
 
 
+def _table_layout(table: Path, val_split: float | None, columns: Columns
+                  ) -> tuple[dict[str, list[str]], list[FileInfo], list[Finding]]:
+    """({split: classes}, the files to inspect, findings) of a table of labels: rows whose file is
+    missing, files listed twice (with other labels, in both splits, or the same row again). A table
+    that cannot be read (no such column, an empty label...) is a ValueError naming the row."""
+    rows, has_split = read_table(table, columns)
+    findings = []
+    if has_split:
+        refuse_val_split(table, val_split, what="a split column")
+    elif val_split is None:
+        findings.append(Finding("error", "no-split", f"{table} has no split column: add one (split: train/val, or "
+                                                     "is_valid: True/False), or pass --val-split 0.2", [str(table)]))
+    repeated = set()
+    for a, b in table_repeats(rows):
+        repeated.add(id(b))
+        where = f"{b.path} (rows {a.line} and {b.line})"
+        if a.label != b.label:
+            findings.append(Finding("error", "conflicting-labels", f"listed twice with different labels, {a.label!r} "
+                                    f"and {b.label!r}: training refuses the table; keep the right row", [where]))
+        elif a.split != b.split:
+            findings.append(Finding("error", "leakage", "listed in train and in val: validation would score an image "
+                                                     "it trained on; keep one row", [where]))
+        else:
+            findings.append(Finding("warning", "listed-twice", "the same row twice: read once", [where]))
+    missing = [f"{r.path} (row {r.line})" for r in rows if id(r) not in repeated and not r.path.exists()]
+    if missing:
+        findings.append(Finding("warning", "missing", "no such file: skipped in training (--bad-files fail stops "
+                                                      "instead)", missing))
+    files = [FileInfo(r.path, r.split or "all", r.label) for r in rows if id(r) not in repeated and r.path.exists()]
+    per_split: dict[str, list[str]] = {}
+    for split in ("train", "val") if has_split else ("all",):
+        per_split[split] = sorted({r.label for r in rows if (r.split or "all") == split})
+    return per_split, files, findings
+
+
 def _classes(folder: Path) -> tuple[list[str], list[str]]:
     """(visible class folder names, hidden folder paths) of one split."""
     dirs = sorted(p for p in folder.iterdir() if p.is_dir())
@@ -168,13 +206,17 @@ def inspect_file(info: FileInfo, *, full: bool = True) -> FileInfo:
 # The whole dataset.
 
 def check_dataset(root: str | Path, *, val_split: float | None = None, image_size: int = 224, full: bool = True,
-                  near_bits: int = 4) -> CheckReport:
-    """Check a class-per-folder dataset; see the module docstring for what is reported."""
+                  near_bits: int = 4, columns: Columns | None = None) -> CheckReport:
+    """Check a class-per-folder dataset, or a table of labels (.csv, .tsv, read as `columns` says);
+    see the module docstring for what is reported."""
     root = Path(root)
-    split_dirs, findings = _layout(root, val_split)
-    per_split: dict[str, list[str]] = {}
-    files: list[FileInfo] = []
     others: list[str] = []
+    if is_table(root):
+        per_split, files, findings = _table_layout(root, val_split, columns or Columns())
+        split_dirs: dict[str, Path] = {}
+    else:
+        split_dirs, findings = _layout(root, val_split)
+        per_split, files = {}, []
     for split, folder in split_dirs.items():
         classes, hidden = _classes(folder)
         per_split[split] = classes
@@ -198,7 +240,8 @@ def check_dataset(root: str | Path, *, val_split: float | None = None, image_siz
             if missing:
                 findings.append(Finding("error", "class-missing", f"class {cls!r} is missing from "
                                         f"{', '.join(missing)}: each class must be in every split",
-                                        [str(split_dirs[s] / cls) for s in per_split if cls in per_split[s]]))
+                                        [str(split_dirs[s] / cls) if split_dirs else f"{root} ({s})"
+                                         for s in per_split if cls in per_split[s]]))
     if others:
         findings.append(Finding("info", "not-image", "files that are not images by their extension are ignored", others))
 

@@ -48,7 +48,7 @@ from torch import nn
 
 from .checkpoint import is_checkpoint, read_checkpoint
 from .confidence import REFERENCE, Rejection, checkpoint_rejection, checkpoint_temperature, energy, nearest_similarity
-from .data import IMAGE_ERRORS, Sample, collect_files, find_classes, make_loader, make_samples, open_image
+from .data import IMAGE_ERRORS, Columns, Sample, collect_files, evaluation_samples, make_loader, open_image
 from .exported import ExportedModel, is_exported, open_exported
 from .features import Features, extract_features
 from .inference import INFERENCE_BATCH_SIZE
@@ -326,19 +326,17 @@ class Classifier:
         return Features(torch.cat([x.float() for _, x in parts]), torch.full((len(index),), -1, dtype=torch.long),
                         index, failed)
 
-    def evaluate(self, data: str | os.PathLike[str], *, batch_size: int = INFERENCE_BATCH_SIZE,
-                 workers: int = 2) -> Metrics:
-        """Metrics on a class-per-folder dataset: `data` itself, or its `val/` folder. Class folders
-        are matched to the model's classes by name (one it does not know is an error); the loss and
-        calibration error are of the probabilities at its temperature."""
-        folder = Path(data)
-        if (folder / "val").is_dir():
-            folder = folder / "val"
-        present = find_classes(folder)
+    def evaluate(self, data: str | os.PathLike[str], *, columns: Columns | None = None,
+                 batch_size: int = INFERENCE_BATCH_SIZE, workers: int = 2) -> Metrics:
+        """Metrics on a labelled dataset: a class-per-folder folder (its `val/` folder where it has
+        one), or a table of labels (its val rows where it has a split column; `columns`). Classes are
+        matched to the model's by name (one it does not know is an error); the loss and calibration
+        error are of the probabilities at its temperature."""
+        present, found = evaluation_samples(data, columns=columns)
         unknown = sorted(set(present) - set(self.classes))
         if unknown:
-            raise ValueError(f"class folder(s) {unknown} in {folder} are not classes of the model {self.classes}")
-        samples = [Sample(s.path, self.classes.index(present[s.label])) for s in make_samples(folder, present)]
+            raise ValueError(f"class(es) {unknown} in {data} are not classes of the model {self.classes}")
+        samples = [Sample(s.path, self.classes.index(present[s.label])) for s in found]
         out = self._run_many([s.path for s in samples], batch_size=batch_size, workers=workers)
         labels = torch.tensor([samples[i].label for i in out.indices], dtype=torch.long)
         metrics = compute_metrics(out.logits / self.temperature, labels, self.classes)

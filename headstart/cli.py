@@ -171,7 +171,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise ValueError("DATA is missing: pass a dataset folder, or --resume RUN to continue a run")
     else:
         config = _train_config(a)
-        out = a.out or default_run_folder(a.data, f"{Path(a.data).resolve().name}-{config.arch}-{config.strategy}")
+        name = Path(a.data).resolve().stem if Path(a.data).is_file() else Path(a.data).resolve().name  # (a table's)
+        out = a.out or default_run_folder(a.data, f"{name}-{config.arch}-{config.strategy}")
         result = train(a.data, out=out, config=config, callback=callback, overwrite=a.overwrite)
     if rank() == 0:
         _print_run(result)
@@ -208,6 +209,17 @@ def _format_metrics(m: Any) -> str:
     return "\n".join(lines)
 
 
+TABLE_OPTIONS = ("path_column", "label_column", "allow_outside")  # DATA as a table of labels: TrainConfig's fields
+
+
+def _columns(a: argparse.Namespace) -> Any:
+    """How DATA is read where it is a table of labels (data.Columns), from the table options."""
+    from .data import Columns
+
+    return Columns(getattr(a, "path_column", None), getattr(a, "label_column", None),
+                   getattr(a, "allow_outside", False))
+
+
 def _model_file(a: argparse.Namespace, checkpoint: str | None) -> str:
     """The checkpoint, --weights or --model (an exported file); exactly one of them."""
     given = [v for v in (checkpoint, a.weights, getattr(a, "model", None)) if v]
@@ -228,7 +240,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     checkpoint = _model_file(a, a.checkpoint)
     if a.json:
         claim(a.json, METRICS_JSON, overwrite=a.overwrite)  # refused before the work, not after
-    m = evaluate(checkpoint, a.data, batch_size=a.batch_size, workers=a.workers, precision=a.precision,
+    m = evaluate(checkpoint, a.data, columns=_columns(a), batch_size=a.batch_size, workers=a.workers, precision=a.precision,
                  device=a.device, threads=a.threads, compile=a.compile, engine=a.engine, arch=a.arch,
                  classes=a.classes)
     say(_format_metrics(m))
@@ -308,13 +320,13 @@ def cmd_check(a: argparse.Namespace) -> int:
     for path, kind in ((a.json, CHECK_JSON), (a.csv, LABEL_CSV)):
         if path:
             claim(path, kind, overwrite=a.overwrite)  # refused before the work, not after
-    report = check_dataset(a.data, val_split=a.val_split, image_size=a.image_size)
+    report = check_dataset(a.data, val_split=a.val_split, image_size=a.image_size, columns=_columns(a))
     say(_format_check(report))
     rows = None
     if a.labels:
         from .limits import find_label_issues
 
-        rows = find_label_issues(a.data, arch=a.arch, val_split=a.val_split, workers=a.workers)
+        rows = find_label_issues(a.data, arch=a.arch, val_split=a.val_split, columns=_columns(a), workers=a.workers)
         say("\n" + _format_label_issues(rows, a.labels_shown))
     if a.json:
         labels = [r.to_dict(i) for i, r in enumerate(rows, 1)] if rows is not None else None
@@ -369,7 +381,7 @@ def cmd_show(a: argparse.Namespace) -> int:
     from .plots import show_batch
 
     path = show_batch(a.data, out=a.out, batch_size=a.batch_size, seed=a.seed, image_size=a.image_size,
-                      val_split=a.val_split, overwrite=a.overwrite)
+                      val_split=a.val_split, columns=_columns(a), overwrite=a.overwrite)
     say(f"batch picture: {path}")
     return 0
 
@@ -433,7 +445,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier on DATA (train/ and val/ class folders)",
                        description="Train a classifier from a pretrained backbone on a class-per-folder dataset.")
-    p.add_argument("data", nargs="?", help="dataset folder: train/ and val/ with one sub-folder per class")
+    p.add_argument("data", nargs="?", help="dataset folder: train/ and val/ with one sub-folder per class (or class "
+                                           "folders alone, with --val-split); or a table of labels: a .csv or .tsv "
+                                           "with a path and a label column")
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<arch>-<strategy>, or with -2, -3... "
                                                "where that holds a run; under the current folder, or beside the "
                                                "dataset where that would be inside it)")
@@ -453,12 +467,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Evaluate a checkpoint on DATA (its val/ folder if it has one).")
     p.add_argument("checkpoint", nargs="?", help="a run's best.safetensors or last.safetensors (or a file written by "
                                                  "`headstart export`)")
-    p.add_argument("data", help="class-per-folder images (or a dataset root with val/)")
+    p.add_argument("data", help="class-per-folder images (or a dataset root with val/), or a table of labels (.csv, "
+                                ".tsv: its val rows where it has a split column)")
     _add_weights_file(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
     p.add_argument("--overwrite", action="store_true", help="--json may replace whatever file it names")
     if full("evaluate"):
         _add_inference_options(p)
+        _add_options(p, TABLE_OPTIONS)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files or folders with a checkpoint",
@@ -479,7 +495,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Read every file once and report problems, worst first. Exits 1 when "
                                    "training would be wrong (leakage, a class missing from a split, an empty "
                                    "class folder) unless --allow names those kinds.")
-    p.add_argument("data", help="dataset folder")
+    p.add_argument("data", help="dataset folder, or a table of labels (.csv, .tsv)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report (and the label check) as JSON")
     p.add_argument("--overwrite", action="store_true", help="--json and --csv may replace whatever files they name")
     p.add_argument("--allow", default="", metavar="KINDS",
@@ -493,6 +509,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, metavar="FILE", help="--labels: write every image's label quality")
     p.add_argument("--labels-shown", type=int, default=20, metavar="N", help="--labels: suspects listed (default: 20)")
     p.add_argument("--workers", type=int, default=2, help="--labels: data-loading worker processes (default: 2)")
+    if full("check"):
+        _add_options(p, TABLE_OPTIONS)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("similar", help="the training images nearest to each image, by the model's backbone features",
@@ -516,7 +534,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="draw a training batch with its labels",
                        description="Draw one augmented training batch of DATA, titled with the labels.")
-    p.add_argument("data", help="dataset folder")
+    p.add_argument("data", help="dataset folder, or a table of labels (.csv, .tsv)")
     p.add_argument("--out", default="batch.png", help="picture to write (default: batch.png); it replaces only a "
                                                       "picture headstart drew")
     p.add_argument("--overwrite", action="store_true", help="replace whatever file --out names")
@@ -524,6 +542,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--val-split", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    if full("show"):
+        _add_options(p, TABLE_OPTIONS)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("demo", help="the tutorial end to end: both strategies, pictures, checkpoints",

@@ -1,8 +1,12 @@
-"""Class-per-folder image datasets: finding the classes and images, loading, batching.
+"""Labelled image datasets: finding the classes and images, loading, batching.
 
 Layouts accepted for a dataset root:
     root/train/<class>/*.jpg + root/val/<class>/*.jpg   (splits given)
     root/<class>/*.jpg                                  (a seeded, stratified split: `val_split`)
+    table.csv (or .tsv)                                 a row per image: its path (relative to the
+                                                        table's folder, or absolute) and its label;
+                                                        a `split` (train/val) or `is_valid` column,
+                                                        else `val_split` (see `scan_table`)
 
 One class map per run: class names sorted, taken from `train/`. Names starting with "." are
 ignored, as are files that are not images by extension and folders that hold headstart runs (a run
@@ -12,6 +16,7 @@ class). This module knows no networks: it yields uint8 image batches (N, 3, S, S
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import logging
@@ -220,15 +225,22 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, *, seed: in
     return train, val
 
 
-def refuse_val_split(root: Path, val_split: float | None) -> None:
-    """ValueError where `val_split` is given for a dataset that has its own val/ folder (it would be ignored)."""
+def refuse_val_split(root: Path, val_split: float | None, *, what: str = "train/ and val/ folders") -> None:
+    """ValueError where `val_split` is given for a dataset that has its own split (it would be ignored)."""
     if val_split is not None:
-        raise ValueError(f"{root} has train/ and val/ folders: --val-split {val_split} would be ignored (it splits a "
-                         "folder of class folders, or train/ where there is no val/); drop it")
+        raise ValueError(f"{root} has {what}: --val-split {val_split} would be ignored (it splits a dataset that has "
+                         "no split of its own); drop it")
 
 
-def scan_dataset(root: str | Path, *, val_split: float | None = None, seed: int = 0) -> DatasetSplits:
-    """Find the classes and images of a dataset root (see the module docstring for layouts)."""
+def scan_dataset(root: str | Path, *, val_split: float | None = None, seed: int = 0,
+                 columns: "Columns | None" = None) -> DatasetSplits:
+    """Find the classes and images of a dataset root (see the module docstring for layouts): a
+    table of labels (.csv, .tsv: `scan_table`, read as `columns` says) or a folder."""
+    if is_table(root):
+        return scan_table(root, val_split=val_split, seed=seed, columns=columns or Columns())
+    if columns is not None and columns != Columns():
+        raise ValueError(f"{root} is a folder: --path-column, --label-column and --allow-outside are for a table of "
+                         "labels (a .csv or .tsv file); drop them")
     root = Path(root)
     _check_folder(root)
     train_dir, val_dir = root / "train", root / "val"
@@ -254,6 +266,182 @@ def scan_dataset(root: str | Path, *, val_split: float | None = None, seed: int 
         raise ValueError(f"{where} has one class folder ({classes[0]!r}): a classifier needs at least two; add a "
                          "folder of images for each other class")
     return DatasetSplits(root, classes, train, val)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables of labels.
+
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+PATH_COLUMNS = ("path", "file", "image", "filename")  # found by header, whatever the case
+LABEL_COLUMNS = ("label", "class", "category")
+SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "val"}
+IS_VALID_VALUES = {"true": "val", "1": "val", "yes": "val", "false": "train", "0": "train", "no": "train"}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """How a table of labels is read: its image and label columns (None: found by header), and
+    whether a relative path may leave the table's folder (`..`)."""
+
+    path: str | None = None
+    label: str | None = None
+    allow_outside: bool = False
+
+
+@dataclass(frozen=True)
+class TableRow:
+    line: int  # in the file (the header is line 1)
+    path: Path  # the table's folder joined with a relative path, or the absolute path as given
+    label: str
+    split: str | None  # train or val where the table has a split column
+
+
+def is_table(root: str | os.PathLike[str]) -> bool:
+    return Path(root).suffix.lower() in TABLE_SUFFIXES and not Path(root).is_dir()
+
+
+def read_table(table: str | os.PathLike[str], columns: Columns = Columns()) -> tuple[list[TableRow], bool]:
+    """(the rows of a table of labels, whether it has a split column). ValueError naming the row and
+    the fix for: a column that is not there, a row without a path or a label, a relative path that
+    leaves the table's folder (unless `columns.allow_outside`), a split value that is not one."""
+    table = Path(table)
+    if not table.is_file():
+        raise FileNotFoundError(f"table not found: {table}. Pass a .csv or .tsv with a path and a label column, or a "
+                                "folder of class folders")
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=TABLE_SUFFIXES[table.suffix.lower()])
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header
+        path_col = _column(table, header, columns.path, PATH_COLUMNS, "--path-column")
+        label_col = _column(table, header, columns.label, LABEL_COLUMNS, "--label-column")
+        lower = {h.lower(): h for h in header}
+        split_col = lower.get("split") or lower.get("is_valid")
+        values = SPLIT_VALUES if split_col and split_col.lower() == "split" else IS_VALID_VALUES
+        folder, rows = table.parent, []
+        for record in reader:
+            line = reader.line_num
+            raw, label = (record.get(path_col) or "").strip(), (record.get(label_col) or "").strip()
+            if not raw and not label and not any((v or "").strip() for v in record.values()):
+                continue  # an empty line
+            where = f"{table}, row {line}"
+            if not raw:
+                raise ValueError(f"{where}: no image path in column {path_col!r}; give one, or remove the row")
+            if not label:
+                raise ValueError(f"{where}: {raw} has an empty label (column {label_col!r}); give every row a "
+                                 "label, or remove the row")
+            path = Path(raw)
+            if not path.is_absolute():
+                path = Path(os.path.normpath(folder / path))
+                if not columns.allow_outside and not _within(path, folder):
+                    raise ValueError(f"{where}: {raw} leaves the table's folder {folder}; move the table up, give "
+                                     "an absolute path, or pass --allow-outside to read it")
+            split = None
+            if split_col:
+                value = (record.get(split_col) or "").strip()
+                split = values.get(value.lower())
+                if split is None:
+                    raise ValueError(f"{where}: {split_col} is {value!r}, not one of {', '.join(values)}; fix the "
+                                     "row, or drop the column and pass --val-split 0.2")
+            rows.append(TableRow(line, path, label, split))
+    return rows, split_col is not None
+
+
+def _column(table: Path, header: list[str], named: str | None, names: tuple[str, ...], flag: str) -> str:
+    if named is not None:
+        if named not in header:
+            raise ValueError(f"{table} has no column {named!r} ({flag}); its columns: {', '.join(header) or 'none'}")
+        return named
+    lower = {h.lower(): h for h in header}
+    found = next((lower[n] for n in names if n in lower), None)
+    if found is None:
+        raise ValueError(f"{table}: no column named {' or '.join(names)} in its header ({', '.join(header) or 'none'}"
+                         f"); name the column with {flag}")
+    return found
+
+
+def _within(path: Path, folder: Path) -> bool:
+    rel = os.path.relpath(path, folder)
+    return rel != ".." and not rel.startswith(".." + os.sep)
+
+
+def table_repeats(rows: Sequence[TableRow]) -> list[tuple[TableRow, TableRow]]:
+    """(first row, later row) for each file listed again (compared as written, after joining)."""
+    first: dict[str, TableRow] = {}
+    out = []
+    for r in rows:
+        key = os.path.normcase(str(r.path))
+        if key in first:
+            out.append((first[key], r))
+        else:
+            first[key] = r
+    return out
+
+
+def scan_table(table: str | os.PathLike[str], *, val_split: float | None = None, seed: int = 0,
+               columns: Columns = Columns()) -> DatasetSplits:
+    """The splits of a table of labels (`read_table`), ordered as a folder dataset orders its files
+    (classes sorted, each class's paths sorted), so the same files give the same run. A file listed
+    twice is an error naming both rows (an identical row is read once); so is a class in val that
+    train never has, or a class without val rows."""
+    table = Path(table)
+    rows, has_split = read_table(table, columns)
+    repeated = {id(later) for _, later in table_repeats(rows)}
+    for a, b in table_repeats(rows):
+        if (a.label, a.split) != (b.label, b.split):
+            what = f"label {a.label!r} and {b.label!r}" if a.label != b.label else f"split {a.split} and {b.split}"
+            raise ValueError(f"{table}, rows {a.line} and {b.line}: {b.path} is listed twice, with {what}; keep one "
+                             "row (`headstart check` lists every such file)")
+        log.warning("%s, row %d: %s is listed again (row %d); read once", table, b.line, b.path, a.line)
+    kept = [r for r in rows if id(r) not in repeated]
+    if not kept:
+        raise ValueError(f"{table} lists no images: a header with a path and a label column, then a row per image")
+    if has_split:
+        refuse_val_split(table, val_split, what="a split column")
+        train_rows, val_rows = [r for r in kept if r.split == "train"], [r for r in kept if r.split == "val"]
+        classes = sorted({r.label for r in train_rows})
+        stray = next((r for r in val_rows if r.label not in classes), None)
+        if stray is not None:
+            raise ValueError(f"{table}, row {stray.line}: class {stray.label!r} is in val but no train row has it: "
+                             "each class must be in both splits; add train rows for it or remove its val rows")
+        lacking = sorted(set(classes) - {r.label for r in val_rows})
+        if lacking:
+            raise ValueError(f"{table}: class(es) {lacking} have no val row: each class must be in both splits")
+        train, val = _table_samples(train_rows, classes), _table_samples(val_rows, classes)
+    else:
+        classes = sorted({r.label for r in kept})
+        if val_split is None:
+            raise ValueError(f"{table} has no split column; to hold out a fifth of each class for validation, pass "
+                             "--val-split 0.2 (val_split), or add a column split (train/val) or is_valid (True/False)")
+        train, val = stratified_split(_table_samples(kept, classes), val_split, seed=seed)
+    if len(classes) < 2:
+        raise ValueError(f"{table} labels every image {classes[0]!r}: a classifier needs at least two classes")
+    return DatasetSplits(table, classes, train, val)
+
+
+def evaluation_samples(data: str | os.PathLike[str], *, columns: Columns | None = None
+                       ) -> tuple[list[str], list[Sample]]:
+    """What evaluate reads: a folder's val/ folder (else the folder itself), or a table's val rows
+    (else all its rows): (the class names present, sorted; the samples, labelled by their index)."""
+    if is_table(data):
+        rows, has_split = read_table(data, columns or Columns())
+        for a, b in table_repeats(rows):
+            if a.label != b.label:
+                raise ValueError(f"{data}, rows {a.line} and {b.line}: {b.path} is listed with label {a.label!r} and "
+                                 f"{b.label!r}; keep one row")
+        chosen = [r for r in rows if r.split == "val"] if has_split else rows
+        if not chosen:
+            raise ValueError(f"{data} has no {'val ' if has_split else ''}rows to evaluate on")
+        present = sorted({r.label for r in chosen})
+        return present, _table_samples(chosen, present)
+    folder = Path(data)
+    if (folder / "val").is_dir():
+        folder = folder / "val"
+    present = find_classes(folder)
+    return present, make_samples(folder, present)
+
+
+def _table_samples(rows: Sequence[TableRow], classes: list[str]) -> list[Sample]:
+    return sorted((Sample(r.path, classes.index(r.label)) for r in rows), key=lambda s: (s.label, s.path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .classifier import load
-from .data import find_classes
+from .data import Columns, evaluation_samples
 from .inference import INFERENCE_BATCH_SIZE
 from .metrics import Metrics
 from .outputs import Kind, json_by, write_output
@@ -25,20 +25,20 @@ def write_metrics_json(path: str | os.PathLike[str], metrics: Metrics, *, overwr
 
 
 def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *,
-             batch_size: int = INFERENCE_BATCH_SIZE,
+             columns: Columns | None = None, batch_size: int = INFERENCE_BATCH_SIZE,
              workers: int = 2, precision: str = "auto", device: str = "auto",
              threads: int | None = None, compile: bool = False, engine: str = "auto", arch: str | None = None,
              classes: str | list[str] | None = None) -> Metrics:
-    """Metrics of a model on a class-per-folder dataset: `data` itself, or its `val/` folder.
+    """Metrics of a model on a class-per-folder dataset (`data` itself, or its `val/` folder), or
+    on a table of labels (its val rows where it has a split column, else every row; `columns`).
 
     Class folders are matched to the model's classes by name; a class the model does not know is
     an error. `checkpoint` may also be a weights file with its head (a MindSpore .ckpt...): its
     classes are then `classes` if given, else the class folders in sorted order; or an exported
     file. precision="int8" runs the checkpoint's int8 copy (made on first use). The loss and
     calibration error are of the probabilities at the model's temperature."""
-    folder = Path(data)
-    if (folder / "val").is_dir():
-        folder = folder / "val"
+    present, samples = evaluation_samples(data, columns=columns)
     model = load(checkpoint, precision=precision, engine=engine, device=device, threads=threads, compile=compile,
-                 reject="off", arch=arch, classes=classes, default_classes=find_classes(folder), calibration=[folder])
-    return model.evaluate(folder, batch_size=batch_size, workers=workers)
+                 reject="off", arch=arch, classes=classes, default_classes=present,
+                 calibration=[s.path for s in samples])
+    return model.evaluate(data, columns=columns, batch_size=batch_size, workers=workers)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import confidence
-from .data import DatasetSplits, Sample, collect_files, scan_dataset
+from .data import Columns, DatasetSplits, Sample, collect_files, scan_dataset
 from .features import Features, extract_features
 from .inference import INFERENCE_BATCH_SIZE
 from .linear import FOLDS, _folds, _solve, fit_head
@@ -146,8 +146,9 @@ def _features(model: torch.nn.Module, samples: Sequence[Sample], *, arch: str, p
 
 
 def find_label_issues(data: str | os.PathLike[str], *, arch: str = "resnet50", weights: str = "imagenet",
-                      val_split: float | None = None, folds: int = FOLDS, seed: int = 0, device: str = "auto",
-                      precision: str = "auto", threads: int | None = None, workers: int = 2,
+                      val_split: float | None = None, columns: Columns | None = None, folds: int = FOLDS,
+                      seed: int = 0, device: str = "auto", precision: str = "auto", threads: int | None = None,
+                      workers: int = 2,
                       on_batch: Callable[[int, int], None] | None = None) -> list[LabelRow]:
     """Every decodable image of `data` (its train/ and val/ pooled), most suspect first: the
     suspects (another class is confidently more likely) by label quality, then the rest. Needs a
@@ -156,7 +157,7 @@ def find_label_issues(data: str | os.PathLike[str], *, arch: str = "resnet50", w
     if weights in (None, "none"):
         raise ValueError("checking labels needs a pretrained backbone: its features are what the labels are checked "
                          "against; drop --weights none (ImageNet weights are the default)")
-    splits = scan_dataset(data, val_split=val_split, seed=seed)
+    splits = scan_dataset(data, val_split=val_split, seed=seed, columns=columns)
     runtime = resolve_runtime(device=device, precision=precision, threads=threads)
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=len(splits.classes), weights=weights)

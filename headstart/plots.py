@@ -131,17 +131,18 @@ def save_reliability(path: str | Path, before: Sequence[Any], after: Sequence[An
 
 
 def show_batch(data: str | Path, *, out: str | Path, batch_size: int = 18, seed: int = 0, image_size: int = 224,
-               val_split: float | None = None, overwrite: bool = False) -> Path:
+               val_split: float | None = None, columns: Any = None, overwrite: bool = False) -> Path:
     """Draw one shuffled, augmented training batch of a dataset with its labels (what the model sees);
     `out` is the picture, or a folder (existing, or written with a trailing slash) to put batch.png in.
-    It replaces only a picture headstart drew (outputs.claim), unless `overwrite`."""
+    It replaces only a picture headstart drew (outputs.claim), unless `overwrite`. `columns`
+    (data.Columns): how a table of labels is read."""
     from .data import ImageDataset, make_loader, scan_dataset
     from .preprocessing import Preprocessing
 
     raw = os.fspath(out)  # (a Path would drop the trailing slash)
     out = Path(raw) / "batch.png" if Path(raw).is_dir() or raw.endswith(("/", os.sep)) else Path(raw)
     claim(out, PICTURE, overwrite=overwrite)
-    splits = scan_dataset(data, val_split=val_split, seed=seed)
+    splits = scan_dataset(data, val_split=val_split, seed=seed, columns=columns)
     pre = Preprocessing(image_size=image_size)
     loader = make_loader(ImageDataset(splits.train, pre.train_transform(), seed=seed), batch_size=batch_size,
                          shuffle=True, seed=seed)

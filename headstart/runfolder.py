@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import hashlib
 import json
 import os
 import time
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import RUN_MARKER, DatasetSplits, ImageDataset, collate, holds_runs, scan_dataset
+from .data import RUN_MARKER, Columns, DatasetSplits, ImageDataset, collate, holds_runs, is_table, scan_dataset
 from .download import atomic_write
 
 try:
@@ -128,8 +129,12 @@ def claim_run_folder(out: Path, *, data: str | os.PathLike[str], resume: bool = 
 
 
 def dataset_listing(splits: DatasetSplits) -> dict[str, list[list[Any]]]:
-    """{split: [[path relative to the dataset, size in bytes], ...]} of the files a run reads."""
-    out: dict[str, list[list[Any]]] = {}
+    """{split: [[path relative to the dataset, size in bytes], ...]} of the files a run reads; for a
+    table of labels, paths relative to its folder, and {"table": its sha256} (a label changed is a
+    change too)."""
+    out: dict[str, Any] = {}
+    table = is_table(splits.root)
+    base = splits.root.parent if table else splits.root
     for split, samples in (("train", splits.train), ("val", splits.val)):
         rows = []
         for s in samples:
@@ -137,8 +142,10 @@ def dataset_listing(splits: DatasetSplits) -> dict[str, list[list[Any]]]:
                 size = s.path.stat().st_size
             except OSError:
                 size = -1
-            rows.append([str(Path(s.path).relative_to(splits.root)), size])
+            rows.append([os.path.relpath(s.path, base), size])
         out[split] = sorted(rows)
+    if table:
+        out["table"] = hashlib.sha256(splits.root.read_bytes()).hexdigest()
     return out
 
 
@@ -159,6 +166,8 @@ def check_dataset_unchanged(out: Path, splits: DatasetSplits) -> None:
             if paths:
                 shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
                 changes.append(f"{len(paths)} {what} in {split} ({shown})")
+    if before.get("table") != now.get("table"):
+        changes.append(f"the table {splits.root} itself (its labels, splits or rows)")
     if changes:
         raise ValueError(f"the dataset {splits.root} changed since the run {out} started: {'; '.join(changes)}. "
                          "Resuming would train on other data: put the files back, or start a new run")
@@ -327,6 +336,8 @@ def run_splits(checkpoint: str | os.PathLike[str]) -> DatasetSplits | None:
         return None
     try:
         s = json.loads(summary.read_text(encoding="utf-8", errors="surrogateescape"))
-        return scan_dataset(s["data"], val_split=s["config"].get("val_split"), seed=s["config"].get("seed", 0))
+        c = s["config"]
+        return scan_dataset(s["data"], val_split=c.get("val_split"), seed=c.get("seed", 0),
+                            columns=Columns(c.get("path_column"), c.get("label_column"), c.get("allow_outside", False)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

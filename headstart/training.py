@@ -25,7 +25,7 @@ from . import confidence
 from .callbacks import Callback, EarlyStopping, Run, StopAtBudget
 from .checkpoint import RunCheckpoints, add_to_checkpoint
 from .clock import Clock, Estimate, parse_duration
-from .data import DatasetSplits, scan_dataset
+from .data import Columns, DatasetSplits, scan_dataset
 from .download import writable_cache
 from .features import Features
 from .distributed import SINGLE, Group, is_rank_failure, join
@@ -132,8 +132,15 @@ class TrainConfig:
                                         "size; --epochs stays the most); off (0): train every epoch (default: "
                                         f"{AUTO_PATIENCE} for auto, off for the other strategies)", minimum=0,
                                   parse=parse_patience)
-    val_split: float | None = option(None, "for a folder of class folders without train/ and val/: the fraction "
+    val_split: float | None = option(None, "for a folder of class folders without train/ and val/ (or a table "
+                                           "without a split column): the fraction "
                                            "held out for validation, e.g. 0.2 (seeded, stratified)")
+    path_column: str | None = option(None, "DATA is a table (.csv, .tsv): its column of image paths, relative to the "
+                                           "table's folder or absolute (default: the column headed path, file, image "
+                                           "or filename)")
+    label_column: str | None = option(None, "DATA is a table: its column of labels (default: the column headed "
+                                            "label, class or category)")
+    allow_outside: bool = option(False, "DATA is a table: let a relative path leave the table's folder (..)")
     seed: int = option(0, "seed of the new head, the augmentation and the order of the images")
     workers: int = option(2, "data-loading worker processes", minimum=0)
     precision: str = option("auto", "auto: bf16 where the CPU or GPU supports it, else fp32; int8: the frozen "
@@ -143,8 +150,8 @@ class TrainConfig:
     threads: int | None = option(None, "compute threads (default: one per core)", minimum=1)
     compile: bool = option(False, "torch.compile the network (the first call costs 25-100 s on a CPU)")
     engine: str = option("auto", "what runs inference (validation, frozen features, prediction, evaluation); auto: "
-                                 "OpenVINO on a CPU where installed, for runs with enough images to pay back its "
-                                 "conversion", choices=ENGINES)
+                                 "OpenVINO on a CPU where installed (validation during fine-tuning: from 256 images, "
+                                 "which pay back its conversion)", choices=ENGINES)
     feature_cache: str = option("disk", "frozen strategy: compute backbone features once and train the head on them, "
                                         "kept in memory or also on disk for later runs; off runs the backbone every "
                                         "step", choices=FEATURE_CACHES)
@@ -160,6 +167,10 @@ class TrainConfig:
     timeout: float = option(300.0, "data-parallel runs (torchrun, --nproc): how long a rank waits for the others "
                                    "(e.g. 90s, 10m) before it ends the run with an error", minimum=1,
                             parse=parse_duration)
+
+    def columns(self) -> Columns:
+        """How DATA is read where it is a table of labels."""
+        return Columns(self.path_column, self.label_column, self.allow_outside)
 
     def __post_init__(self) -> None:
         if self.weights == "none":
@@ -425,7 +436,7 @@ def train(data: str | os.PathLike[str], *, out: str | os.PathLike[str], config: 
 
 def _train(data: str | os.PathLike[str], out: Path, config: TrainConfig, callback: Callback, resume: bool,
            started: float, group: Group) -> RunResult:
-    splits = scan_dataset(data, val_split=config.val_split, seed=config.seed)
+    splits = scan_dataset(data, val_split=config.val_split, seed=config.seed, columns=config.columns())
     if resume and group.main:
         check_dataset_unchanged(out, splits)
     elif group.main:
