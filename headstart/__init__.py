@@ -1,4 +1,4 @@
-"""headstart: transfer learning on folders of labelled images.
+"""headstart: transfer learning on labelled images (class folders, or a table of labels).
 
     from headstart import TrainConfig, load, train
     result = train("data/", out="runs/x", config=TrainConfig(strategy="frozen"))

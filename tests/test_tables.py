@@ -101,6 +101,8 @@ def test_the_cli_trains_shows_checks_and_evaluates_a_table(tmp_path: Path, capsy
     capsys.readouterr()
     assert main(["evaluate", str(run / "best.safetensors"), "t.csv", *named, "--workers", "0"]) == 0
     assert "images: 12" in capsys.readouterr().out
+    assert main(["export", str(run / "best.safetensors"), "--out", str(tmp_path / "m.onnx")]) == 0  # (its run's split)
+    assert f"parity on 12 images (the run's validation images, {table.name})" in capsys.readouterr().out
     assert main(["check", str(table)]) == 2  # its columns are not found by their header
     assert "no column named path or file or image or filename" in capsys.readouterr().err
 
