@@ -118,6 +118,12 @@ def _table_layout(table: Path, val_split: float | None, columns: Columns
     that cannot be read (no such column, an empty label...) is a ValueError naming the row."""
     rows, has_split = read_table(table, columns)
     findings = []
+    if not rows:
+        findings.append(Finding("error", "no-classes", f"{table} lists no images: a header with a path and a label "
+                                                       "column, then a row per image", [str(table)]))
+    elif len({r.label for r in rows}) < 2:
+        findings.append(Finding("error", "no-classes", f"{table} labels every image {rows[0].label!r}: a classifier "
+                                                       "needs at least two classes", [str(table)]))
     if has_split:
         refuse_val_split(table, val_split, what="a split column")
     elif val_split is None:

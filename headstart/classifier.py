@@ -6,8 +6,8 @@ and the Python API all go through a `Classifier`.
 
 `load` opens whatever names a trained model: a headstart checkpoint, a weights file with its head
 (MindSpore .ckpt, .pth, safetensors, TF.js model.json: `arch`, `classes`), a file written by
-`headstart export` (.onnx, OpenVINO .xml) or an int8 copy; and `_backend` (the one place headstart
-decides how a trained model runs) chooses, once:
+`headstart export` (.onnx, OpenVINO .xml) or an int8 copy; and `load` (with `_open_export` and
+`_int8_copy` beside it: the one place headstart decides how a trained model runs) chooses, once:
 
     an exported file              -> its own runtime (onnxruntime or OpenVINO), at its precision
     precision "int8"              -> the checkpoint's int8 copy (int8.py), run by OpenVINO; it
@@ -20,9 +20,10 @@ decides how a trained model runs) chooses, once:
                                      graph is kept on disk), else PyTorch; bf16 where the CPU or GPU
                                      has it, else fp32
 
-Training keeps its own choice for validation and the frozen strategy's features (runtime.py's
-`inference_model`: OpenVINO from `engine.MIN_IMAGES` images on); those run on the weights being
-trained, never on a file.
+Training keeps its own choice for validation during fine-tuning (runtime.py's `inference_model`:
+OpenVINO from `engine.MIN_IMAGES` images on, the weights changing every epoch); the frozen
+strategy's features and the unknown-image test's fit run as a trained model does
+(`Runtime.for_trained_model`), so the head learns on the numbers predict gives.
 
 One image, whichever way it comes in (a path, bytes, a PIL image, an array):
 
@@ -36,6 +37,7 @@ One image, whichever way it comes in (a path, bytes, a PIL image, an array):
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,7 @@ from .weights import weights_fingerprint
 # or (H, W, 4) RGBA
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,21 +99,21 @@ def load(model: str | os.PathLike[str], *, precision: str = "auto", engine: str 
             raise ValueError(f"{source} is an exported file: it gives logits, not the backbone features this needs; "
                              "pass the checkpoint it came from")
         return Classifier._exported(_open_export(source, precision=precision, engine=engine, device=device,
-                                                 compile=compile, threshold=threshold), source)
+                                                 compile=compile, threshold=threshold, threads=threads), source)
     tests = is_checkpoint(source) and "unknown" in read_checkpoint(source, tensors=False)[1]
+    if threshold is not None and not tests:
+        raise ValueError(f"--reject {reject} needs a checkpoint with an unknown-image test; {model} has none "
+                         "(a run's best.safetensors written by this headstart's `train` has one). Use --reject off")
     wanted = tests and reject != "off"  # the unknown-image test: features from the network in PyTorch
     if features and precision == "int8":
         raise ValueError("precision int8 runs an int8 copy that gives logits, not the backbone features this needs: "
                          "drop --precision int8")
-    copy = _int8_copy(source, precision=precision, engine=engine, device=device, wanted=wanted or features,
-                      arch=arch, classes=classes, calibration=calibration)
+    copy = _int8_copy(source, precision=precision, engine=engine, device=device, compile=compile, threads=threads,
+                      wanted=wanted or features, arch=arch, classes=classes, calibration=calibration)
     if copy is not None:
         return Classifier._exported(copy, source)
     loaded = open_model(model, arch=arch, classes=classes, default_classes=default_classes)  # (a tag, a URL too)
     rejection = checkpoint_rejection(loaded.meta, loaded.extra) if reject != "off" else None
-    if threshold is not None and rejection is None:
-        raise ValueError(f"--reject {reject} needs a checkpoint with an unknown-image test; {model} has none "
-                         "(a run's best.safetensors written by this headstart's `train` has one). Use --reject off")
     runtime = resolve_runtime(device=device, precision=precision, threads=threads, compile=compile, engine=engine)
     return Classifier(source, loaded=loaded, runtime=runtime.for_trained_model(), rejection=rejection,
                       threshold=threshold if threshold is not None else rejection.threshold if rejection else None,
@@ -132,10 +135,10 @@ def _threshold(reject: str | float) -> float | None:
 
 
 def _open_export(path: Path, *, precision: str, engine: str, device: str, compile: bool,
-                 threshold: float | None) -> ExportedModel:
+                 threshold: float | None, threads: int | None) -> ExportedModel:
     """An exported file, where the options asked for can be honoured: it runs on its own runtime,
-    on the CPU, at the precision it was written in, without an unknown-image test."""
-    exported = open_exported(path)
+    on the CPU (`threads`), at the precision it was written in, without an unknown-image test."""
+    exported = open_exported(path, threads=threads)
     if precision not in ("auto", exported.precision):
         raise ValueError(f"{path} is an {exported.precision} export and runs in {exported.precision}, not "
                          f"{precision}: drop --precision, or pass the checkpoint it came from")
@@ -148,23 +151,35 @@ def _open_export(path: Path, *, precision: str, engine: str, device: str, compil
     return exported
 
 
-def _int8_copy(source: Path, *, precision: str, engine: str, device: str, wanted: bool, arch: str | None,
-               classes: str | list[str] | None, calibration: Sequence[str | os.PathLike[str]]
-               ) -> ExportedModel | None:
-    """The checkpoint's int8 copy where it is asked for (precision "int8"), or where "auto" takes
-    one made before (int8.int8_if_faster); None: the network runs in PyTorch."""
-    from .int8 import int8_if_faster, int8_model
+def _int8_copy(source: Path, *, precision: str, engine: str, device: str, compile: bool, threads: int | None,
+               wanted: bool, arch: str | None, classes: str | list[str] | None,
+               calibration: Sequence[str | os.PathLike[str]]) -> ExportedModel | None:
+    """The checkpoint's int8 copy (OpenVINO, on the CPU) where it is asked for (precision "int8"),
+    or, with precision "auto", one made before where the CPU has no native bf16, nothing asked for
+    another engine or device, no features are wanted, and it passed its gate and ran faster than
+    the default precision (its record says); None: the network runs through a Runtime."""
+    from . import int8
+    from .runtime import cpu_has_bf16
 
     if precision == "int8":
+        if engine == "torch" or device not in ("auto", "cpu") or compile:
+            raise ValueError("precision int8 runs an int8 copy in OpenVINO on the CPU: drop --engine torch, --device "
+                             "and --compile, or choose another --precision")
         if wanted:
             raise ValueError(f"precision int8 computes no features, so it cannot run the unknown-image test of "
                              f"{source}: every image, a photo of something else too, would get one of its classes. "
                              "Pass --reject off to predict in int8 without the test, or drop --precision int8 to "
                              "keep it (bf16 or fp32)")
-        return int8_model(source, images=calibration, arch=arch, classes=classes)
-    if precision == "auto" and engine != "torch" and device in ("auto", "cpu") and not wanted:
-        return int8_if_faster(source, arch=arch, classes=classes)
-    return None
+        return int8.int8_model(source, images=calibration, arch=arch, classes=classes, threads=threads)
+    if precision != "auto" or engine == "torch" or device not in ("auto", "cpu") or compile or wanted or \
+            cpu_has_bf16():
+        return None
+    found = int8.made_before(source, arch=arch, classes=classes)
+    if found is None or not found[1]["int8_img_s"] > found[1]["default_img_s"]:
+        return None
+    log.info("precision auto: the int8 copy (%.1f img/s against %.1f in %s)", found[1]["int8_img_s"],
+             found[1]["default_img_s"], found[1]["default"])
+    return int8.open_copy(found[0], threads=threads)
 
 
 class Classifier:
@@ -211,14 +226,7 @@ class Classifier:
     def decode(self, image: ImageLike) -> torch.Tensor:
         """An image -> uint8 (3, S, S), the model's input. Raises one of data.IMAGE_ERRORS for a file
         or bytes that are not a readable image (DecompressionBombError over Pillow's pixel guard)."""
-        if isinstance(image, Image.Image):
-            return self.transform(image)
-        if isinstance(image, np.ndarray):
-            return self.transform(_from_array(image))
-        if not isinstance(image, (str, os.PathLike, bytes, bytearray)):
-            raise TypeError(f"an image is a path, bytes, a PIL image or a uint8 array, not {type(image).__name__}")
-        with open_image(image) as img:
-            return self.transform(img)
+        return decode_image(image, self.transform)
 
     def run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 (N, 3, S, S) -> (logits (N, C) float32, familiarity (N,) or None without the test)."""
@@ -259,6 +267,13 @@ class Classifier:
             yield tag, logits, self.rejection.familiarity(nearest_similarity(out, self._loaded.extra[REFERENCE]),
                                                           energy(logits, self.temperature))
 
+    def prepare(self) -> "Classifier":
+        """Make the inference copy now (OpenVINO's conversion or its graph read from disk), not on
+        the first batch: serve calls it before it says it is serving."""
+        if self._file is None:
+            self._net(self.rejection is not None)
+        return self
+
     def _net(self, features: bool) -> nn.Module:
         if features not in self._nets:
             self._nets[features] = self._runtime.inference_model(self._loaded.model, features=features)
@@ -274,9 +289,8 @@ class Classifier:
         a list of them, or a folder (its images, recursively) -> a list, in order; a file that is not
         a readable image gets an `error` instead. `workers`: processes decoding beside the model."""
         _top_k(top_k)
-        one = not isinstance(images, (list, tuple)) and not (isinstance(images, (str, os.PathLike))
-                                                             and Path(images).is_dir())
-        sources = _expand(images if isinstance(images, (list, tuple)) else [images])
+        one = _single(images) and not (isinstance(images, (str, os.PathLike)) and Path(images).is_dir())
+        sources = _expand([images] if _single(images) else images)
         names = [_name(s, i) for i, s in enumerate(sources)]
         out = self._run_many(sources, batch_size=batch_size, workers=workers, on_batch=on_batch)
         results = {i: Prediction(names[i], None, 0.0, [], f"not a readable image ({reason})") for i, reason in out.failed}
@@ -290,7 +304,7 @@ class Classifier:
                workers: int = 0) -> torch.Tensor:
         """Logits (N, C) float32 of the images, in order (softmax(logits / temperature) are the
         probabilities). ValueError naming an image that cannot be read."""
-        sources = _expand(images if isinstance(images, (list, tuple)) else [images])
+        sources = _expand([images] if _single(images) else images)
         out = self._run_many(sources, batch_size=batch_size, workers=workers)
         _refuse_failed(sources, out.failed)
         return out.logits
@@ -302,9 +316,9 @@ class Classifier:
         the list, `failed`: the others). `cache`: through the disk feature cache that training uses
         (keyed by the backbone's weights; files only). An exported file has none: ValueError."""
         if self._file is not None:
-            raise ValueError(f"{self.source} is an exported file: it gives logits, not features; pass the checkpoint "
-                             "it came from")
-        sources = _expand(images if isinstance(images, (list, tuple)) else [images])
+            raise ValueError(f"{self.source} runs as {self.backend}, which gives logits, not features: "
+                             f"{'pass the checkpoint it came from' if is_exported(self.source) else 'load it with another precision'}")
+        sources = _expand([images] if _single(images) else images)
         model = self._loaded.model
         if all(isinstance(s, (str, os.PathLike)) for s in sources):  # (through the cache, where asked for)
             key = weights_fingerprint(model, exclude=f"{get_model_info(self.arch).classifier}.") if cache else None
@@ -348,7 +362,7 @@ class Classifier:
         overwrite): ONNX or OpenVINO IR, checked by the parity gate."""
         from .export import export
 
-        if self._file is not None:
+        if is_exported(self.source):
             raise ValueError(f"{self.source} is an exported file already; export the checkpoint it came from")
         return export(self.source, out=out, **{**self._options, **options})
 
@@ -371,7 +385,7 @@ class Classifier:
         processes; the undecodable go to `failed`; `on_batch(step, steps)` after each."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        loader = make_loader(_Decoded(sources, self.decode), batch_size=batch_size, shuffle=False, workers=workers)
+        loader = make_loader(_Decoded(sources, self.transform), batch_size=batch_size, shuffle=False, workers=workers)
         for step, batch in enumerate(loader):
             failed.extend(batch.failed)
             if len(batch):
@@ -388,11 +402,23 @@ class _Outputs:
     failed: list[tuple[int, str]]  # (place, reason) of the others
 
 
+def decode_image(image: ImageLike, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """`Classifier.decode`, for the loader's workers too (they get the transform, not the model)."""
+    if isinstance(image, Image.Image):
+        return transform(image)
+    if isinstance(image, np.ndarray):
+        return transform(_from_array(image))
+    if not isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        raise TypeError(f"an image is a path, bytes, a PIL image or a uint8 array, not {type(image).__name__}")
+    with open_image(image) as img:
+        return transform(img)
+
+
 class _Decoded(torch.utils.data.Dataset):
     """Sources -> (uint8 image or None, -1, index, reason), for data.collate; (index, epoch) keys."""
 
-    def __init__(self, sources: Sequence[ImageLike], decode: Callable[[ImageLike], torch.Tensor]) -> None:
-        self.sources, self.decode = list(sources), decode
+    def __init__(self, sources: Sequence[ImageLike], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.sources, self.transform = list(sources), transform
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -400,7 +426,7 @@ class _Decoded(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int, int, str]:
         index = key[0]
         try:
-            return self.decode(self.sources[index]), -1, index, ""
+            return decode_image(self.sources[index], self.transform), -1, index, ""
         except IMAGE_ERRORS as e:
             return None, -1, index, f"{type(e).__name__}: {e}"
 
@@ -411,6 +437,12 @@ def _from_array(a: np.ndarray) -> Image.Image:
         raise ValueError(f"an image array must be uint8 (H, W), (H, W, 3) RGB or (H, W, 4) RGBA; got {a.dtype} "
                          f"{tuple(a.shape)} (np.asarray(PIL.Image.open(f).convert('RGB')) gives one)")
     return Image.fromarray(np.ascontiguousarray(a))
+
+
+def _single(images: Any) -> bool:
+    """One image (a path, bytes, a PIL image, an array), not a list or another iterable of them."""
+    return isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)) or \
+        not isinstance(images, Iterable)
 
 
 def _expand(sources: Iterable[ImageLike]) -> list[ImageLike]:

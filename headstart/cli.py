@@ -360,7 +360,7 @@ def _format_label_issues(rows: Sequence[Any], shown: int) -> str:
 def cmd_similar(a: argparse.Namespace) -> int:
     from .limits import find_similar
 
-    for result in find_similar(a.checkpoint, a.images, data=a.data, k=a.k, workers=a.workers):
+    for result in find_similar(a.checkpoint, a.images, data=a.data, k=a.k, workers=a.workers, columns=_columns(a)):
         say(result.path)
         if result.error:
             say(f"  error: {result.error}")
@@ -519,9 +519,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run's best.safetensors")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--in", dest="data", required=True, metavar="DATA",
-                   help="the training images: a dataset (its train/ folder) or a folder of images")
+                   help="the training images: a dataset (its train/ folder), a folder of images, or a table of "
+                        "labels (its train rows)")
     p.add_argument("-k", type=int, default=5, help="images per query (default: 5)")
     p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
+    if full("similar"):
+        _add_options(p, TABLE_OPTIONS)
     p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("report", help="re-render a run's report.html, or compare several runs",

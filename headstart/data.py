@@ -26,7 +26,7 @@ import random
 import signal
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -308,6 +308,14 @@ def read_table(table: str | os.PathLike[str], columns: Columns = Columns()) -> t
     if not table.is_file():
         raise FileNotFoundError(f"table not found: {table}. Pass a .csv or .tsv with a path and a label column, or a "
                                 "folder of class folders")
+    try:
+        return _read_rows(table, columns)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{table} is not UTF-8 text ({e.reason} at byte {e.start}): save it as CSV UTF-8 (or TSV)") \
+            from None
+
+
+def _read_rows(table: Path, columns: Columns) -> tuple[list[TableRow], bool]:
     with open(table, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=TABLE_SUFFIXES[table.suffix.lower()])
         header = [h.strip() for h in reader.fieldnames or []]
@@ -320,16 +328,22 @@ def read_table(table: str | os.PathLike[str], columns: Columns = Columns()) -> t
         folder, rows = table.parent, []
         for record in reader:
             line = reader.line_num
+            record.pop(None, None)  # (cells past the header's: not read)
             raw, label = (record.get(path_col) or "").strip(), (record.get(label_col) or "").strip()
             if not raw and not label and not any((v or "").strip() for v in record.values()):
-                continue  # an empty line
+                continue  # an empty line, or one of empty cells (",,")
             where = f"{table}, row {line}"
             if not raw:
                 raise ValueError(f"{where}: no image path in column {path_col!r}; give one, or remove the row")
             if not label:
                 raise ValueError(f"{where}: {raw} has an empty label (column {label_col!r}); give every row a "
                                  "label, or remove the row")
-            path = Path(raw)
+            if os.sep == "/" and "\\" in raw and "/" not in raw:  # a path written on Windows: img\a.png
+                if PureWindowsPath(raw).anchor:
+                    raise ValueError(f"{where}: {raw} is a Windows path; give it relative to the table's folder "
+                                     "(img/a.png) or as this machine's absolute path")
+                raw = PureWindowsPath(raw).as_posix()
+            path = Path(os.path.normpath(raw))
             if not path.is_absolute():
                 path = Path(os.path.normpath(folder / path))
                 if not columns.allow_outside and not _within(path, folder):
@@ -369,7 +383,7 @@ def table_repeats(rows: Sequence[TableRow]) -> list[tuple[TableRow, TableRow]]:
     first: dict[str, TableRow] = {}
     out = []
     for r in rows:
-        key = os.path.normcase(str(r.path))
+        key = os.path.normcase(os.path.abspath(r.path))  # (relative to the working folder, or absolute: one file)
         if key in first:
             out.append((first[key], r))
         else:
@@ -423,21 +437,30 @@ def evaluation_samples(data: str | os.PathLike[str], *, columns: Columns | None 
     """What evaluate reads: a folder's val/ folder (else the folder itself), or a table's val rows
     (else all its rows): (the class names present, sorted; the samples, labelled by their index)."""
     if is_table(data):
-        rows, has_split = read_table(data, columns or Columns())
-        for a, b in table_repeats(rows):
-            if a.label != b.label:
-                raise ValueError(f"{data}, rows {a.line} and {b.line}: {b.path} is listed with label {a.label!r} and "
-                                 f"{b.label!r}; keep one row")
-        chosen = [r for r in rows if r.split == "val"] if has_split else rows
-        if not chosen:
-            raise ValueError(f"{data} has no {'val ' if has_split else ''}rows to evaluate on")
-        present = sorted({r.label for r in chosen})
-        return present, _table_samples(chosen, present)
+        return table_split(data, "val", columns=columns)
     folder = Path(data)
     if (folder / "val").is_dir():
         folder = folder / "val"
     present = find_classes(folder)
     return present, make_samples(folder, present)
+
+
+def table_split(table: str | os.PathLike[str], split: str, *, columns: Columns | None = None
+                ) -> tuple[list[str], list[Sample]]:
+    """A table's rows of `split` (train or val; every row where it has no split column), each file
+    once: (the class names present, sorted; the samples, labelled by their index)."""
+    rows, has_split = read_table(table, columns or Columns())
+    repeats = table_repeats(rows)
+    for a, b in repeats:
+        if a.label != b.label:
+            raise ValueError(f"{table}, rows {a.line} and {b.line}: {b.path} is listed with label {a.label!r} and "
+                             f"{b.label!r}; keep one row")
+    again = {id(b) for _, b in repeats}  # (read once, as training reads them)
+    chosen = [r for r in rows if id(r) not in again and (r.split == split or not has_split)]
+    if not chosen:
+        raise ValueError(f"{table} has no {f'{split} ' if has_split else ''}rows to read")
+    present = sorted({r.label for r in chosen})
+    return present, _table_samples(chosen, present)
 
 
 def _table_samples(rows: Sequence[TableRow], classes: list[str]) -> list[Sample]:

@@ -220,11 +220,18 @@ def _write_openvino(net: nn.Module, example: torch.Tensor, out: Path, metadata: 
 
 def documented_crop(path: str | os.PathLike[str], pre: Preprocessing) -> np.ndarray:
     """An image as the README's snippet makes it for an exported file, uint8 (S, S, 3): Pillow's
-    decode at full size, EXIF rotation, RGB, the shorter side resized to `resize_size`, the centre
-    S x S cut out. Written apart from headstart's decoder (preprocessing.EvalTransform) on purpose:
+    decode at full size, EXIF rotation, transparency on white, RGB, the shorter side resized to
+    `resize_size`, the centre S x S cut out (a 16-bit or float image scaled to 8 bits first, as the
+    README says). Written apart from headstart's decoder (preprocessing.EvalTransform) on purpose:
     the gate then checks the file as a user's code runs it."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # the README's note: to 8 bits first
+            a = np.asarray(img, dtype=np.float64)
+            a = (a * 255 if a.size and a.max() <= 1 else a) if img.mode == "F" else a / 257
+            img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img).convert("RGB")
     s, scale = pre.image_size, pre.resize_size / min(img.size)
     img = img.resize((round(img.width * scale), round(img.height * scale)), _RESAMPLING[pre.interpolation])
     left, top = (img.width - s) // 2, (img.height - s) // 2

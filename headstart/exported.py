@@ -39,8 +39,9 @@ def is_exported(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in SUFFIXES
 
 
-def open_exported(path: str | os.PathLike[str]) -> ExportedModel:
-    """An exported .onnx or .xml with what its metadata says (classes, preprocessing, arch)."""
+def open_exported(path: str | os.PathLike[str], *, threads: int | None = None) -> ExportedModel:
+    """An exported .onnx or .xml with what its metadata says (classes, preprocessing, arch), run on
+    `threads` CPU threads (None: the runtime's default, one per core)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported model not found: {path}; write one with `headstart export CKPT`")
@@ -50,7 +51,10 @@ def open_exported(path: str | os.PathLike[str]) -> ExportedModel:
         import onnxruntime as ort
 
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         def run(batch: np.ndarray) -> np.ndarray:
             return session.run(["logits"], {"images": batch})[0]
@@ -63,7 +67,8 @@ def open_exported(path: str | os.PathLike[str]) -> ExportedModel:
         graph = _core().read_model(str(path))
         raw = graph.get_rt_info(["headstart", "metadata"]).astype(str) if graph.has_rt_info(["headstart", "metadata"]) \
             else None
-        compiled = _core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = _core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                        **({"INFERENCE_NUM_THREADS": threads} if threads else {})})
         request = compiled.create_infer_request()
 
         def run(batch: np.ndarray) -> np.ndarray:

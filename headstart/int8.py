@@ -1,7 +1,7 @@
 """The int8 copy of a checkpoint that predict, evaluate and serve run with precision "int8" (and
-"auto" picks where it ran faster on a CPU without bf16): NNCF's post-training quantization written
+"auto" runs where it ran faster on a CPU without bf16): NNCF's post-training quantization written
 as OpenVINO IR by `export`, made on first use and kept in the cache with its gate's result and its
-speed. Which backend runs is decided in classifier.py alone; this module only makes and finds."""
+speed. Which backend runs is decided in `classifier.load` alone; this module makes and finds."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.PathLike[str]] = (),
-               arch: str | None = None, classes: str | list[str] | None = None) -> ExportedModel:
+               arch: str | None = None, classes: str | list[str] | None = None,
+               threads: int | None = None) -> ExportedModel:
     """`checkpoint` in int8, for predict, evaluate and serve with precision="int8": an int8 export
     as it is, else `export(..., precision="int8")` to OpenVINO IR, made on first use and kept under
     <cache_dir()>/int8/ (keyed by the checkpoint's bytes), with its gate's result and its speed
@@ -35,14 +36,14 @@ def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.
     Calibrated and checked on the run's images where its dataset is at hand, else on `images`."""
     src = Path(checkpoint)
     if is_exported(src):
-        model = open_exported(src)
+        model = open_exported(src, threads=threads)
         if model.precision != "int8":
             raise ValueError(f"{src} is a {model.precision} export; precision int8 takes a checkpoint or an int8 "
                              "export (headstart export CKPT --format openvino --precision int8)")
         return model
     path, in_run = _int8_path(src, arch, classes)
     if path.is_file() and path.with_suffix(".json").is_file():  # the record is written last: a whole entry
-        return open_exported(path)
+        return open_exported(path, threads=threads)
     if not in_run and not images:
         raise FileNotFoundError(f"int8 needs images to calibrate and check on: {src} is not in a run folder whose "
                                 "dataset is at hand; export it first: headstart export CKPT --format openvino "
@@ -57,32 +58,30 @@ def int8_model(checkpoint: str | os.PathLike[str], *, images: Sequence[str | os.
         json.dump({"parity": asdict(result.parity), **speed}, f, indent=1)
     log.info("int8 model of %s: %s; %.1f img/s against %.1f (%s)", src, result.parity.line(),
              speed["int8_img_s"], speed["default_img_s"], speed["default"])
-    return open_exported(path)
+    return open_exported(path, threads=threads)
 
 
-def int8_if_faster(checkpoint: str | os.PathLike[str], *, arch: str | None = None,
-                   classes: str | list[str] | None = None) -> ExportedModel | None:
-    """precision "auto" in predict, evaluate and serve (on the CPU, engine not torch): the int8 model
-    of `checkpoint`, where the CPU has no native bf16 and one was made before (`--precision int8`),
-    it passed its gate (0.5 points at most below fp32) and it ran faster than the default
-    precision; else None. It is never made here: quantizing takes tens of seconds."""
-    from .runtime import cpu_has_bf16
-
+def made_before(checkpoint: str | os.PathLike[str], *, arch: str | None = None,
+                classes: str | list[str] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """(the int8 copy of `checkpoint` made before, its record: the gate's result and the speeds of
+    int8 and the default precision), where there is a whole one in the cache; else None. Never made
+    here (quantizing takes tens of seconds); whether to run it is `classifier.load`'s to decide."""
     src = Path(checkpoint)
-    if is_exported(src) or cpu_has_bf16() or not (cache_dir() / "int8").is_dir():  # (no hashing where none)
+    if is_exported(src) or not (cache_dir() / "int8").is_dir():  # (no hashing where none)
         return None
     try:
         path, _ = _int8_path(src, arch, classes, scan=False)
-        speed = json.loads(path.with_suffix(".json").read_text())
-        if not (path.is_file() and float(speed["int8_img_s"]) > float(speed["default_img_s"])):
-            return None
-        model = open_exported(path)
-    except Exception as e:  # noqa: BLE001  (no record, a damaged one, OpenVINO gone: the default precision)
-        log.debug("precision auto: no int8 model of %s (%s: %s)", src, type(e).__name__, e)
+        record = json.loads(path.with_suffix(".json").read_text())
+        float(record["int8_img_s"]), float(record["default_img_s"])
+    except Exception as e:  # noqa: BLE001  (no record, a damaged one: none)
+        log.debug("no int8 copy of %s (%s: %s)", src, type(e).__name__, e)
         return None
-    log.info("precision auto: the int8 model (%.1f img/s against %.1f in %s)", speed["int8_img_s"],
-             speed["default_img_s"], speed["default"])
-    return model
+    return (path, record) if path.is_file() else None
+
+
+def open_copy(path: Path, *, threads: int | None = None) -> ExportedModel:
+    """An int8 copy from the cache, opened (OpenVINO)."""
+    return open_exported(path, threads=threads)
 
 
 def _int8_path(src: Path, arch: str | None, classes: str | list[str] | None, *,

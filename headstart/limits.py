@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import confidence
-from .data import Columns, DatasetSplits, Sample, collect_files, scan_dataset
+from .data import Columns, DatasetSplits, Sample, collect_files, is_table, scan_dataset, table_split
 from .features import Features, extract_features
 from .inference import INFERENCE_BATCH_SIZE
 from .linear import FOLDS, _folds, _solve, fit_head
@@ -192,9 +192,10 @@ class SimilarImages:
 
 def find_similar(checkpoint: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *,
                  data: str | os.PathLike[str], k: int = 5, device: str = "auto", precision: str = "auto",
-                 threads: int | None = None, workers: int = 2, arch: str | None = None) -> list[SimilarImages]:
+                 threads: int | None = None, workers: int = 2, arch: str | None = None,
+                 columns: Columns | None = None) -> list[SimilarImages]:
     """For each image under `images`, the `k` training images of `data` (its train/ folder, or the
-    folder itself) nearest by the checkpoint's backbone features (cosine), from the disk feature
+    folder itself, or a table's train rows: `columns`) nearest by the checkpoint's backbone features (cosine), from the disk feature
     cache when they are there. The model runs as `classifier.load` opens it."""
     from .classifier import load
 
@@ -203,9 +204,13 @@ def find_similar(checkpoint: str | os.PathLike[str], images: Sequence[str | os.P
     model = load(checkpoint, device=device, precision=precision, threads=threads, reject="off", arch=arch,
                  features=True)
     root = Path(data)
-    splits = scan_dataset(root, val_split=None) if (root / "train").is_dir() else None
-    train = splits.train if splits else [Sample(p, 0) for p in collect_files([root])]
-    names = splits.classes if splits else None
+    if is_table(root):  # its train rows (every row where it has no split column)
+        names, train = table_split(root, "train", columns=columns)
+    elif (root / "train").is_dir():
+        splits = scan_dataset(root, val_split=None)
+        names, train = splits.classes, splits.train
+    else:
+        names, train = None, [Sample(p, 0) for p in collect_files([root])]
     files = collect_files(images)
     ref = model.features([s.path for s in train], cache=True, workers=workers)
     query = model.features(files, cache=True, workers=workers)

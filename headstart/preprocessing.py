@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_IMAGE_SIZE = 2048  # larger crops are almost surely a mistake (or a hostile checkpoint)
+MAX_RESIZED_PIXELS = 2**22  # eval: past this, the centre region is resized alone (EvalTransform)
 
 _INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -234,7 +235,9 @@ class EvalTransform:
     whole, and its centre cut out with the offset rounded down: step for step what the README's
     snippet does for an exported model (export.documented_crop), so a file gives the same pixels
     whichever way it comes in. Resizing only the centre region would save about 10% (kite.jpg,
-    1352x900: 26 ms against 29 ms, decode included) but rounds a few pixels one level apart.
+    1352x900: 26 ms against 29 ms, decode included) but rounds a few pixels one level apart; it is
+    done only where the whole image, resized, would pass MAX_RESIZED_PIXELS (an image about 64 times
+    as wide as high, or the reverse: a 121-byte 12000x1 PNG would take 3.3 GB and 3.6 s resized whole).
     """
 
     pre: Preprocessing
@@ -243,9 +246,14 @@ class EvalTransform:
         s = self.pre.image_size  # (`size`: a training crop's; evaluation keeps its own)
         img = to_rgb(img)
         scale = self.pre.resize_size / min(img.size)
-        img = img.resize((round(img.width * scale), round(img.height * scale)), _INTERPOLATIONS[self.pre.interpolation])
-        left, top = (img.width - s) // 2, (img.height - s) // 2
-        return to_uint8_tensor(img.crop((left, top, left + s, top + s)))
+        w, h = round(img.width * scale), round(img.height * scale)
+        left, top = (w - s) // 2, (h - s) // 2
+        resample = _INTERPOLATIONS[self.pre.interpolation]
+        if w * h > MAX_RESIZED_PIXELS:  # a strip (4000x1...): the crop's region alone, not gigabytes for the whole
+            sx, sy = img.width / w, img.height / h
+            return to_uint8_tensor(img.resize((s, s), resample, box=(left * sx, top * sy, (left + s) * sx,
+                                                                     (top + s) * sy)))
+        return to_uint8_tensor(img.resize((w, h), resample).crop((left, top, left + s, top + s)))
 
 
 Transform = Callable[..., torch.Tensor]  # (PIL image, rng=None, size=None) -> uint8 (3, S, S)

@@ -83,7 +83,7 @@ class Predictor:
             raise ValueError(f"need top_k >= 1, max_batch >= 1 and max_wait >= 0; got top_k={top_k}, "
                              f"max_batch={max_batch}, max_wait={max_wait}")
         self.model = load(checkpoint, precision=precision, engine=engine, threads=threads, reject=reject, arch=arch,
-                          classes=classes)
+                          classes=classes).prepare()
         self.classes = self.model.classes
         self.top_k, self.max_batch, self.max_wait = min(top_k, len(self.classes)), max_batch, max_wait
         self.jobs: queue.Queue[_Job | None] = queue.Queue()

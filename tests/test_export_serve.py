@@ -102,11 +102,20 @@ def test_one_decoder_for_files_bytes_pil_images_and_arrays(run, tmp_path: Path) 
     exif = Image.Exif()
     exif[0x0112] = 6
     turned.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.jpg", exif=exif)
-    for path in (data / "val" / "red" / "red_0.png", tmp_path / "big.jpg", tmp_path / "turned.jpg"):
+    Image.fromarray(rng.integers(0, 255, (50, 70, 4), dtype=np.uint8), "RGBA").save(tmp_path / "alpha.png")
+    Image.fromarray(rng.integers(0, 65535, (50, 70), dtype=np.uint16)).save(tmp_path / "deep.png")  # I;16
+    odd = [tmp_path / "alpha.png", tmp_path / "deep.png"]  # transparency on white; 16 bits scaled, as the README says
+    for path in (data / "val" / "red" / "red_0.png", tmp_path / "big.jpg", tmp_path / "turned.jpg", *odd):
         want = torch.from_numpy(documented_crop(path, m.preprocessing).copy()).permute(2, 0, 1)
         upright = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-        for image in (path, str(path), path.read_bytes(), Image.open(path), np.asarray(upright)):
+        arrays = [np.asarray(upright)] if path not in odd else []
+        for image in (path, str(path), path.read_bytes(), Image.open(path), *arrays):
             assert torch.equal(m.decode(image), want), (path, type(image))
+    gate = export(ckpt, out=tmp_path / "m.onnx", images=odd + [tmp_path / "turned.jpg"])  # the file as documented
+    assert gate.parity.images == 3 and gate.parity.max_logit_diff < 1e-4
+    strip = io.BytesIO()  # a few hundred bytes that a whole-image resize would make gigabytes of
+    Image.new("RGB", (20000, 1), (200, 0, 0)).save(strip, "PNG")
+    assert m.decode(strip.getvalue()).shape == (3, 32, 32) and len(strip.getvalue()) < 1000
     assert Image.open(tmp_path / "turned.jpg").size == (40, 60)  # stored on its side
     with pytest.raises(ValueError, match="uint8 \\(H, W\\), \\(H, W, 3\\) RGB"):
         m.decode(np.zeros((8, 8, 3), np.float32))
@@ -114,6 +123,7 @@ def test_one_decoder_for_files_bytes_pil_images_and_arrays(run, tmp_path: Path) 
         m.decode(3)
     one, many = m.predict(Image.open(tmp_path / "big.jpg")), m.predict([tmp_path / "big.jpg", b"not an image"])
     assert one.top_k == many[0].top_k and many[1].label is None and "not a readable image" in many[1].error
+    assert [p.top_k for p in m.predict(p for p in [tmp_path / "big.jpg"])] == [one.top_k]  # any iterable
 
 
 def test_load_opens_each_kind_of_file_and_each_gives_the_same_answers(run, tmp_path: Path) -> None:
@@ -140,14 +150,21 @@ def test_load_opens_each_kind_of_file_and_each_gives_the_same_answers(run, tmp_p
         load(files["onnx"], precision="bf16")
     with pytest.raises(ValueError, match="drop --engine, --device and --compile"):
         load(files["onnx"], engine="torch")
-    with pytest.raises(ValueError, match="exported file: it gives logits, not features"):
+    with pytest.raises(ValueError, match="which gives logits, not features: pass the checkpoint it came from"):
         load(files["onnx"]).features(data / "val")
     with pytest.raises(ValueError, match="exported file already"):
         load(files["onnx"]).export(tmp_path / "again.onnx")
+    with pytest.raises(ValueError, match="--reject 0.05 needs a checkpoint with an unknown-image test"):
+        load(ckpt, precision="int8", reject=0.05)  # (this run has 12 validation images: no test)
+    with pytest.raises(ValueError, match="int8 copy in OpenVINO on the CPU: drop --engine torch"):
+        load(ckpt, precision="int8", engine="torch")
     if importlib.util.find_spec("nncf") is not None:  # (the int8 tests below require it where CI has it)
-        int8 = load(ckpt, precision="int8")
+        int8 = load(ckpt, precision="int8", threads=1)
         assert int8.precision == "int8" and int8.arch == "tiny" and "int8 (OpenVINO)" in int8.backend
         assert len(int8.predict(data / "val", workers=0)) == 12
+        assert int8.export(tmp_path / "from-int8.onnx").path.is_file()  # the checkpoint it runs a copy of
+        with pytest.raises(ValueError, match="int8 \\(OpenVINO\\), which gives logits, not features: load it with"):
+            int8.features(data / "val")
 
 
 def test_model_says_the_architecture_of_an_exported_file(run, tmp_path: Path) -> None:
@@ -244,7 +261,7 @@ def test_precision_auto_uses_an_int8_model_made_before_only_without_bf16_and_whe
     assert record["parity"]["precision"] == "int8" and record["int8_img_s"] > 0 and record["default_img_s"] > 0
     opened: list[Path] = []
     real_open = q.open_exported
-    monkeypatch.setattr(q, "open_exported", lambda path: opened.append(Path(path)) or real_open(path))
+    monkeypatch.setattr(q, "open_exported", lambda path, **kw: opened.append(Path(path)) or real_open(path, **kw))
 
     def used(bf16: bool, int8_img_s: float) -> bool:
         monkeypatch.setattr(rt, "cpu_has_bf16", lambda: bf16)

@@ -185,3 +185,32 @@ def test_resume_refuses_a_table_changed_since_the_run_started(tmp_path: Path) ->
     table.write_text(text)
     with pytest.raises(ValueError, match="changed since the run .* started: the table .* itself"):
         resume(tmp_path / "run", epochs=2)
+
+
+def test_tables_as_spreadsheets_and_other_systems_write_them(tmp_path: Path, monkeypatch) -> None:
+    """Cells past the header and rows of empty cells, Windows separators, one file spelled two ways,
+    a table that is not UTF-8, and `similar` on a table's training rows."""
+    from headstart.limits import find_similar
+
+    data = make_dataset(tmp_path / "data", per_class={"train": 3, "val": 2})
+    good = [[f"data\\{p.parts[-3]}\\{p.parts[-2]}\\{p.name}", p.parent.name, p.parts[-3]]
+            for p in sorted(data.rglob("*.png"))]  # written on Windows
+    table = write_table(tmp_path / "t.csv", [*good[:2], ["", "", "", "a note"], [*good[2], "x"], *good[3:]],
+                        ["path", "label", "split"])
+    splits = scan_dataset(table)
+    assert len(splits.train) == 6 and all(s.path.is_file() for s in splits.train + splits.val)
+    monkeypatch.chdir(tmp_path)  # one file, relative and absolute: listed twice, with two labels
+    twice = write_table(tmp_path / "twice.csv", [*good, [str(data / "train" / "blue" / "blue_0.png"), "red", "train"]],
+                        ["path", "label", "split"])
+    with pytest.raises(ValueError, match="is listed twice, with label 'blue' and 'red'"):
+        scan_dataset("twice.csv")
+    assert "conflicting-labels" in {f.kind for f in check_dataset(twice).findings}
+    (tmp_path / "latin.csv").write_bytes("path,label,split\ndata/train/blue/blue_0.png,bl\xe9,train\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.csv is not UTF-8 text .* save it as CSV UTF-8"):
+        scan_dataset(tmp_path / "latin.csv")
+    (tmp_path / "empty.csv").write_text("path,label,split\n")
+    assert {f.kind for f in check_dataset(tmp_path / "empty.csv").blocking()} == {"no-classes"}
+    train(table, out=tmp_path / "run", config=config(epochs=1))
+    found = find_similar(tmp_path / "run" / "best.safetensors", [data / "val" / "red" / "red_0.png"], data=table, k=2,
+                         workers=0)
+    assert len(found[0].nearest) == 2 and all("/train/" in n.path for n in found[0].nearest)
