@@ -16,16 +16,22 @@ FLOWERS12 = SHARED / "datasets" / "flowers12"
 PHOTOS = SHARED / "photos"
 
 
-@pytest.fixture
-def shared_data() -> Path:
+def require_shared() -> Path:
     """../shared beside the clone (the real datasets and photos): a test that reads it is skipped where
-    it is absent (a user's fresh clone), and fails where CI requires it (HEADSTART_REQUIRE_SHARED)."""
+    it is absent (a user's fresh clone), and fails where CI requires it (HEADSTART_REQUIRE_SHARED).
+    Module fixtures that read it call this themselves (they are set up before a test's own fixtures)."""
     missing = [p for p in (HYMENOPTERA, FLOWERS12, PHOTOS) if not p.is_dir()]
     if missing:
         if os.environ.get("HEADSTART_REQUIRE_SHARED"):
             pytest.fail(f"{missing[0]} is required here (HEADSTART_REQUIRE_SHARED) but not there")
         pytest.skip(f"{missing[0]} is not here: the real datasets and photos live in ../shared beside the clone")
     return SHARED
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared, or a skip (see require_shared)."""
+    return require_shared()
 
 
 needs_shared = pytest.mark.usefixtures("shared_data")  # a test (or a module's pytestmark) that reads ../shared

@@ -16,7 +16,7 @@ from headstart.models import create_model, get_model_info
 from headstart.preprocessing import normalize
 from headstart.training import TrainConfig, train
 
-from .conftest import HYMENOPTERA, PHOTOS, needs_shared, rendered_dom
+from .conftest import HYMENOPTERA, PHOTOS, needs_shared, rendered_dom, require_shared
 from .test_report import SECTIONS
 
 pytestmark = pytest.mark.slow
@@ -65,6 +65,7 @@ def test_cached_weights_load_without_conversion(real_weights_home: Path, monkeyp
 @pytest.fixture(scope="module")
 def hymenoptera_run(real_weights_home: Path, tmp_path_factory: pytest.TempPathFactory):
     """One frozen epoch of the real ResNet50 on hymenoptera: a real checkpoint for the tests below."""
+    require_shared()
     mp = pytest.MonkeyPatch()
     mp.setenv("HEADSTART_HOME", str(real_weights_home))
     try:
