@@ -832,6 +832,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.func(args)
         except TrainingInterrupted as e:  # a data-parallel run's ranks stop together: rank 0 says so
+            if main_thread:  # saved and ending: another SIGINT (torchrun's agent sends its own while it shuts the
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # ranks down) would only print a traceback from atexit
             if isinstance(e, RankLost) or not rank():  # (a lost rank: each one)
                 say(f"\n{e}", file=sys.stderr)
             return 1 if isinstance(e, RankLost) else 130
