@@ -141,11 +141,13 @@ def _table_layout(table: Path, val_split: float | None, columns: Columns
                                                      "it trained on; keep one row", [where]))
         else:
             findings.append(Finding("warning", "listed-twice", "the same row twice: read once", [where]))
-    missing = [f"{r.path} (row {r.line})" for r in rows if id(r) not in repeated and not r.path.exists()]
+    listed = [r for r in rows if id(r) not in repeated]
+    there = [r.path.exists() for r in listed]  # (one stat a row)
+    missing = [f"{r.path} (row {r.line})" for r, found in zip(listed, there) if not found]
     if missing:
         findings.append(Finding("warning", "missing", "no such file: skipped in training (--bad-files fail stops "
                                                       "instead)", missing))
-    files = [FileInfo(r.path, r.split or "all", r.label) for r in rows if id(r) not in repeated and r.path.exists()]
+    files = [FileInfo(r.path, r.split or "all", r.label) for r, found in zip(listed, there) if found]
     per_split: dict[str, list[str]] = {}
     for split in ("train", "val") if has_split else ("all",):
         per_split[split] = sorted({r.label for r in rows if (r.split or "all") == split})

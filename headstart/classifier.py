@@ -237,7 +237,7 @@ class Classifier:
                 names: Sequence[str] = ()) -> list[Prediction]:
         """A Prediction per row of `logits`: top-k of softmax(logits / temperature), and with the test
         the familiarity, "unknown" under the threshold. `names`: each row's `path`."""
-        k = min(_top_k(top_k), len(self.classes))
+        k = min(check_top_k(top_k), len(self.classes))
         values, best = (logits.float() / self.temperature).softmax(1).topk(k, dim=1)
         known = familiarity.tolist() if familiarity is not None else [None] * len(logits)
         out = []
@@ -288,9 +288,9 @@ class Classifier:
         familiarity and "unknown"). One image (a file, bytes, a PIL image, an array) -> a Prediction;
         a list of them, or a folder (its images, recursively) -> a list, in order; a file that is not
         a readable image gets an `error` instead. `workers`: processes decoding beside the model."""
-        _top_k(top_k)
+        check_top_k(top_k)
         one = _single(images) and not (isinstance(images, (str, os.PathLike)) and Path(images).is_dir())
-        sources = _expand([images] if _single(images) else images)
+        sources = _expand(images)
         names = [_name(s, i) for i, s in enumerate(sources)]
         out = self._run_many(sources, batch_size=batch_size, workers=workers, on_batch=on_batch)
         results = {i: Prediction(names[i], None, 0.0, [], f"not a readable image ({reason})") for i, reason in out.failed}
@@ -304,7 +304,7 @@ class Classifier:
                workers: int = 0) -> torch.Tensor:
         """Logits (N, C) float32 of the images, in order (softmax(logits / temperature) are the
         probabilities). ValueError naming an image that cannot be read."""
-        sources = _expand([images] if _single(images) else images)
+        sources = _expand(images)
         out = self._run_many(sources, batch_size=batch_size, workers=workers)
         _refuse_failed(sources, out.failed)
         return out.logits
@@ -318,15 +318,15 @@ class Classifier:
         if self._file is not None:
             raise ValueError(f"{self.source} runs as {self.backend}, which gives logits, not features: "
                              f"{'pass the checkpoint it came from' if is_exported(self.source) else 'load it with another precision'}")
-        sources = _expand([images] if _single(images) else images)
-        model = self._loaded.model
-        if all(isinstance(s, (str, os.PathLike)) for s in sources):  # (through the cache, where asked for)
-            key = weights_fingerprint(model, exclude=f"{get_model_info(self.arch).classifier}.") if cache else None
+        sources = _expand(images)
+        if cache:  # through the disk cache, keyed by the files and the backbone's weights
+            if not all(isinstance(s, (str, os.PathLike)) for s in sources):
+                raise ValueError("the feature cache keys images by their files: pass paths, or cache=False")
+            model = self._loaded.model
             return extract_features(model, [Sample(Path(s), -1) for s in sources], runtime=self._runtime,
-                                    pre=self.preprocessing, cache_key=key, batch_size=batch_size, workers=workers,
+                                    pre=self.preprocessing, batch_size=batch_size, workers=workers,
+                                    cache_key=weights_fingerprint(model, exclude=f"{get_model_info(self.arch).classifier}."),
                                     backbone=lambda: self._net(True), on_batch=on_batch)
-        if cache:
-            raise ValueError("the feature cache keys images by their files: pass paths, or cache=False")
         failed: list[tuple[int, str]] = []
         runtime = self._runtime
         inputs = ((t, runtime.inputs(x, self.preprocessing))
@@ -347,9 +347,14 @@ class Classifier:
         matched to the model's by name (one it does not know is an error); the loss and calibration
         error are of the probabilities at its temperature."""
         present, found = evaluation_samples(data, columns=columns)
+        return self.evaluate_samples(present, found, where=str(data), batch_size=batch_size, workers=workers)
+
+    def evaluate_samples(self, present: list[str], found: Sequence[Sample], *, where: str,
+                         batch_size: int = INFERENCE_BATCH_SIZE, workers: int = 2) -> Metrics:
+        """`evaluate` of samples already found (data.evaluation_samples: `present` names their labels)."""
         unknown = sorted(set(present) - set(self.classes))
         if unknown:
-            raise ValueError(f"class(es) {unknown} in {data} are not classes of the model {self.classes}")
+            raise ValueError(f"class(es) {unknown} in {where} are not classes of the model {self.classes}")
         samples = [Sample(s.path, self.classes.index(present[s.label])) for s in found]
         out = self._run_many([s.path for s in samples], batch_size=batch_size, workers=workers)
         labels = torch.tensor([samples[i].label for i in out.indices], dtype=torch.long)
@@ -445,10 +450,11 @@ def _single(images: Any) -> bool:
         not isinstance(images, Iterable)
 
 
-def _expand(sources: Iterable[ImageLike]) -> list[ImageLike]:
-    """Paths as collect_files gives them (a folder: its images; FileNotFoundError for none), the rest as given."""
+def _expand(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
+    """One image or several, as a list: paths as collect_files gives them (a folder: its images;
+    FileNotFoundError for none), the rest as given."""
     out: list[ImageLike] = []
-    for s in sources:
+    for s in [images] if _single(images) else images:
         out += collect_files([s]) if isinstance(s, (str, os.PathLike)) else [s]
     return out
 
@@ -459,7 +465,8 @@ def _name(source: ImageLike, i: int) -> str:
     return getattr(source, "filename", "") or f"image {i}"
 
 
-def _top_k(k: int) -> int:
+def check_top_k(k: int) -> int:
+    """`k` where it is a number of classes to list (1 or more); ValueError naming it otherwise."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"top_k must be at least 1, got {k}")
     return k
@@ -472,4 +479,4 @@ def _refuse_failed(sources: Sequence[ImageLike], failed: list[tuple[int, str]]) 
                          f"{f' (and {len(failed) - 1} more)' if len(failed) > 1 else ''}")
 
 
-__all__ = ["Classifier", "ImageLike", "Prediction", "load"]
+__all__ = ["Classifier", "ImageLike", "Prediction", "check_top_k", "load"]

@@ -399,14 +399,7 @@ def scan_table(table: str | os.PathLike[str], *, val_split: float | None = None,
     train never has, or a class without val rows."""
     table = Path(table)
     rows, has_split = read_table(table, columns)
-    repeated = {id(later) for _, later in table_repeats(rows)}
-    for a, b in table_repeats(rows):
-        if (a.label, a.split) != (b.label, b.split):
-            what = f"label {a.label!r} and {b.label!r}" if a.label != b.label else f"split {a.split} and {b.split}"
-            raise ValueError(f"{table}, rows {a.line} and {b.line}: {b.path} is listed twice, with {what}; keep one "
-                             "row (`headstart check` lists every such file)")
-        log.warning("%s, row %d: %s is listed again (row %d); read once", table, b.line, b.path, a.line)
-    kept = [r for r in rows if id(r) not in repeated]
+    kept = _once(table, rows, splits=True)
     if not kept:
         raise ValueError(f"{table} lists no images: a header with a path and a label column, then a row per image")
     if has_split:
@@ -450,17 +443,25 @@ def table_split(table: str | os.PathLike[str], split: str, *, columns: Columns |
     """A table's rows of `split` (train or val; every row where it has no split column), each file
     once: (the class names present, sorted; the samples, labelled by their index)."""
     rows, has_split = read_table(table, columns or Columns())
-    repeats = table_repeats(rows)
-    for a, b in repeats:
-        if a.label != b.label:
-            raise ValueError(f"{table}, rows {a.line} and {b.line}: {b.path} is listed with label {a.label!r} and "
-                             f"{b.label!r}; keep one row")
-    again = {id(b) for _, b in repeats}  # (read once, as training reads them)
-    chosen = [r for r in rows if id(r) not in again and (r.split == split or not has_split)]
+    chosen = [r for r in _once(table, rows, splits=False) if r.split == split or not has_split]
     if not chosen:
         raise ValueError(f"{table} has no {f'{split} ' if has_split else ''}rows to read")
     present = sorted({r.label for r in chosen})
     return present, _table_samples(chosen, present)
+
+
+def _once(table: Path | str | os.PathLike[str], rows: Sequence[TableRow], *, splits: bool) -> list[TableRow]:
+    """`rows`, each file once (the first row that lists it); ValueError naming both rows for a file
+    listed again with another label (or, with `splits`, in another split)."""
+    repeats = table_repeats(rows)
+    for a, b in repeats:
+        if a.label != b.label or (splits and a.split != b.split):
+            what = f"label {a.label!r} and {b.label!r}" if a.label != b.label else f"split {a.split} and {b.split}"
+            raise ValueError(f"{table}, rows {a.line} and {b.line}: {b.path} is listed twice, with {what}; keep one "
+                             "row (`headstart check` lists every such file)")
+        log.warning("%s, row %d: %s is listed again (row %d); read once", table, b.line, b.path, a.line)
+    again = {id(b) for _, b in repeats}
+    return [r for r in rows if id(r) not in again]
 
 
 def _table_samples(rows: Sequence[TableRow], classes: list[str]) -> list[Sample]:

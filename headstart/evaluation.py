@@ -41,4 +41,4 @@ def evaluate(checkpoint: str | os.PathLike[str], data: str | os.PathLike[str], *
     model = load(checkpoint, precision=precision, engine=engine, device=device, threads=threads, compile=compile,
                  reject="off", arch=arch, classes=classes, default_classes=present,
                  calibration=[s.path for s in samples])
-    return model.evaluate(data, columns=columns, batch_size=batch_size, workers=workers)
+    return model.evaluate_samples(present, samples, where=str(data), batch_size=batch_size, workers=workers)

@@ -72,7 +72,7 @@ def made_before(checkpoint: str | os.PathLike[str], *, arch: str | None = None,
     try:
         path, _ = _int8_path(src, arch, classes, scan=False)
         record = json.loads(path.with_suffix(".json").read_text())
-        float(record["int8_img_s"]), float(record["default_img_s"])
+        record.update({k: float(record[k]) for k in ("int8_img_s", "default_img_s")})
     except Exception as e:  # noqa: BLE001  (no record, a damaged one: none)
         log.debug("no int8 copy of %s (%s: %s)", src, type(e).__name__, e)
         return None

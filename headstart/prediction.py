@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
-from .classifier import Prediction, load
+from .classifier import Prediction, check_top_k, load
 from .data import as_paths, collect_files  # noqa: F401  (part of this module's API too)
 from .inference import INFERENCE_BATCH_SIZE
 
@@ -25,8 +25,7 @@ def predict(checkpoint: str | os.PathLike[str], paths: str | os.PathLike[str] | 
     model (a checkpoint, a weights file with `arch` and `classes`, an exported .onnx/.xml), the
     precision (int8: the checkpoint's int8 copy, made on first use on the run's images, else on
     these), the engine and `reject` (the unknown-image test: auto, off, or a threshold)."""
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    check_top_k(top_k)  # (before the model is opened)
     paths = as_paths(paths)
     # the model first: a wrong checkpoint path is reported before the image folders are walked
     model = load(checkpoint, precision=precision, engine=engine, device=device, threads=threads, compile=compile,
