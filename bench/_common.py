@@ -43,7 +43,7 @@ def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048) -> float:
 def compute_peak() -> tuple[str, float]:
     """("bf16" or "fp32", measured matmul GFLOP/s): bf16 only where the CPU (as oneDNN may use it)
     runs it natively; emulated bf16 would take minutes and mean nothing."""
-    from headstart.runtime import cpu_has_bf16
+    from headstart.runtime.device import cpu_has_bf16
 
     dtype = "bf16" if cpu_has_bf16() else "fp32"
     return dtype, matmul_peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32)
@@ -52,7 +52,7 @@ def compute_peak() -> tuple[str, float]:
 def cpu_line() -> str:
     """The CPU class these figures hold for, and the settings that cap it (to measure the AVX2
     class on an AVX-512 machine: ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2)."""
-    from headstart.runtime import cpu_class
+    from headstart.runtime.device import cpu_class
 
     caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)]
     return f"CPU class: {cpu_class()}" + (f" (capped: {' '.join(caps)})" if caps else "") + \
@@ -85,7 +85,7 @@ def plain_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train_loader
     loader's batches after `set_train_mode()`, then the validation accuracy in eval mode."""
     import torch.nn.functional as F
 
-    from headstart.preprocessing import normalize
+    from headstart.data.transforms import normalize
 
     set_train_mode()
     for b in train_loader:

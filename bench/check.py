@@ -20,11 +20,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_line, machine, table
 from PIL import Image
 
-from _common import cpu_line, machine, table
-
-from headstart.check import check_dataset
+from headstart.analysis.check import check_dataset
 
 
 def make_images(root: Path, n: int, seed: int = 0) -> None:

@@ -15,12 +15,11 @@ import time
 
 import numpy as np
 import torch
+from _common import HYMENOPTERA, cpu_line, machine, table
 from PIL import Image
 
-from _common import HYMENOPTERA, cpu_line, machine, table
-
 from headstart.data import list_images
-from headstart.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from headstart.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

@@ -18,12 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _common import HYMENOPTERA, SHARED, cpu_line, machine, median_time, table
 from PIL import Image
 
-from _common import HYMENOPTERA, SHARED, cpu_line, machine, median_time, table
-
 from headstart.data import open_image
-from headstart.preprocessing import Preprocessing, _resize_box, oriented_size, to_uint8_tensor
+from headstart.data.transforms import Preprocessing, _resize_box, oriented_size, to_uint8_tensor
 
 
 def reduced(path: Path, pre: Preprocessing) -> None:

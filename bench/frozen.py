@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import torch
-
 from _common import HYMENOPTERA, RESNET50_GFLOP_FORWARD, compute_peak, cpu_line, machine, plain_epoch, table
 
 from headstart.data import ImageDataset, make_loader, scan_dataset

@@ -26,17 +26,16 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import HYMENOPTERA, RESNET50_GFLOP_FORWARD, compute_peak, cpu_line, machine, table
 
 from headstart.data import ImageDataset, Sample, make_loader
-from headstart.download import cache_dir
-from headstart.engine import graph_key
-from headstart.int8 import int8_model
+from headstart.data.transforms import normalize
+from headstart.export.int8 import int8_model
+from headstart.infer.prediction import collect_files, predict
+from headstart.io.download import cache_dir
 from headstart.models import open_model
-from headstart.prediction import collect_files, predict
-from headstart.preprocessing import normalize
-from headstart.runtime import resolve_runtime
+from headstart.runtime.device import resolve_runtime
+from headstart.runtime.openvino import graph_key
 from headstart.training import TrainConfig, train
 
 

@@ -24,7 +24,7 @@ import urllib.request
 from _common import HYMENOPTERA, cpu_line, machine, table
 
 from headstart.data import list_images
-from headstart.serve import MAX_WAIT, Predictor, make_app
+from headstart.serve.app import MAX_WAIT, Predictor, make_app
 
 
 class Server:

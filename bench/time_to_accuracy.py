@@ -43,12 +43,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-
 from _common import ROOT, SHARED, compute_peak, cpu_line, machine, plain_epoch, table
 
 from headstart.data import ImageDataset, make_loader, scan_dataset
 from headstart.demo import fetch_elpv
-from headstart.download import cache_dir
+from headstart.io.download import cache_dir
 from headstart.models import create_model, get_model_info
 
 PANEL = ("hymenoptera", "flowers12", "solar")

@@ -24,16 +24,16 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from _common import HYMENOPTERA, RESNET50_GFLOP_TRAIN, ROOT, compute_peak, cpu_line, machine, table
 
 from headstart.data import Batch
-from headstart.kernels import kernels_available
+from headstart.data.transforms import Preprocessing
 from headstart.models import create_model, get_model_info
-from headstart.preprocessing import Preprocessing
-from headstart.runtime import Runtime, resolve_runtime
-from headstart.strategies import Stepper, set_train_mode, train_one_epoch
+from headstart.models.kernels import kernels_available
+from headstart.runtime.device import Runtime, resolve_runtime
 from headstart.training import TrainConfig
+from headstart.training.epochs import set_train_mode, train_one_epoch
+from headstart.training.optim import Stepper
 
 BATCH = 18
 

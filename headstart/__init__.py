@@ -6,25 +6,37 @@
     model.predict("photo.jpg")                    # Prediction(label, probability, top_k, ...)
 
 `load`, `train`, `resume` and `TrainConfig` are imported on first use (importing headstart itself
-loads neither torch nor the models). Modules, one per noun (the README's "Library" section has the
-table): cli; training, strategies, runstate, runfolder; classifier (load), prediction, evaluation,
-export, exported, int8, serve, convert, check, demo, report, plots; inference, metrics, features;
-models, weights, checkpoint, formats; data, preprocessing, runtime, engine, kernels.
+loads neither torch nor the models). The subpackages, each importing only those below it
+(ARCHITECTURE.md; checked by `lint-imports`):
+
+    cli                      one file per command: parse, call one library function, print
+    serve, demo              the prediction service; the tutorial end to end
+    infer                    load -> Classifier: the one way a trained model runs; predict, evaluate, similar
+    training, export         TrainConfig, the loop, the strategies, train/resume; ONNX/OpenVINO, the gate, int8
+    report                   a run's pictures and report.html
+    analysis                 the dataset check, metrics, calibration, unknown images, label issues
+    runtime                  device and precision, OpenVINO, exported files, ranks, inference, features
+    models                   the backbones, their registry and kernels
+    io                       downloads, safe writes, formats, checkpoints, weights, the run folder
+    data                     folders and tables of labels, images, transforms, loaders
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from headstart.version import __version__
+
 __all__ = ["Classifier", "Prediction", "TrainConfig", "load", "resume", "train", "__version__"]
 
-_LAZY = {"load": "classifier", "Classifier": "classifier", "Prediction": "classifier",
-         "train": "training", "resume": "training", "TrainConfig": "training"}
+_LAZY = {"load": "infer.opening", "Classifier": "infer.classifier", "Prediction": "infer.classifier",
+         "train": "training.run", "resume": "training.run", "TrainConfig": "training.config"}
 
 if TYPE_CHECKING:
-    from .classifier import Classifier, Prediction, load
-    from .training import TrainConfig, resume, train
+    from headstart.infer.classifier import Classifier, Prediction
+    from headstart.infer.opening import load
+    from headstart.training.config import TrainConfig
+    from headstart.training.run import resume, train
 
 
 def __getattr__(name: str) -> Any:

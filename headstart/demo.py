@@ -19,15 +19,15 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from .clock import format_duration
-from .data import ImageDataset, make_loader, scan_dataset
-from .download import Progress, cache_dir, download, fetch_wheel
-from .models import create_model, get_model_info
-from .plots import show_batch
-from .runfolder import default_run_folder
-from .runtime import resolve_runtime
-from .strategies import time_training_steps
-from .training import Callback, RunResult, TrainConfig, train
+from headstart.data import ImageDataset, make_loader, scan_dataset
+from headstart.io.download import Progress, cache_dir, download, fetch_wheel
+from headstart.io.runfolder import default_run_folder
+from headstart.models import create_model, get_model_info
+from headstart.report.plots import show_batch
+from headstart.runtime.clock import format_duration
+from headstart.runtime.device import resolve_runtime
+from headstart.training import Callback, RunResult, TrainConfig, train
+from headstart.training.epochs import time_training_steps
 
 CANIDAE_URL = ("https://mindspore-website.obs.cn-north-4.myhuaweicloud.com/notebook/datasets/"
                "intermediate/Canidae_data.zip")

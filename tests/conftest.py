@@ -81,6 +81,13 @@ def tiny_frozen_run(root: Path) -> tuple[Path, Path]:
     return root / "run", data
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run folder, dataset) of one tiny frozen run (`tiny_frozen_run`) for the whole session: the
+    tests that only need a trained model share it, and read it (they write elsewhere)."""
+    return tiny_frozen_run(tmp_path_factory.mktemp("tiny-run"))
+
+
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
@@ -92,6 +99,9 @@ def headstart_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HEADSTART_HOME", str(home))
     random.seed(0)
+    from headstart.analysis import linear
+
+    linear._REMEMBERED.clear()  # each test solves its own fits (within a test, a fit asked again is read back)
     return home
 
 

@@ -7,8 +7,9 @@ tests/test_distributed.py, never by pytest itself."""
 import os
 import sys
 
-from headstart import cli, training
-from headstart.formats.safetensors import write_safetensors
+from headstart import cli
+from headstart.io.formats.safetensors import write_safetensors
+from headstart.training import run as training
 
 dump, args = sys.argv[1], sys.argv[2:]
 fit = training.fit

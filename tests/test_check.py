@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headstart.check import check_dataset
+from headstart.analysis.check import check_dataset
 from headstart.cli import main
 from headstart.training import TrainConfig, train
 
@@ -147,7 +147,7 @@ def test_the_near_duplicate_search_compares_near_linearly_many_pairs_and_misses_
     found (checked against comparing every pair, on 3,000 hashes)."""
     import numpy as np
 
-    from headstart.check import near_pairs
+    from headstart.analysis.files import near_pairs
 
     rng = np.random.default_rng(0)
 

@@ -149,6 +149,7 @@ def test_demo_without_data_or_network_says_what_to_pass(tmp_path: Path, monkeypa
         run_demo(out=tmp_path / "demo", url=f"http://127.0.0.1:{port}/Canidae_data.zip")
 
 
+@pytest.mark.slow
 def test_a_closed_output_pipe_does_not_stop_training(dataset: Path, tmp_path: Path) -> None:
     """`headstart train ... | head -1`: the output stops, the run goes on to the end."""
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""How far answers can be trusted (confidence.py, limits.fit_limits): temperature scaling, the
+"""How far answers can be trusted (analysis/confidence.py, limits.fit_limits): temperature scaling, the
 calibration error, and the unknown-image test, on made-up logits and on a tiny model's run."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from headstart import confidence
-from headstart.checkpoint import read_checkpoint
+from headstart import load
+from headstart.analysis import confidence
 from headstart.cli import main
-from headstart.evaluation import evaluate
-from headstart.prediction import predict
+from headstart.infer.evaluation import evaluate
+from headstart.infer.prediction import predict
+from headstart.io.checkpoint import read_checkpoint
 from headstart.training import TrainConfig, train
 
 from .conftest import FLOWERS12, HYMENOPTERA, colour_image, make_dataset, needs_shared
-
 
 
 def _drawn(n: int, temperature: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +176,7 @@ def test_predict_calls_images_unlike_the_training_ones_unknown(run: tuple[Path, 
     assert all(p.unknown for p in everything)
     assert main(["predict", str(out / "best.safetensors"), str(odd / "green_0.png"), "--workers", "0"]) == 0
     assert "unknown" in capsys.readouterr().out
-    from headstart.serve import Predictor  # the service says the same
+    from headstart.serve.app import Predictor  # the service says the same
 
     server = Predictor(out / "best.safetensors", precision="fp32", engine="torch")
     try:
@@ -198,7 +198,7 @@ def test_int8_keeps_no_unknown_image_test_so_it_refuses_one_unless_told(run: tup
     """int8 computes no features: with a checkpoint that has the test, predict and serve refuse to
     drop it silently and say how to choose; with --reject off they run int8 (where NNCF is here)."""
     from headstart import load
-    from headstart.serve import Predictor
+    from headstart.serve.app import Predictor
 
     out, data = run
     ckpt = out / "best.safetensors"
@@ -219,7 +219,7 @@ def test_int8_keeps_no_unknown_image_test_so_it_refuses_one_unless_told(run: tup
 
 def test_an_export_carries_the_temperature(run: tuple[Path, Path], tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from headstart.export import export, open_exported
+    from headstart.export.writers import export, open_exported
 
     out, data = run
     t = read_checkpoint(out / "best", tensors=False)[1]["calibration"]["temperature"]
@@ -251,10 +251,11 @@ def test_a_flowers12_model_calls_hymenoptera_unknown_and_its_temperature_halves_
     monkeypatch.setenv("HEADSTART_HOME", str(real_weights_home))  # (the features are cached there: one pass)
     head = train(FLOWERS12, out=tmp_path / "auto", config=TrainConfig(strategy="auto", budget=1, workers=2))
     assert head.best_epoch == 0 and head.limits is not None
-    others = predict(head.best_checkpoint, [HYMENOPTERA / "val"], workers=2)
+    model = load(head.best_checkpoint)  # (opened once for both: what `predict` does each time)
+    others = model.predict(HYMENOPTERA / "val", workers=2)
     flagged = sum(p.unknown for p in others) / len(others)
     assert len(others) == 153 and flagged >= 0.9, flagged
-    own = predict(head.best_checkpoint, [FLOWERS12 / "val"], workers=2)
+    own = model.predict(FLOWERS12 / "val", workers=2)
     assert sum(p.unknown for p in own) / len(own) <= 0.07  # fitted for 5%; predict's engine may differ (bf16 both)
 
     frozen = train(FLOWERS12, out=tmp_path / "frozen", config=TrainConfig(strategy="frozen", workers=2))

@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 
 from headstart.data import ImageDataset, collate, load_image, make_loader, scan_dataset
-from headstart.preprocessing import Preprocessing
+from headstart.data.transforms import Preprocessing
 
 from .conftest import colour_image, make_dataset
-
 
 # --- the class map -------------------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from headstart.demo import fetch_canidae
-from headstart.download import ChecksumError, download
+from headstart.io.download import ChecksumError, download
+from headstart.io.weights import UrlWeights, load_source
 from headstart.models import create_model
-from headstart.weights import UrlWeights, load_source
 
 PAYLOAD = bytes(range(256)) * 1000  # 256 kB
 
@@ -125,7 +125,7 @@ def test_a_ckpt_by_url_keeps_its_padding_and_two_urls_never_share_a_cache_entry(
     """`--weights https://.../resnet50_224_new.ckpt`, as the MindSpore tutorial downloads it."""
     import numpy as np
 
-    from headstart.formats.mindspore import encode_ckpt, torch_resnet_to_mindspore
+    from headstart.io.formats.mindspore import encode_ckpt, torch_resnet_to_mindspore
 
     url, handler = server
     torch.manual_seed(0)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from headstart.engine import MIN_IMAGES, OpenVINOModel, graph_key, openvino_available
+from headstart.data.transforms import Preprocessing
+from headstart.infer.prediction import predict
+from headstart.io.checkpoint import save_checkpoint
 from headstart.models import create_model
-from headstart.prediction import predict
-from headstart.checkpoint import save_checkpoint
-from headstart.preprocessing import Preprocessing
-from headstart.runtime import resolve_runtime
+from headstart.runtime.device import resolve_runtime
+from headstart.runtime.openvino import MIN_IMAGES, OpenVINOModel, graph_key, openvino_available
 
 pytestmark = pytest.mark.skipif(not openvino_available() and not os.environ.get("HEADSTART_REQUIRE_OPENVINO"),
                                 reason="openvino is not installed (it is a dependency on x86-64)")
@@ -39,6 +39,7 @@ def with_bn_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("arch,kwargs", [("tiny", {}), ("resnet18", {"padding": "same"}),
                                          ("resnet18", {"stride_in_1x1": True}), ("mobilenet_v2", {}),
                                          ("efficientnet_lite0", {})])
+@pytest.mark.slow
 def test_openvino_fp32_matches_pytorch_for_every_family(arch: str, kwargs: dict) -> None:
     torch.manual_seed(0)
     model = with_bn_statistics(create_model(arch, num_classes=3, **kwargs))
@@ -117,7 +118,7 @@ def test_a_network_openvino_cannot_convert_runs_in_pytorch(caplog) -> None:
     model = _Unconvertible().eval()
     fast = resolve_runtime(precision="fp32", engine="openvino").inference_model(model)
     x = torch.randn(2, 3, 16, 16)
-    with caplog.at_level(logging.WARNING, logger="headstart.engine"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="headstart.runtime.openvino"), torch.no_grad():
         out = fast(x)
         again = fast(x)
     assert "OpenVINO could not convert _Unconvertible" in caplog.text and "running it in PyTorch" in caplog.text
@@ -172,9 +173,9 @@ def test_openvino_sends_no_telemetry_and_leaves_the_signal_stack_alone(tmp_path:
     handlers then used (the test suite died of a SIGSEGV in a SIGCHLD): it is put back."""
     code = (
         "import ctypes, faulthandler, sys, torch\n"
-        "from headstart.engine import _StackT\n"
+        "from headstart.runtime.openvino import _StackT\n"
         "from headstart.models import create_model\n"
-        "from headstart.runtime import resolve_runtime\n"
+        "from headstart.runtime.device import resolve_runtime\n"
         "def altstack():\n"
         "    s = _StackT()\n"
         "    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(s)) == 0\n"
@@ -193,6 +194,7 @@ def test_openvino_sends_no_telemetry_and_leaves_the_signal_stack_alone(tmp_path:
     assert not (tmp_path / "intel").exists()
 
 
+@pytest.mark.slow
 def test_int8_quantization_sends_no_telemetry_either(tmp_path: Path) -> None:
     """NNCF reports usage through the same module; headstart imports it after hiding that module."""
     from .conftest import needs_nncf
@@ -200,7 +202,7 @@ def test_int8_quantization_sends_no_telemetry_either(tmp_path: Path) -> None:
     needs_nncf()
     code = (
         "import sys, numpy as np, torch\n"
-        "from headstart.engine import convert_to_openvino, quantize_int8\n"
+        "from headstart.runtime.openvino import convert_to_openvino, quantize_int8\n"
         "from headstart.models import create_model\n"
         "model = create_model('tiny', num_classes=2).eval().requires_grad_(False)\n"
         "graph = convert_to_openvino(model, torch.zeros(1, 3, 32, 32))\n"
@@ -213,12 +215,13 @@ def test_int8_quantization_sends_no_telemetry_either(tmp_path: Path) -> None:
     assert not (tmp_path / "intel").exists()
 
 
+@pytest.mark.slow
 def test_converted_graphs_are_kept_on_disk_and_reused(headstart_home: Path, monkeypatch, caplog) -> None:
     torch.manual_seed(0)
     model = with_bn_statistics(create_model("resnet18", num_classes=3))
     runtime = resolve_runtime(precision="fp32", engine="openvino")
     x = torch.randn(3, 3, 64, 64)
-    with caplog.at_level(logging.INFO, logger="headstart.engine"), torch.no_grad():
+    with caplog.at_level(logging.INFO, logger="headstart.runtime.openvino"), torch.no_grad():
         first = runtime.inference_model(model)(x)
         again = runtime.inference_model(model)(x)  # a new copy, as a later run would make
     assert "converted and compiled" in caplog.messages[0] and "read from" in caplog.messages[1]
@@ -244,10 +247,10 @@ def test_converted_graphs_are_kept_on_disk_and_reused(headstart_home: Path, monk
     # A damaged entry is converted again; only the CACHE_ENTRIES most recently used are kept.
     (entries[0] / "model.bin").write_bytes(b"\0" * 100)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="headstart.engine"), torch.no_grad():
+    with caplog.at_level(logging.INFO, logger="headstart.runtime.openvino"), torch.no_grad():
         torch.testing.assert_close(runtime.inference_model(model)(x), first)
     assert "ignoring the unreadable converted graph" in caplog.text and "converted and compiled" in caplog.text
-    monkeypatch.setattr("headstart.engine.CACHE_ENTRIES", 2)
+    monkeypatch.setattr("headstart.runtime.openvino.CACHE_ENTRIES", 2)
     for size in (33, 34, 35):
         with torch.no_grad():
             runtime.inference_model(model)(torch.randn(1, 3, size, size))
@@ -264,7 +267,7 @@ def test_validation_in_training_keeps_no_graph(dataset: Path, tmp_path: Path, he
     result = train(dataset, out=tmp_path / "run", config=config)
     assert not (headstart_home / "openvino").exists() or not any((headstart_home / "openvino").iterdir())
     # Validation ran in OpenVINO: its figures are those of the same weights in PyTorch.
-    from headstart.evaluation import evaluate
+    from headstart.infer.evaluation import evaluate
 
     best = evaluate(result.best_checkpoint, dataset, workers=0, precision="fp32", engine="torch")
     assert best.accuracy == result.best_val_acc

@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 
 from headstart.cli import main
-from headstart.export import ParityError, export, open_exported
-from headstart.prediction import predict
+from headstart.export.gate import ParityError
+from headstart.export.writers import export, open_exported
+from headstart.infer.prediction import predict
 from headstart.training import TrainConfig, train
 
 from .conftest import PHOTOS, colour_image, needs_nncf, needs_shared
@@ -60,7 +61,7 @@ def test_an_export_gives_headstarts_answers(run, tmp_path: Path, fmt: str) -> No
 def readme_snippet(model: Path, image: Path) -> tuple[str, float]:
     """The README's lines that run an exported file without headstart, run as they are there (with
     the file names swapped in): the class and probability they print."""
-    text = (Path(__file__).parents[1] / "README.md").read_text()
+    text = (Path(__file__).parents[1] / "docs" / "export.md").read_text()
     code = text.split("Without headstart", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert "ImageOps.exif_transpose" in code and '"best.onnx"' in code and '"photo.jpg"' in code
     code = code.replace('"best.onnx"', repr(str(model))).replace('"photo.jpg"', repr(str(image)))
@@ -92,7 +93,7 @@ def test_one_decoder_for_files_bytes_pil_images_and_arrays(run, tmp_path: Path) 
     from PIL import ImageOps
 
     from headstart import load
-    from headstart.export import documented_crop
+    from headstart.export.gate import documented_crop
 
     ckpt, data = run
     m = load(ckpt, precision="fp32")
@@ -128,7 +129,7 @@ def test_one_decoder_for_files_bytes_pil_images_and_arrays(run, tmp_path: Path) 
 
 def test_load_opens_each_kind_of_file_and_each_gives_the_same_answers(run, tmp_path: Path) -> None:
     from headstart import Classifier, load
-    from headstart.convert import convert
+    from headstart.export.convert import convert
 
     ckpt, data = run
     convert(ckpt, tmp_path / "w.pth")  # plain weights, with their arch and classes beside them
@@ -180,7 +181,7 @@ def test_model_says_the_architecture_of_an_exported_file(run, tmp_path: Path) ->
 
 def test_an_export_that_disagrees_fails_loudly_and_leaves_nothing(run, tmp_path: Path, monkeypatch) -> None:
     ckpt, _ = run
-    import headstart.export as ex
+    import headstart.export.writers as ex
 
     real = ex.open_exported
 
@@ -211,10 +212,10 @@ def test_export_and_predict_model_from_the_command_line(run, tmp_path: Path, cap
 def test_int8_is_quantized_checked_on_validation_and_run_by_predict_evaluate_and_serve(run, tmp_path: Path,
                                                                                       capsys) -> None:
     needs_nncf()
-    from headstart.evaluation import evaluate
-    from headstart.export import INT8_MAX_DROP
-    from headstart.int8 import int8_model
-    from headstart.serve import Predictor
+    from headstart.export.gate import INT8_MAX_DROP
+    from headstart.export.int8 import int8_model
+    from headstart.infer.evaluation import evaluate
+    from headstart.serve.app import Predictor
 
     ckpt, data = run
     fp32 = export(ckpt, format="openvino", out=tmp_path / "m.xml")
@@ -249,10 +250,9 @@ def test_int8_is_quantized_checked_on_validation_and_run_by_predict_evaluate_and
 def test_precision_auto_uses_an_int8_model_made_before_only_without_bf16_and_where_it_ran_faster(
         run, monkeypatch) -> None:
     needs_nncf()
-    import headstart.export as ex
-    import headstart.int8 as q
-    import headstart.runtime as rt
-    from headstart.evaluation import evaluate
+    import headstart.export.int8 as q
+    import headstart.runtime.device as rt
+    from headstart.infer.evaluation import evaluate
 
     ckpt, data = run
     made = q.int8_model(ckpt)
@@ -289,7 +289,7 @@ def test_precision_auto_uses_an_int8_model_made_before_only_without_bf16_and_whe
     predict(ckpt, [data / "val"], workers=0)
     assert opened == []
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr(ex, "export", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        m.setattr(q, "export", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         q.int8_model(ckpt)  # the half-made entry is not taken for a whole one
     remade = q.int8_model(ckpt)
     assert remade.path == made.path and side.is_file()
@@ -299,7 +299,7 @@ def test_precision_auto_uses_an_int8_model_made_before_only_without_bf16_and_whe
 
 def test_int8_that_loses_accuracy_fails_and_leaves_nothing(run, tmp_path: Path, monkeypatch) -> None:
     needs_nncf()
-    import headstart.export as ex
+    import headstart.export.writers as ex
 
     ckpt, _ = run
     real = ex.open_exported
@@ -317,7 +317,7 @@ def test_int8_that_loses_accuracy_fails_and_leaves_nothing(run, tmp_path: Path, 
 
 
 def test_int8_needs_openvino_and_images_to_calibrate_on(run, tmp_path: Path) -> None:
-    from headstart.int8 import int8_model
+    from headstart.export.int8 import int8_model
 
     ckpt, _ = run
     with pytest.raises(ValueError, match="int8 is written as OpenVINO IR: add --format openvino"):
@@ -348,7 +348,7 @@ class Server:
     def __init__(self, checkpoint, **kw) -> None:
         import uvicorn
 
-        from headstart.serve import Predictor, make_app
+        from headstart.serve.app import Predictor, make_app
 
         max_upload = kw.pop("max_upload", 1 << 20)
         self.predictor = Predictor(checkpoint, **kw)

@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart.check import check_dataset
+from headstart.analysis.check import check_dataset
 from headstart.cli import main
 from headstart.data import scan_dataset
+from headstart.io.runstate import read_run_state
 from headstart.models import create_model, open_model
-from headstart.runstate import TrainingDiverged, TrainingInterrupted, read_run_state
-from headstart.training import Callback, TrainConfig, resume, train
+from headstart.training import Callback, TrainConfig, TrainingDiverged, TrainingInterrupted, resume, train
 
 from .conftest import TINY, colour_image, make_dataset
 
@@ -148,8 +148,8 @@ def test_a_diverging_run_stops_naming_the_epoch_and_the_cause(dataset: Path, tmp
     model = create_model("tiny", num_classes=2)
     with torch.no_grad():
         model.fc.weight.fill_(float("nan"))
-    from headstart.checkpoint import save_checkpoint
-    from headstart.preprocessing import Preprocessing
+    from headstart.data.transforms import Preprocessing
+    from headstart.io.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "nan", model, classes=["blue", "red"], preprocessing=Preprocessing(image_size=32))
     for argv in (["predict", str(tmp_path / "nan.safetensors"), str(dataset / "val")],
@@ -240,7 +240,7 @@ def test_what_used_to_end_in_a_traceback_is_a_message(dataset: Path, tmp_path: P
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
     state = read_run_state(out / "state.safetensors")
-    from headstart.formats.safetensors import write_tagged
+    from headstart.io.formats.safetensors import write_tagged
 
     write_tagged(out / "state.safetensors", state.tensors, {k: v for k, v in state.meta.items() if k != "config"})
     assert main(["train", "--resume", str(out)]) == 2
@@ -276,7 +276,7 @@ def test_ctrl_c_during_features_or_pictures_says_how_to_go_on(dataset: Path, tmp
     def interrupted(*a, **k):  # a Ctrl-C while the curves are drawn, after every epoch
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("headstart.plots.save_curves", interrupted)
+    monkeypatch.setattr("headstart.report.plots.save_curves", interrupted)
     with pytest.raises(TrainingInterrupted, match=r"while writing the pictures.*--resume"):
         train(dataset, out=tmp_path / "b", config=tiny(strategy="frozen"))
     monkeypatch.undo()
@@ -336,13 +336,14 @@ def test_the_smaller_ones(dataset: Path, tmp_path: Path, capsys, monkeypatch) ->
 
 # A kill costs at most --save-every of training; --resume on a folder without a state.
 
+@pytest.mark.slow
 def test_a_kill_mid_epoch_loses_at_most_save_every(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", per_class={"train": 60, "val": 6})
     reference = train(data, out=tmp_path / "ref", config=tiny(epochs=2))
     run = tmp_path / "run"
     args = ["train", str(data), "--out", str(run), "--epochs", "2", "--save-every", "0.05", "--strategy", "finetune",
             *TINY]
-    slow = "import sys, time, headstart.strategies as s\n" \
+    slow = "import sys, time, headstart.training.optim as s\n" \
            "real = s.Stepper.step\n" \
            "s.Stepper.step = lambda self, loss: (time.sleep(0.1), real(self, loss))\n" \
            "from headstart.cli import main\nsys.exit(main(sys.argv[1:]))\n"

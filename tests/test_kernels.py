@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import headstart.kernels as kernels
-from headstart.kernels import batch_norm_act, kernels_available
+import headstart.models.kernels as kernels
 from headstart.models import create_model
-from headstart.runtime import resolve_runtime
+from headstart.models.kernels import batch_norm_act, kernels_available
+from headstart.runtime.device import resolve_runtime
 
 CL = torch.channels_last
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the kernels")
@@ -136,7 +136,7 @@ def test_without_a_compiler_it_falls_back_and_says_so(monkeypatch: pytest.Monkey
     monkeypatch.setenv("CC", "no-such-compiler-here")
     kernels._library.cache_clear()
     try:
-        with caplog.at_level(logging.INFO, logger="headstart.kernels"):
+        with caplog.at_level(logging.INFO, logger="headstart.models.kernels"):
             assert not kernels_available()
         assert "no-such-compiler-here" in caplog.text and "PyTorch's ops run instead" in caplog.text
         x = bf16_cl(2, 8, 4, 4, seed=7).requires_grad_()

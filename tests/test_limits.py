@@ -1,4 +1,4 @@
-"""Your labels and your model's reach (limits.py): likely mislabelled images, similar images."""
+"""Your labels and your model's reach (analysis/limits.py): likely mislabelled images, similar images."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstart.checkpoint import save_checkpoint
+from headstart.analysis.labels import find_label_issues, label_issues, nearest
 from headstart.cli import main
-from headstart.limits import find_label_issues, find_similar, label_issues, nearest
+from headstart.infer.similar import find_similar
+from headstart.io.checkpoint import save_checkpoint
 from headstart.models import create_model, get_model_info
 
 from .conftest import CLASS_COLOURS, HYMENOPTERA, colour_image, make_dataset, needs_shared

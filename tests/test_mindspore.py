@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from headstart.cli import main
-from headstart.convert import convert
-from headstart.formats.mindspore import (CheckpointFormatError, encode_ckpt, mindspore_resnet_to_torch, parse_ckpt,
-                                         read_ckpt, torch_resnet_to_mindspore)
+from headstart.export.convert import convert
+from headstart.io.formats.mindspore import (CheckpointFormatError, encode_ckpt, mindspore_resnet_to_torch, parse_ckpt,
+                                            read_ckpt, torch_resnet_to_mindspore)
+from headstart.io.weights import load_weights_file
 from headstart.models import create_model, open_model
 from headstart.models.layers import same_padding
-from headstart.runtime import resolve_runtime
-from headstart.weights import load_weights_file
+from headstart.runtime.device import resolve_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_codec_round_trips_dtypes_shapes_and_scalars() -> None:
 
 def value(tag: str, dims: list[int], dtype: str, content: bytes, *, packed: bool = False) -> bytes:
     """One `Value` field of a Checkpoint message, written field by field."""
-    from headstart.formats.mindspore import _encode_varint, _key, _length_delimited
+    from headstart.io.formats.mindspore import _encode_varint, _key, _length_delimited
 
     if packed:
         tensor = _length_delimited(1, b"".join(_encode_varint(d) for d in dims))
@@ -202,6 +202,7 @@ def test_ckpt_weights_select_same_padding_and_keep_the_head(tmp_path: Path) -> N
     assert fresh.fc.out_features == 5 and torch.equal(fresh.conv1.weight, src.conv1.weight)
 
 
+@pytest.mark.slow
 def test_train_evaluate_and_predict_take_a_ckpt(tmp_path: Path, dataset: Path, capsys) -> None:
     torch.manual_seed(0)
     ckpt = mindspore_ckpt(tmp_path / "net.ckpt", randomize_bn(create_model("resnet18", num_classes=2, padding="same")))
@@ -253,11 +254,12 @@ def test_convert_between_every_format_keeps_the_tensors(tmp_path: Path, capsys) 
     assert open_model(tmp_path / "plain.safetensors", arch="resnet18").classes == ["dogs", "wolves"]
 
 
+@pytest.mark.slow
 def test_a_pth_written_by_convert_builds_the_same_network_back(tmp_path: Path) -> None:
     """Issue 25, 5: a checkpoint converted to .pth and back lost ResNet50's stride_in_1x1 (the tensors cannot
     show it: it moves a stride between two convs of the same shapes), and built another network silently."""
-    from headstart.checkpoint import save_checkpoint
-    from headstart.preprocessing import Preprocessing
+    from headstart.data.transforms import Preprocessing
+    from headstart.io.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     v1 = randomize_bn(create_model("resnet50", num_classes=2, stride_in_1x1=True)).eval()
@@ -280,8 +282,8 @@ def test_a_pth_written_by_convert_builds_the_same_network_back(tmp_path: Path) -
 
 
 def test_convert_refuses_what_mindspore_cannot_hold(tmp_path: Path) -> None:
-    from headstart.checkpoint import save_checkpoint
-    from headstart.preprocessing import Preprocessing
+    from headstart.data.transforms import Preprocessing
+    from headstart.io.checkpoint import save_checkpoint
 
     v1 = create_model("resnet18", num_classes=2, stride_in_1x1=True)
     save_checkpoint(tmp_path / "v1", v1, classes=["a", "b"], preprocessing=Preprocessing())
@@ -340,8 +342,8 @@ def test_round_trip_with_real_mindspore(tmp_path: Path) -> None:
     with torch.no_grad():
         net.fc.weight.normal_(0, 0.1)
         ours = net(x)
-    from headstart.checkpoint import save_checkpoint
-    from headstart.preprocessing import Preprocessing
+    from headstart.data.transforms import Preprocessing
+    from headstart.io.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "hs", net, classes=["dogs", "wolves"], preprocessing=Preprocessing())
     assert main(["convert", str(tmp_path / "hs.safetensors"), str(tmp_path / "hs.ckpt")]) == 0
@@ -374,7 +376,7 @@ def test_pad_same_equals_f_pad_keeps_the_memory_format_and_passes_gradients(chan
 
 def test_feature_cache_key_tells_paddings_apart() -> None:
     """The same tensors in a ResNet that pads the other way give other features: another cache key."""
-    from headstart.weights import weights_fingerprint
+    from headstart.io.weights import weights_fingerprint
 
     torch.manual_seed(0)
     a = create_model("resnet18", num_classes=2)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from headstart.formats.tfjs import read_tfjs_weights
+from headstart.io.formats.tfjs import read_tfjs_weights
+from headstart.io.weights import LoadedWeights, save_weights
 from headstart.models import create_model, freeze_backbone, list_models, replace_head
-from headstart.weights import LoadedWeights, save_weights
 
 
 def test_registry_lists_the_resnets_mobilenet_and_tiny() -> None:
@@ -172,8 +172,8 @@ def test_every_family_trains_a_step_in_both_memory_formats(name: str) -> None:
 def test_a_checkpoint_as_weights_keeps_its_architecture_options(tmp_path: Path) -> None:
     """`train --weights runs/x/best.safetensors`: the network is rebuilt as the checkpoint's was
     (here: the stride in the first 1x1 conv), not as the architecture's default."""
-    from headstart.checkpoint import save_checkpoint
-    from headstart.preprocessing import Preprocessing
+    from headstart.data.transforms import Preprocessing
+    from headstart.io.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     src = create_model("resnet18", num_classes=2, stride_in_1x1=True).eval()

@@ -18,14 +18,13 @@ from PIL import Image, features
 from headstart.cli import main
 from headstart.data import list_images, open_image
 
-from .conftest import TINY, colour_image, make_dataset, tiny_frozen_run
+from .conftest import TINY, colour_image, make_dataset
 from .test_export_serve import Server, multipart, png, request
 
 
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, Path]:
-    return tiny_frozen_run(tmp_path_factory.mktemp("newuser"))
+@pytest.fixture
+def run(tiny_run: tuple[Path, Path]) -> tuple[Path, Path]:
+    return tiny_run  # the session's tiny frozen run (conftest)
 
 
 def bomb(side: int) -> bytes:
@@ -39,7 +38,7 @@ def bomb(side: int) -> bytes:
 # 7. --nproc from a folder that holds a folder named `headstart`
 
 def test_the_ranks_run_this_headstart_whatever_the_current_folder_holds(tmp_path: Path) -> None:
-    from headstart.distributed import _self_command
+    from headstart.runtime.distributed import _self_command
 
     (tmp_path / "headstart").mkdir()
     (tmp_path / "headstart" / "__init__.py").write_text("")  # a folder of the user's that shadows the package
@@ -69,7 +68,7 @@ def test_serve_checks_its_options_and_binds_before_it_says_it_serves(run, capsys
 # 9. the library's predict given one path as a string
 
 def test_predict_takes_one_folder_as_a_string(run) -> None:
-    from headstart.prediction import predict
+    from headstart.infer.prediction import predict
 
     ckpt, data = run
     preds = predict(ckpt / "best.safetensors", str(data / "val" / "red"), workers=0)
@@ -156,12 +155,12 @@ def test_the_pixel_limit_does_not_depend_on_warning_filters(monkeypatch) -> None
 # 15. check --labels --json
 
 def test_check_json_holds_the_label_check(run, tmp_path: Path, monkeypatch, capsys) -> None:
-    from headstart import limits
+    from headstart.analysis import labels
 
     _, data = run
-    rows = [limits.LabelRow(str(data / "train" / "red" / "red_0.png"), "train", "red", "blue", 0.1, True),
-            limits.LabelRow(str(data / "train" / "red" / "red_1.png"), "train", "red", "red", 0.9, False)]
-    monkeypatch.setattr(limits, "find_label_issues", lambda *a, **k: rows)
+    rows = [labels.LabelRow(str(data / "train" / "red" / "red_0.png"), "train", "red", "blue", 0.1, True),
+            labels.LabelRow(str(data / "train" / "red" / "red_1.png"), "train", "red", "red", 0.9, False)]
+    monkeypatch.setattr(labels, "find_label_issues", lambda *a, **k: rows)
     assert main(["check", str(data), "--labels", "--json", str(tmp_path / "c.json")]) == 0
     doc = json.loads((tmp_path / "c.json").read_text())
     assert doc["labels"]["suspects"] == 1 and [r["rank"] for r in doc["labels"]["images"]] == [1, 2]
@@ -179,7 +178,7 @@ def test_avif_images_are_read_where_pillow_reads_them(tmp_path: Path) -> None:
 
 
 def test_predict_follows_symlinked_folders(run, tmp_path: Path) -> None:
-    from headstart.prediction import predict
+    from headstart.infer.prediction import predict
 
     ckpt, data = run
     (tmp_path / "photos").mkdir()
@@ -196,7 +195,7 @@ def test_val_split_with_train_and_val_folders_is_refused(dataset: Path, tmp_path
 
 
 def test_more_ranks_than_cores_is_said(dataset: Path, tmp_path: Path, monkeypatch, caplog) -> None:
-    import headstart.distributed as d
+    import headstart.runtime.distributed as d
 
     monkeypatch.setattr(d, "_cores", lambda: 2)
     with caplog.at_level("WARNING", logger="headstart"):

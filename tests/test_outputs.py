@@ -1,4 +1,4 @@
-"""Nothing lost: a command never replaces or removes a file it did not write (outputs.py).
+"""Nothing lost: a command never replaces or removes a file it did not write (io/outputs.py).
 
 For every command that writes a file: a file of the user's at the output path is left as it is
 (the command is refused, naming --overwrite), a file of the command's own kind is replaced, and
@@ -15,16 +15,16 @@ import pytest
 
 from headstart.cli import main
 
-from .conftest import TINY, make_dataset, tiny_frozen_run
+from .conftest import TINY, make_dataset
 
 pytest.importorskip("onnxruntime")
 
 USERS = b"the user's own file: not to be touched"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, Path]:
-    return tiny_frozen_run(tmp_path_factory.mktemp("outputs"))
+@pytest.fixture
+def run(tiny_run: tuple[Path, Path]) -> tuple[Path, Path]:
+    return tiny_run  # the session's tiny frozen run (conftest)
 
 
 def _users_file(path: Path) -> Path:
@@ -70,11 +70,11 @@ def test_a_file_of_the_users_is_left_alone_and_its_own_kind_is_replaced(run, tmp
 
 def test_check_csv_leaves_a_users_file_alone(run, tmp_path: Path, capsys, monkeypatch) -> None:
     """check --labels --csv (the label check itself runs on a stand-in: the rule is what is tested)."""
-    from headstart import limits
+    from headstart.analysis import labels
 
     _, data = run
-    rows = [limits.LabelRow(str(data / "train" / "red" / "red_0.png"), "train", "red", "blue", 0.1, True)]
-    monkeypatch.setattr(limits, "find_label_issues", lambda *a, **k: rows)
+    rows = [labels.LabelRow(str(data / "train" / "red" / "red_0.png"), "train", "red", "blue", 0.1, True)]
+    monkeypatch.setattr(labels, "find_label_issues", lambda *a, **k: rows)
     out = _users_file(tmp_path / "labels.csv")
     argv = ["check", str(data), "--labels", "--csv", str(out)]
     assert main(argv) == 2 and out.read_bytes() == USERS
@@ -101,7 +101,7 @@ def test_export_over_a_checkpoint_is_refused_before_anything_is_written(run, tmp
 
 def test_a_failed_export_leaves_the_good_one_that_was_there(run, tmp_path: Path, monkeypatch, capsys) -> None:
     """Issue 25, 2: a gate that fails (or images that cannot be read, or a Ctrl-C) removed the good export."""
-    import headstart.export as ex
+    import headstart.export.writers as ex
 
     folder, _ = run
     good = tmp_path / "good.xml"
@@ -127,7 +127,9 @@ def test_a_failed_export_leaves_the_good_one_that_was_there(run, tmp_path: Path,
         return m
 
     monkeypatch.setattr(ex, "open_exported", noisy)
-    with pytest.raises(ex.ParityError, match=f"nothing was written \\({good} is as it was\\)"):
+    from headstart.export.gate import ParityError
+
+    with pytest.raises(ParityError, match=f"nothing was written \\({good} is as it was\\)"):
         ex.export(folder / "best.safetensors", out=good)
     assert good.read_bytes() == xml and good.with_suffix(".bin").read_bytes() == bin_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.bin", "good.xml", "notes"]

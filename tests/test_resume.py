@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from headstart.io.runstate import read_run_state
 from headstart.models import open_model
-from headstart.runstate import TrainingInterrupted, read_run_state
-from headstart.training import Callback, TrainConfig, resume, train
+from headstart.training import Callback, TrainConfig, TrainingInterrupted, resume, train
 
 from .conftest import make_dataset
 
@@ -65,6 +65,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(dataset: Path, tmp_p
     assert resumed.best_val_acc == reference.best_val_acc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["partial", "gradual"])
 def test_sigkill_between_epochs_then_resume_is_bit_identical(tmp_path: Path, strategy: str) -> None:
     data = make_dataset(tmp_path / "data", per_class={"train": 24, "val": 6})
@@ -191,7 +192,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -
 def test_full_disk_gives_a_clear_error_and_keeps_the_previous_best(dataset: Path, tmp_path: Path, monkeypatch) -> None:
     import errno
 
-    import headstart.download as download
+    import headstart.io.download as download
 
     real_fsync = os.fsync
 
@@ -236,6 +237,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the processes from /proc")
 def test_a_run_killed_with_its_data_workers_alive_resumes_at_once(tmp_path: Path) -> None:
     """Issue 25: the run folder's lock was an flock, shared with the data loader's forked workers,

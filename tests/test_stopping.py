@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstart import callbacks
-from headstart.callbacks import EarlyStopping, Run, accuracy_noise, last_improvement
 from headstart.cli import main
-from headstart.runstate import EpochRecord
-from headstart.training import TrainConfig, resume, train
+from headstart.io.runstate import EpochRecord
+from headstart.training import TrainConfig, callbacks, resume, train
+from headstart.training.callbacks import EarlyStopping, Run, accuracy_noise, last_improvement
 
 from .conftest import make_dataset
 from .test_resume import _wait_for, epochs_done, same, start_cli, weights
@@ -80,6 +79,7 @@ def test_patience_stops_a_run_and_off_trains_every_epoch(tmp_path: Path, capsys)
         tiny(patience="soon")
 
 
+@pytest.mark.slow
 def test_early_stopping_resumes_bit_identically_after_a_kill(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", per_class={"train": 24, "val": 6})
     flags = dict(lr=1e-7, epochs=12, patience=3)  # nothing a split can see changes: stops after epoch 4
@@ -102,8 +102,8 @@ def test_early_stopping_resumes_bit_identically_after_a_kill(tmp_path: Path) -> 
 
 def test_each_epoch_trains_at_its_size(tmp_path: Path, monkeypatch) -> None:
     """--train-sizes 16,24: epoch 1 at 16 pixels, epoch 2 at 24, then --image-size (32); validation at 32."""
-    from headstart import runtime as rt
-    from headstart import strategies
+    from headstart.runtime import device as rt
+    from headstart.training import strategies
 
     data = make_dataset(tmp_path / "data", per_class={"train": 16, "val": 6})
     seen: list[tuple[bool, int]] = []  # (a training batch, its side)
@@ -143,8 +143,8 @@ def test_each_epoch_trains_at_its_size(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_the_warm_up_raises_the_learning_rate_from_a_hundredth() -> None:
-    from headstart.runtime import resolve_runtime
-    from headstart.strategies import Stepper
+    from headstart.runtime.device import resolve_runtime
+    from headstart.training.optim import Stepper
 
     p = torch.nn.Parameter(torch.zeros(1))
     s = Stepper.build([p], TrainConfig(lr=0.01, warmup=1, schedule="cosine"), 40, resolve_runtime(device="cpu"),

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from headstart.clock import parse_duration
-from headstart.linear import fit_head
+from headstart.analysis.linear import fit_head
+from headstart.io.runstate import read_run_state
 from headstart.models import create_model, get_model_info, list_models, meta_model, open_model, stage_names
 from headstart.models.stages import run_stages, stage_flops
-from headstart.runstate import read_run_state
-from headstart.strategies import Candidate, choose_plan
+from headstart.runtime.clock import parse_duration
 from headstart.training import TrainConfig, train
+from headstart.training.strategies import Candidate, choose_plan
 
 from .conftest import make_dataset, needs_nncf
 
@@ -97,10 +97,48 @@ def test_the_convex_head_fit_reaches_the_optimum_and_keeps_views_together() -> N
     groups = torch.arange(60) // 3  # twenty "images" of three views each
     a = fit_head(x, y, 2, groups=groups, seed=1)
     assert a.l2 in a.cv_loss and a.l2 == min(a.cv_loss, key=lambda k: (a.cv_loss[k], -k))
+    from headstart.analysis import linear
+
+    linear._REMEMBERED.clear()  # solved again, not read back (the next test shows the reading back)
     assert torch.equal(a.weight, fit_head(x, y, 2, groups=groups, seed=1).weight)
-    from headstart.linear import _folds
-    folds = _folds(y, groups, 5, seed=1)
+    from headstart.analysis.linear import fold_of_each_row
+    folds = fold_of_each_row(y, groups, 5, seed=1)
     assert all(len(set(folds[groups == k].tolist())) == 1 for k in range(20))
+
+
+def test_a_fit_asked_for_again_is_read_back_and_other_inputs_are_solved(monkeypatch) -> None:
+    """A run's label check asks for the fit its epoch 0 made: the same inputs (groups None is a group
+    per row) give the same head without an L-BFGS solve, as a copy; any other input is solved."""
+    from headstart.analysis import labels, linear
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(45, 6, generator=g), torch.arange(45) % 3
+    solves = []
+    real = linear.solve_head
+
+    def counted(*a, **k):
+        solves.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(linear, "solve_head", counted)
+    monkeypatch.setattr(labels, "solve_head", counted)  # (its per-fold solves)
+    first = fit_head(x, y, 3, seed=7)
+    n = len(solves)
+    assert n == 26  # 5 folds x 5 penalties, then all rows
+    again = fit_head(x, y, 3, groups=torch.arange(45), seed=7)
+    assert len(solves) == n and torch.equal(again.weight, first.weight) and again.l2 == first.l2
+    again.weight += 1  # a copy: what is kept stays as it was
+    assert torch.equal(fit_head(x, y, 3, seed=7).weight, first.weight) and len(solves) == n
+    changed = x.clone()
+    changed[0, 0] += 1e-3
+    for other in (dict(features=x, seed=8), dict(features=changed, seed=7)):
+        before = len(solves)
+        fit_head(other["features"], y, 3, seed=other["seed"])
+        assert len(solves) == before + 26
+    before = len(solves)
+    probs = labels.out_of_fold_probabilities(x, y, 3, seed=7)  # the fit above chose its penalty: 5 fold solves
+    assert len(solves) == before + 5
+    assert torch.equal(labels.out_of_fold_probabilities(x, y, 3, seed=7), probs) and len(solves) == before + 5
 
 
 def test_choose_plan_trains_less_of_the_network_as_the_budget_shrinks() -> None:
@@ -109,6 +147,7 @@ def test_choose_plan_trains_less_of_the_network_as_the_budget_shrinks() -> None:
     assert plans == [("stem", 10), ("stem", 5), ("layer3", 5), ("layer4", 5), ("layer4", 0)]
 
 
+@pytest.mark.slow
 def test_auto_plans_for_the_budget_and_keeps_to_it(data: Path, tmp_path: Path) -> None:
     roomy = train(data, out=tmp_path / "roomy", config=tiny(strategy="auto", budget="1h"))
     summary = json.loads((tmp_path / "roomy" / "summary.json").read_text())
@@ -131,8 +170,8 @@ def test_an_epoch_starts_only_if_it_ends_within_the_budget(monkeypatch) -> None:
     """So a run overshoots its budget only by what its last epoch takes beyond the one before."""
     import types
 
-    import headstart.callbacks as callbacks
-    from headstart.runstate import EpochRecord
+    import headstart.training.callbacks as callbacks
+    from headstart.io.runstate import EpochRecord
 
     now = [0.0]
     monkeypatch.setattr(callbacks, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
@@ -184,8 +223,8 @@ def test_the_estimate_is_said_and_kept(data: Path, tmp_path: Path) -> None:
 
 def test_the_estimate_skips_the_warm_up_steps_and_takes_the_median(monkeypatch) -> None:
     """Steps of 9, 6, 2, 2, 9 (a stall), 2, 2 s: the estimate's step is 2 s, the median of steps 3-7."""
-    import headstart.clock as clock_module
-    from headstart.clock import Clock
+    import headstart.runtime.clock as clock_module
+    from headstart.runtime.clock import Clock
 
     class Plan:
         epochs, steps_per_epoch = 3, 10
@@ -244,8 +283,8 @@ def test_train_size_trains_smaller_crops_and_predicts_at_the_image_size(data: Pa
 
 def test_precision_int8_computes_the_frozen_features_with_a_quantized_backbone(data: Path, tmp_path: Path) -> None:
     needs_nncf()
-    from headstart.features import extract_features
-    from headstart.runtime import resolve_runtime
+    from headstart.runtime.device import resolve_runtime
+    from headstart.runtime.features import extract_features
 
     fp32 = train(data, out=tmp_path / "fp32", config=tiny(strategy="frozen", precision="fp32", epochs=2))
     int8 = train(data, out=tmp_path / "int8", config=tiny(strategy="frozen", precision="int8", epochs=2))
@@ -254,8 +293,8 @@ def test_precision_int8_computes_the_frozen_features_with_a_quantized_backbone(d
     assert abs(int8.best_val_acc - fp32.best_val_acc) <= 0.25  # 12 validation images: 3 of them at most
     # The features themselves: an int8 copy's, near the fp32 ones but not the same numbers
     from headstart.data import scan_dataset
-    from headstart.features import calibration_inputs
     from headstart.models import open_model
+    from headstart.runtime.features import calibration_inputs
 
     model = open_model(fp32.best_checkpoint)
     splits = scan_dataset(data)
@@ -273,6 +312,6 @@ def test_precision_int8_is_refused_where_nothing_is_frozen() -> None:
         with pytest.raises(ValueError, match="precision int8 is for the frozen backbone's cached features"):
             tiny(strategy=strategy, feature_cache=cache, precision="int8")
     with pytest.raises(ValueError, match="precision int8 runs in OpenVINO on the CPU"):
-        from headstart.runtime import resolve_runtime
+        from headstart.runtime.device import resolve_runtime
 
         resolve_runtime(precision="int8", engine="torch")

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstart.check import check_dataset
-from headstart.checkpoint import read_checkpoint
+from headstart.analysis.check import check_dataset
 from headstart.cli import main
 from headstart.data import Columns, scan_dataset
-from headstart.evaluation import evaluate
+from headstart.infer.evaluation import evaluate
+from headstart.io.checkpoint import read_checkpoint
 from headstart.training import TrainConfig, resume, train
 
 from .conftest import colour_image, make_dataset
@@ -190,7 +190,7 @@ def test_resume_refuses_a_table_changed_since_the_run_started(tmp_path: Path) ->
 def test_tables_as_spreadsheets_and_other_systems_write_them(tmp_path: Path, monkeypatch) -> None:
     """Cells past the header and rows of empty cells, Windows separators, one file spelled two ways,
     a table that is not UTF-8, and `similar` on a table's training rows."""
-    from headstart.limits import find_similar
+    from headstart.infer.similar import find_similar
 
     data = make_dataset(tmp_path / "data", per_class={"train": 3, "val": 2})
     good = [[f"data\\{p.parts[-3]}\\{p.parts[-2]}\\{p.name}", p.parent.name, p.parts[-3]]

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstart.checkpoint import read_checkpoint, save_checkpoint
-from headstart.evaluation import evaluate
-from headstart.metrics import compute_metrics
+from headstart.analysis.metrics import compute_metrics
+from headstart.data.transforms import Preprocessing
+from headstart.infer.evaluation import evaluate
+from headstart.infer.prediction import predict
+from headstart.io.checkpoint import read_checkpoint, save_checkpoint
 from headstart.models import create_model, open_model
-from headstart.prediction import predict
-from headstart.preprocessing import Preprocessing
-from headstart.runtime import resolve_runtime
-from headstart.strategies import STRATEGIES, FineTune, StrategyInfo, register_strategy
+from headstart.runtime.device import resolve_runtime
 from headstart.training import Callback, TrainConfig, train
+from headstart.training.strategies import STRATEGIES, FineTune, StrategyInfo, register_strategy
 
 from .conftest import colour_image
 
@@ -103,7 +103,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path: Path) -> None:
 def test_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         open_model(tmp_path / "missing.safetensors")
-    from headstart.weights import LoadedWeights, save_weights
+    from headstart.io.weights import LoadedWeights, save_weights
 
     save_weights(tmp_path / "plain.safetensors", LoadedWeights(create_model("tiny").state_dict()))
     with pytest.raises(ValueError, match="not a headstart checkpoint"):
@@ -171,6 +171,7 @@ class _Messages(Callback):
         self.messages.append(text)
 
 
+@pytest.mark.slow
 def test_frozen_features_are_cached_on_disk_and_reused(dataset: Path, tmp_path: Path, pretrained_tiny: Path) -> None:
     config = tiny_config(strategy="frozen", weights=str(pretrained_tiny), epochs=3, views=2)
     first, second = _Messages(), _Messages()
@@ -214,7 +215,7 @@ def test_same_seed_same_weights_whatever_the_worker_count(dataset: Path, tmp_pat
 
 def test_balance_weights_the_loss_by_inverse_class_frequency(tmp_path: Path) -> None:
     from headstart.data import scan_dataset
-    from headstart.strategies import class_weights
+    from headstart.training.optim import class_weights
 
     from .conftest import make_dataset
 
@@ -244,6 +245,25 @@ def norm_strategy():
                                           description="train BatchNorm's scale and shift, and the head"))
     yield info
     del STRATEGIES[info.name]
+
+
+def test_a_strategy_with_the_old_checkpoint_hooks_is_refused_with_what_replaces_them(dataset: Path,
+                                                                                     tmp_path: Path) -> None:
+    """A strategy written for the old protocol (on_best, save, finish wrote the checkpoints) would have
+    its hooks skipped by the loop that now writes them: it is refused, and told what replaces them."""
+    class OldHooks(FineTune):
+        def on_best(self, checkpoints, meta) -> None:
+            checkpoints.write("best", **meta)
+
+    register_strategy(StrategyInfo("old-hooks", OldHooks, momentum=0.9, description="the old protocol"))
+    try:
+        with pytest.raises(TypeError, match=r"'old-hooks' \(OldHooks\) defines on_best: the loop writes every "
+                                            r"checkpoint now .* best_tensors\(epoch\)"):
+            train(dataset, out=tmp_path / "run", config=TrainConfig(arch="tiny", weights=None, strategy="old-hooks",
+                                                                   epochs=1, batch_size=8, workers=0))
+    finally:
+        del STRATEGIES["old-hooks"]
+    assert not (tmp_path / "run" / "best.safetensors").exists()
 
 
 def test_a_new_strategy_is_a_class_and_one_registration(norm_strategy, dataset: Path, tmp_path: Path,

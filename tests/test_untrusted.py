@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save as st_save
 
-from headstart.checkpoint import read_checkpoint, save_checkpoint
 from headstart.data import ImageDataset, Sample, load_image
-from headstart.formats.safetensors import read_safetensors
-from headstart.formats.tfjs import read_tfjs_weights
+from headstart.data.transforms import Preprocessing
+from headstart.io.checkpoint import read_checkpoint, save_checkpoint
+from headstart.io.formats.safetensors import read_safetensors
+from headstart.io.formats.tfjs import read_tfjs_weights
+from headstart.io.runstate import read_run_state
 from headstart.models import create_model, open_model
-from headstart.preprocessing import Preprocessing
-from headstart.runstate import read_run_state
 
 FUZZ = settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
@@ -121,7 +121,7 @@ def test_fuzz_safetensors_reader(tmp_path_factory, data: bytes) -> None:
 
 
 def _good_ckpt() -> bytes:
-    from headstart.formats.mindspore import encode_ckpt, torch_resnet_to_mindspore
+    from headstart.io.formats.mindspore import encode_ckpt, torch_resnet_to_mindspore
 
     sd = {k: v[:2].clone() if v.ndim else v for k, v in create_model("resnet18", num_classes=2).state_dict().items()
           if k.startswith(("conv1", "bn1", "fc", "layer1.0."))}  # a few real names, small tensors
@@ -137,7 +137,7 @@ def mangled_ckpts(draw) -> bytes:
     if kind == "cut":
         return good[:draw(st.integers(0, len(good)))]
     if kind == "fields":
-        from headstart.formats.mindspore import _encode_varint, _key, _length_delimited
+        from headstart.io.formats.mindspore import _encode_varint, _key, _length_delimited
 
         dims = draw(st.lists(st.integers(-3, 2**62), max_size=20))
         tensor = b"".join(_key(1, 0) + _encode_varint(d) for d in dims)
@@ -155,8 +155,8 @@ _CKPT = _good_ckpt()
 @given(data=mangled_ckpts())
 def test_fuzz_mindspore_ckpt_reader(tmp_path_factory, data: bytes) -> None:
     """Only ValueError (with the file's name) comes out of the .ckpt reader and the weights loader."""
-    from headstart.formats.mindspore import read_ckpt
-    from headstart.weights import load_weights_file
+    from headstart.io.formats.mindspore import read_ckpt
+    from headstart.io.weights import load_weights_file
 
     path = tmp_path_factory.mktemp("ms") / "w.ckpt"
     path.write_bytes(data)
@@ -180,7 +180,7 @@ JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) 
 def good_meta(tmp_path_factory) -> tuple[dict, dict]:
     path = tmp_path_factory.mktemp("ck") / "ck"
     save_checkpoint(path, create_model("tiny", num_classes=2), classes=["a", "b"], preprocessing=Preprocessing(image_size=32))
-    from headstart.formats.safetensors import read_safetensors as read
+    from headstart.io.formats.safetensors import read_safetensors as read
 
     tensors, raw = read(path.with_suffix(".safetensors"))
     return tensors, json.loads(raw["headstart"])

@@ -24,17 +24,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..checkpoint import checkpoint_paths, is_checkpoint
-from ..data import parse_classes
-from ..download import Progress
-from ..preprocessing import Preprocessing
-from ..registry import Registry
-from ..weights import (LoadedWeights, NpmWeights, PyPIWeights, UrlWeights, WeightSource, load_source,
-                       load_weights_file)
-from .efficientnet import VARIANTS as EFFICIENTNET_VARIANTS, efficientnet_lite
-from .mobilenet import MobileNetV2
-from .resnet import resnet
-from .tiny import TinyNet
+from headstart.data import parse_classes
+from headstart.data.transforms import Preprocessing
+from headstart.io.checkpoint import checkpoint_paths, is_checkpoint
+from headstart.io.download import Progress
+from headstart.io.weights import (LoadedWeights, NpmWeights, PyPIWeights, UrlWeights, WeightSource, load_source,
+                                  load_weights_file)
+from headstart.models.efficientnet import VARIANTS as EFFICIENTNET_VARIANTS
+from headstart.models.efficientnet import efficientnet_lite
+from headstart.models.mobilenet import MobileNetV2
+from headstart.models.registry import Registry
+from headstart.models.resnet import resnet
+from headstart.models.tiny import TinyNet
 
 __all__ = [
     "ModelInfo", "register_model", "list_models", "get_model_info", "create_model", "resolve_weights",
@@ -229,7 +230,7 @@ def backbone_parameters(model: nn.Module, *, classifier: str = "fc") -> list[nn.
 
 def freeze_backbone(model: nn.Module, *, classifier: str = "fc") -> None:
     """requires_grad=False on every parameter but the head's. (BatchNorm's eval mode is the
-    training loop's business: see training.set_train_mode.)"""
+    training loop's business: see training.epochs.set_train_mode.)"""
     for p in backbone_parameters(model, classifier=classifier):
         p.requires_grad_(False)
 

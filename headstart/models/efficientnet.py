@@ -21,9 +21,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import batch_norm_act
-from .layers import pad_same
-from .stages import Stage, StagedNet, sequential_stages
+from headstart.models.kernels import batch_norm_act
+from headstart.models.layers import pad_same
+from headstart.models.stages import Stage, StagedNet, sequential_stages
 
 torch.fx.wrap("pad_same")
 

@@ -29,7 +29,7 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int, dilation: int = 1, value
     left, right = same_padding(x.shape[-1], kernel, stride, dilation)
     if top == bottom == left == right == 0:
         return x
-    if torch.jit.is_tracing():  # an exported graph (OpenVINO, see engine.py) wants the standard op
+    if torch.jit.is_tracing():  # an exported graph (OpenVINO, see runtime/openvino.py) wants the standard op
         return torch.nn.functional.pad(x, (left, right, top, bottom), value=value)
     return _PadSame.apply(x, (top, bottom, left, right), value)
 

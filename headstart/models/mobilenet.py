@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import batch_norm_act
-from .stages import Stage, StagedNet, sequential_stages
+from headstart.models.kernels import batch_norm_act
+from headstart.models.stages import Stage, StagedNet, sequential_stages
 
 # (expansion t, output channels c, repeats n, first stride s) per stage
 _STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]

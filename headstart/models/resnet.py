@@ -24,9 +24,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..kernels import batch_norm_act
-from .layers import pad_same
-from .stages import Stage, StagedNet
+from headstart.models.kernels import batch_norm_act
+from headstart.models.layers import pad_same
+from headstart.models.stages import Stage, StagedNet
 
 torch.fx.wrap("pad_same")
 PADDINGS = ("torch", "same")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .stages import Stage, StagedNet, sequential_stages
+from headstart.models.stages import Stage, StagedNet, sequential_stages
 
 
 class TinyNet(StagedNet):
