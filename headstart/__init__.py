@@ -23,8 +23,9 @@ loads neither torch nor the models). The subpackages, each importing only those 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from headstart.lazy import lazy_exports
 from headstart.version import __version__
 
 __all__ = ["Classifier", "Prediction", "TrainConfig", "load", "resume", "train", "__version__"]
@@ -38,12 +39,4 @@ if TYPE_CHECKING:
     from headstart.training.config import TrainConfig
     from headstart.training.run import resume, train
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'headstart' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -15,15 +15,17 @@ MAX_LINES = 400
 
 
 def lint_imports() -> str:
+    """The `lint-imports` beside this interpreter (or on PATH); a failure where it is not installed."""
     found = Path(sys.executable).with_name("lint-imports")
-    return str(found) if found.exists() else shutil.which("lint-imports") or ""
+    command = str(found) if found.exists() else shutil.which("lint-imports")
+    if not command:
+        pytest.fail("lint-imports is not installed: `pip install -e '.[test]'` (setup.sh) installs import-linter")
+    return command
 
 
 def test_the_import_contract_holds() -> None:
     """`lint-imports` (import-linter, a test dependency) checks pyproject.toml's contracts."""
     command = lint_imports()
-    if not command:
-        pytest.fail("lint-imports is not installed: `pip install -e '.[test]'` (setup.sh) installs import-linter")
     done = subprocess.run([command, "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -34,8 +36,6 @@ def test_the_contract_catches_a_cycle_and_an_upward_import(tmp_path: Path) -> No
     """The contract is not vacuous: a copy of the package with an import under TYPE_CHECKING that goes
     up a layer, and one that closes a cycle between two data modules, breaks both contracts."""
     command = lint_imports()
-    if not command:
-        pytest.fail("lint-imports is not installed: `pip install -e '.[test]'` (setup.sh) installs import-linter")
     shutil.copytree(ROOT / "headstart", tmp_path / "headstart", ignore=shutil.ignore_patterns("__pycache__", "*.c"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     up = "\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import headstart.infer.classifier\n"

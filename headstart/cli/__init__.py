@@ -18,8 +18,9 @@ log = logging.getLogger("headstart")  # the library's loggers are its children: 
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser of every command; given `command`, only that one gets the options derived from
-    TrainConfig (their import brings torch, 2-3 s: `headstart --help` or `check` need not wait)."""
+    """The parser of every command, each added by its module's `add_<command>(sub, full)`; given
+    `command`, only that one is `full`: it alone gets the options derived from TrainConfig (their
+    import brings torch, 2-3 s: `headstart --help` or `check` need not wait)."""
     def full(name: str) -> bool:
         return command in (None, name)
 
@@ -32,10 +33,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from headstart.cli import (check, convert, demo, evaluate, export, models, predict, report, serve, show, similar,
                                train, weights)
 
-    commands = {"train": train, "evaluate": evaluate, "predict": predict, "check": check, "similar": similar,
-                "report": report, "show": show, "demo": demo, "weights": weights, "models": models,
-                "export": export, "serve": serve, "convert": convert}  # in --help's order
-    for name, module in commands.items():
+    for module in (train, evaluate, predict, check, similar, report, show, demo, weights, models, export, serve,
+                   convert):  # in --help's order
+        name = module.__name__.rpartition(".")[2]
         getattr(module, f"add_{name}")(sub, full(name))
     return parser
 

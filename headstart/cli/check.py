@@ -78,8 +78,7 @@ def _format_label_issues(rows: Sequence[Any], shown: int) -> str:
 
 
 def add_check(sub: Any, full: bool) -> None:
-    """`headstart check`'s parser; `full`: the command being run, which alone gets the options derived
-    from TrainConfig (they import torch)."""
+    """`headstart check`'s parser (`full`: see build_parser)."""
     p = sub.add_parser("check", help="check a dataset before training: broken files, duplicates, leakage...",
                        description="Read every file once and report problems, worst first. Exits 1 when "
                                    "training would be wrong (leakage, a class missing from a split, an empty "

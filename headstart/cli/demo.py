@@ -24,8 +24,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def add_demo(sub: Any, full: bool) -> None:
-    """`headstart demo`'s parser; `full`: the command being run, which alone gets the options derived
-    from TrainConfig (they import torch)."""
+    """`headstart demo`'s parser (`full`: see build_parser)."""
     p = sub.add_parser("demo", help="the tutorial end to end: both strategies, pictures, checkpoints",
                        description="Run the ResNet50 transfer-learning tutorial end to end: show a batch, "
                                    "fine-tune all layers, then train only the head on a frozen backbone.")

@@ -44,8 +44,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def add_evaluate(sub: Any, full: bool) -> None:
-    """`headstart evaluate`'s parser; `full`: the command being run, which alone gets the options derived
-    from TrainConfig (they import torch)."""
+    """`headstart evaluate`'s parser (`full`: see build_parser)."""
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix of a checkpoint",
                        description="Evaluate a checkpoint on DATA (its val/ folder if it has one).")
     p.add_argument("checkpoint", nargs="?", help="a run's best.safetensors or last.safetensors (or a file written by "

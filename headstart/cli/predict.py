@@ -57,8 +57,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def add_predict(sub: Any, full: bool) -> None:
-    """`headstart predict`'s parser; `full`: the command being run, which alone gets the options derived
-    from TrainConfig (they import torch)."""
+    """`headstart predict`'s parser (`full`: see build_parser)."""
     p = sub.add_parser("predict", help="classify image files or folders with a checkpoint",
                        description="Predict the class of each image (folders are searched recursively).")
     p.add_argument("checkpoint", help="a run's best.safetensors or last.safetensors (omit it with --weights)")

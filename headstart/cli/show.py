@@ -19,8 +19,7 @@ def cmd_show(a: argparse.Namespace) -> int:
 
 
 def add_show(sub: Any, full: bool) -> None:
-    """`headstart show`'s parser; `full`: the command being run, which alone gets the options derived
-    from TrainConfig (they import torch)."""
+    """`headstart show`'s parser (`full`: see build_parser)."""
     p = sub.add_parser("show", help="draw a training batch with its labels",
                        description="Draw one augmented training batch of DATA, titled with the labels.")
     p.add_argument("data", help="dataset folder, or a table of labels (.csv, .tsv)")

@@ -22,8 +22,7 @@ def cmd_similar(a: argparse.Namespace) -> int:
 
 
 def add_similar(sub: Any, full: bool) -> None:
-    """`headstart similar`'s parser; `full`: the command being run, which alone gets the options derived
-    from TrainConfig (they import torch)."""
+    """`headstart similar`'s parser (`full`: see build_parser)."""
     p = sub.add_parser("similar", help="the training images nearest to each image, by the model's backbone features",
                        description="For each IMAGE (files or folders), the K training images of DATA most similar by "
                                    "the checkpoint's backbone features (cosine): why a model sees an image as it does.")

@@ -50,8 +50,7 @@ def _without(argv: Sequence[str], flag: str) -> list[str]:
 
 
 def add_train(sub: Any, full: bool) -> None:
-    """`headstart train`'s parser; `full`: the command being run, which alone gets the options derived
-    from TrainConfig (they import torch)."""
+    """`headstart train`'s parser (`full`: see build_parser)."""
     p = sub.add_parser("train", help="train a classifier on DATA (train/ and val/ class folders)",
                        description="Train a classifier from a pretrained backbone on a class-per-folder dataset.")
     p.add_argument("data", nargs="?", help="dataset folder: train/ and val/ with one sub-folder per class (or class "

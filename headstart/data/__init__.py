@@ -8,7 +8,7 @@ module that needs a dataset's files, not its pixels, loads no torch."""
 
 from __future__ import annotations
 
-from typing import Any
+from headstart.lazy import lazy_exports
 
 _WHERE = {  # name -> its module here
     **dict.fromkeys(["DatasetSplits", "Sample", "refuse_val_split", "spread", "stratified_split"], "samples"),
@@ -22,13 +22,4 @@ _WHERE = {  # name -> its module here
     **dict.fromkeys(["Batch", "EpochBatches", "ImageDataset", "collate", "make_loader", "sample_seed"], "loader"),
 }
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'headstart.data' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"headstart.data.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -90,7 +90,7 @@ def _int8_path(src: Path, arch: str | None, classes: str | list[str] | None, *,
     """Where int8_model keeps the int8 model of `src` (keyed by its bytes, arch, classes and
     headstart's version), and whether `src` is in a run whose dataset is at hand (with `scan`)."""
     h = hashlib.sha256(src.read_bytes() if src.is_file() else str(src).encode())
-    h.update(json.dumps({"headstart": _version(), "arch": arch, "classes": classes}).encode())
+    h.update(json.dumps({"headstart": __version__, "arch": arch, "classes": classes}).encode())
     return cache_dir() / "int8" / f"{h.hexdigest()[:32]}.xml", scan and run_splits(src) is not None
 
 
@@ -112,9 +112,3 @@ def _speeds(int8: ExportedModel, loaded: LoadedModel, samples: Sequence[Sample])
     return {"int8_img_s": rate(lambda b: int8.run(b.permute(0, 2, 3, 1).contiguous().numpy())),
             "default_img_s": rate(lambda b: list(runtime.outputs(net, [(None, runtime.inputs(b, loaded.preprocessing))]))),
             "default": runtime.describe()}
-
-
-
-def _version() -> str:
-
-    return __version__

@@ -107,7 +107,7 @@ def export(checkpoint: str | os.PathLike[str], *, format: str | None = None,
     samples, where = parity_images(src, images, splits)
     metadata = json.dumps({"classes": loaded.classes, "preprocessing": loaded.preprocessing.to_dict(),
                            "arch": loaded.meta.get("arch"), "arch_kwargs": loaded.meta.get("arch_kwargs", {}),
-                           "precision": precision, "source": str(src), "headstart": _version(),
+                           "precision": precision, "source": str(src), "headstart": __version__,
                            "temperature": temperature})
     # The reference: headstart's inference copy (conv and BatchNorm folded) in fp32, which is also
     # what is exported.
@@ -142,11 +142,6 @@ def _format(format: str | None, out: str | os.PathLike[str] | None, precision: s
         fix = f"end it in {want[format]}" if format else "end it in .onnx (ONNX) or .xml (OpenVINO IR)"
         raise ValueError(f"--out {out}: an export is written as {format or 'ONNX or OpenVINO IR'}; {fix}")
     return by_suffix
-
-
-def _version() -> str:
-
-    return __version__
 
 
 def _write_onnx(net: nn.Module, example: torch.Tensor, out: Path, metadata: str) -> None:

@@ -18,7 +18,6 @@ METRICS_JSON = Kind("a JSON written by headstart evaluate", json_by("evaluate"))
 
 def write_metrics_json(path: str | os.PathLike[str], metrics: Metrics, *, overwrite: bool = False) -> Path:
     """`evaluate --json FILE`. Replaces only a JSON headstart evaluate wrote (outputs.claim), unless `overwrite`."""
-
     with write_output(path, METRICS_JSON, mode="w", overwrite=overwrite) as f:
         f.write(json.dumps({"written_by": f"headstart evaluate {__version__}", **metrics.to_dict()}, indent=2) + "\n")
     return Path(path)

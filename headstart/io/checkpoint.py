@@ -34,7 +34,6 @@ _FIX = ("Pass a run's best.safetensors or last.safetensors (written by `headstar
 
 
 def versions() -> dict[str, str]:
-
     return {"headstart": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 

@@ -34,11 +34,16 @@ def cache_dir() -> Path:
         if not os.access(root, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as e:
-        where = f"HEADSTART_HOME={given}" if given else str(root)
-        raise type(e)(e.errno, f"headstart's cache folder {root} ({where}) cannot be used: {e.strerror or e}. "
-                               "Point HEADSTART_HOME at a folder you can write, e.g. HEADSTART_HOME=/tmp/headstart") \
-            from e
+        raise _unusable(e, root, "used") from e
     return root
+
+
+def _unusable(e: OSError, root: Path, what: str) -> OSError:
+    """`e` again, its message naming the cache folder, where it was set, and the fix."""
+    given = os.environ.get("HEADSTART_HOME")
+    where = f"HEADSTART_HOME={given}" if given else str(root)
+    return type(e)(e.errno, f"headstart's cache folder {root} ({where}) cannot be {what}: {e.strerror or e}. "
+                            "Point HEADSTART_HOME at a folder you can write, e.g. HEADSTART_HOME=/tmp/headstart")
 
 
 def writable_cache() -> Path:
@@ -49,11 +54,7 @@ def writable_cache() -> Path:
         with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
             pass
     except OSError as e:
-        given = os.environ.get("HEADSTART_HOME")
-        where = f"HEADSTART_HOME={given}" if given else str(root)
-        raise type(e)(e.errno, f"headstart's cache folder {root} ({where}) cannot be written: {e.strerror or e}. "
-                               "Point HEADSTART_HOME at a folder you can write, e.g. HEADSTART_HOME=/tmp/headstart") \
-            from e
+        raise _unusable(e, root, "written") from e
     return root
 
 

@@ -207,11 +207,8 @@ def write_summary(out: Path, summary: dict[str, Any]) -> Path:
 
 def run_splits(checkpoint: str | os.PathLike[str]) -> DatasetSplits | None:
     """The dataset splits of the run `checkpoint` was saved in, when its summary and dataset are at hand."""
-    summary = Path(checkpoint).parent / "summary.json"
-    if not summary.is_file():
-        return None
     try:
-        s = json.loads(summary.read_text(encoding="utf-8", errors="surrogateescape"))
+        s = read_summary(Path(checkpoint).parent)
         c = s["config"]
         return scan_dataset(s["data"], val_split=c.get("val_split"), seed=c.get("seed", 0),
                             columns=Columns(c.get("path_column"), c.get("label_column"), c.get("allow_outside", False)))

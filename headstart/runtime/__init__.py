@@ -8,17 +8,8 @@ readers (`headstart report`) load no torch."""
 
 from __future__ import annotations
 
-from typing import Any
+from headstart.lazy import lazy_exports
 
 _WHERE = dict.fromkeys(["ENGINES", "PRECISIONS", "Runtime", "resolve_runtime"], "device")
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'headstart.runtime' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"headstart.runtime.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE)
