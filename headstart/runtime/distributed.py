@@ -190,12 +190,14 @@ def warn_if_oversubscribed(nproc: int) -> None:
 
 
 def is_rank_failure(e: BaseException) -> bool:
-    """Whether `e` is a collective that failed because another rank died or stopped answering."""
+    """Whether `e` is a collective that failed because another rank died or stopped answering. gloo
+    words a timeout two ways: "Timed out waiting ..." in an all-reduce, "Application timeout caused
+    pair closure" in DDP's broadcast of the buffers before a forward."""
     if isinstance(e, torch.distributed.DistError):
         return True
-    text = str(e)
+    text = str(e).lower()
     return isinstance(e, RuntimeError) and any(
-        m in text for m in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))
+        m in text for m in ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout"))
 
 
 # ---------------------------------------------------------------------------------------------
