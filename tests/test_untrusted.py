@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save as st_save
@@ -153,6 +153,7 @@ _CKPT = _good_ckpt()
 
 @FUZZ
 @given(data=mangled_ckpts())
+@example(data=b"\n%\n\x0cconv1.weight\x12\x15\x08\x00\x08\x80\x80\x80\x80\x80\x80\x80\x80\x10\x12\x05Int64\x1a\x00")
 def test_fuzz_mindspore_ckpt_reader(tmp_path_factory, data: bytes) -> None:
     """Only ValueError (with the file's name) comes out of the .ckpt reader and the weights loader."""
     from headstart.io.formats.mindspore import read_ckpt

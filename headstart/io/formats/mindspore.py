@@ -154,7 +154,9 @@ def parse_ckpt(data: bytes) -> dict[str, np.ndarray]:
     for tag, (dims, dtype, chunks) in parts.items():
         if dtype not in DTYPES:
             raise CheckpointFormatError(f"tensor {tag!r} has type {dtype!r}; known: {', '.join(DTYPES)}")
-        if len(dims) > MAX_DIMS or any(d < 0 for d in dims):
+        # (a zero dim makes the count 0 whatever the others are: those must still make an array numpy can hold)
+        too_big = np.prod([d for d in dims if d], dtype=np.float64) * DTYPES[dtype].itemsize >= np.iinfo(np.intp).max
+        if len(dims) > MAX_DIMS or any(d < 0 for d in dims) or too_big:
             raise CheckpointFormatError(f"tensor {tag!r} has invalid dims {dims[:MAX_DIMS]}")
         raw = b"".join(chunks)
         count = int(np.prod(dims, dtype=np.float64)) if dims else 1
